@@ -1,0 +1,226 @@
+"""One dataclass tree for the model, with validation that names the offending field.
+
+Every choice the papers leave open is a field here with a documented default. Configs round-trip
+through plain dicts (and so YAML): ``ModelConfig.from_dict(cfg.to_dict()) == cfg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FFN_KINDS = ("dense", "lory", "topk", "sparsemixer", "expert_choice")
+LORY_FIRST_SEGMENT = ("uniform", "own_mean")
+LORY_ROUTING = ("segment", "prefix", "prompt")
+EC_GRANULARITY = ("token", "segment")
+DISPATCH_IMPLS = ("auto", "grouped_mm", "loop")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _check(cond: bool, field_name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid config: {field_name}={value!r}: {why}")
+
+
+@dataclass
+class LoryConfig:
+    """Lory expert merging (arXiv 2405.03133)."""
+
+    segment_len: int = 256
+    """T: tokens per routing segment (paper: 256)."""
+    first_segment: str = "uniform"
+    """Routing of segment 1, which has no predecessor. ``uniform``: weights 1/E (strictly causal,
+    the default; see ``LoryMoE``). ``own_mean``: the paper's rule, the segment's own mean with a
+    stop-gradient on its routing weights (tokens of segment 1 then see later tokens of segment 1)."""
+    routing: str = "segment"
+    """``segment``: causal segment routing (training and evaluation). ``prefix``: route once from
+    segment 1 for the whole sequence (the paper's ablation). ``prompt``: route once on the mean of the
+    prompt and decode as a dense model (generation)."""
+
+
+@dataclass
+class TopKConfig:
+    """Top-k token choice (Switch k=1, GShard / Mixtral k=2)."""
+
+    top_k: int = 2
+    renormalize: bool = True
+    """Mixtral renormalises the k gates to sum to 1; Switch / GShard keep the raw softmax values."""
+    capacity_factor: float | None = None
+    """None: dropless. A number c: each expert takes at most ceil(c * tokens * k / E) assignments,
+    the overflow is dropped (its slot contributes zero; the residual carries the token)."""
+
+
+@dataclass
+class SparseMixerConfig:
+    """SparseMixer-v2 top-2 routing (GRIN, arXiv 2409.12136)."""
+
+    jitter_eps: float = 0.01
+    """Band half-width: expert i stays in the band when (z* - z_i) / max(|z_i|, z*) <= 2 * jitter_eps."""
+    input_jitter_eps: float = 0.01
+    """Training only: the layer input is multiplied by U(1 - eps, 1 + eps). 0 disables it."""
+
+
+@dataclass
+class ExpertChoiceConfig:
+    """Expert choice routing (Zhou et al. 2022)."""
+
+    capacity_factor: float = 1.0
+    """c: each expert takes n * c / E tokens (or segments). The EC paper uses 2, Lory's comparison 1."""
+    granularity: str = "token"
+    """``token``: each expert picks tokens; ``segment``: each expert picks whole segments."""
+    segment_len: int = 256
+
+
+@dataclass
+class MoEConfig:
+    """Shared by every MoE layer kind; each kind reads its own sub-config."""
+
+    num_experts: int = 8
+    d_ff: int | None = None
+    """Hidden size of one expert; None uses the model's ``d_ff`` (Lory: active size = dense size)."""
+    balance_coef: float = 0.01
+    """alpha of the balance loss alpha * E * sum_i f_i P_i (top-k and SparseMixer; Switch: 0.01)."""
+    z_loss_coef: float = 0.0
+    """Router z-loss coefficient (ST-MoE: 1e-3); top-k and SparseMixer."""
+    global_balance: bool = True
+    """All-reduce the assignment counts f_i across data-parallel ranks (GRIN's global balance)."""
+    dispatch: str = "auto"
+    """Dropless dispatch: ``grouped_mm`` (torch.nn.functional.grouped_mm), ``loop`` (a loop over
+    experts; also the float64 path), or ``auto`` (the faster one for the device and dtype)."""
+    router_init_std: float | None = None
+    """Router init std; None uses the model's ``init_std``."""
+    lory: LoryConfig = field(default_factory=LoryConfig)
+    topk: TopKConfig = field(default_factory=TopKConfig)
+    sparsemixer: SparseMixerConfig = field(default_factory=SparseMixerConfig)
+    expert_choice: ExpertChoiceConfig = field(default_factory=ExpertChoiceConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder. ``ffn`` is one FFN kind for every layer or a list with one per layer."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """Grouped-query attention: None means n_heads (multi-head attention)."""
+    d_ff: int = 352
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    """Std of every weight init; output projections of attention and FFN are further divided by
+    sqrt(2 * n_layers) (GPT-2 / OLMo scaled init)."""
+    ffn: str | list[str] = "dense"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def layer_ffn(self, layer: int) -> str:
+        return self.ffn if isinstance(self.ffn, str) else self.ffn[layer]
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+        _check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
+               f"must be divisible by n_heads={self.n_heads}")
+        _check(self.head_dim % 2 == 0, "d_model", self.d_model,
+               f"d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+        kv = self.kv_heads
+        _check(isinstance(kv, int) and kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", self.n_kv_heads,
+               f"must divide n_heads={self.n_heads}")
+        _check(self.init_std > 0, "init_std", self.init_std, "must be positive")
+        kinds = [self.ffn] if isinstance(self.ffn, str) else list(self.ffn)
+        if not isinstance(self.ffn, str):
+            _check(len(kinds) == self.n_layers, "ffn", self.ffn,
+                   f"a list must have one entry per layer (n_layers={self.n_layers})")
+        for kind in kinds:
+            _check(kind in FFN_KINDS, "ffn", kind, f"unknown FFN kind; choose one of {', '.join(FFN_KINDS)}")
+        validate_moe(self.moe, prefix="moe")
+        if "sparsemixer" in kinds:
+            _check(self.moe.num_experts >= 2, "moe.num_experts", self.moe.num_experts,
+                   "SparseMixer-v2 routes to 2 experts and needs at least 2")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "model") -> "ModelConfig":
+        return _from_dict(cls, data, where)
+
+
+def validate_moe(moe: MoEConfig, prefix: str = "moe") -> None:
+    """Check an MoE config; raise :class:`ConfigError` naming ``prefix.field``."""
+    E = moe.num_experts
+    _check(isinstance(E, int) and E >= 1, f"{prefix}.num_experts", E, "must be a positive integer")
+    if moe.d_ff is not None:
+        _check(isinstance(moe.d_ff, int) and moe.d_ff >= 1, f"{prefix}.d_ff", moe.d_ff,
+               "must be a positive integer or null")
+    _check(moe.balance_coef >= 0, f"{prefix}.balance_coef", moe.balance_coef, "must be >= 0")
+    _check(moe.z_loss_coef >= 0, f"{prefix}.z_loss_coef", moe.z_loss_coef, "must be >= 0")
+    _check(moe.dispatch in DISPATCH_IMPLS, f"{prefix}.dispatch", moe.dispatch,
+           f"choose one of {', '.join(DISPATCH_IMPLS)}")
+    lory = moe.lory
+    _check(isinstance(lory.segment_len, int) and lory.segment_len >= 1, f"{prefix}.lory.segment_len",
+           lory.segment_len, "segment length T must be an integer >= 1")
+    _check(lory.first_segment in LORY_FIRST_SEGMENT, f"{prefix}.lory.first_segment", lory.first_segment,
+           f"choose one of {', '.join(LORY_FIRST_SEGMENT)}")
+    _check(lory.routing in LORY_ROUTING, f"{prefix}.lory.routing", lory.routing,
+           f"choose one of {', '.join(LORY_ROUTING)}")
+    topk = moe.topk
+    _check(isinstance(topk.top_k, int) and 1 <= topk.top_k <= E, f"{prefix}.topk.top_k", topk.top_k,
+           f"must be between 1 and num_experts={E}")
+    if topk.capacity_factor is not None:
+        _check(topk.capacity_factor > 0, f"{prefix}.topk.capacity_factor", topk.capacity_factor,
+               "must be positive or null (dropless)")
+    sm = moe.sparsemixer
+    _check(sm.jitter_eps >= 0, f"{prefix}.sparsemixer.jitter_eps", sm.jitter_eps, "must be >= 0")
+    _check(0 <= sm.input_jitter_eps < 1, f"{prefix}.sparsemixer.input_jitter_eps", sm.input_jitter_eps,
+           "must be in [0, 1)")
+    ec = moe.expert_choice
+    _check(ec.capacity_factor > 0, f"{prefix}.expert_choice.capacity_factor", ec.capacity_factor,
+           "must be positive")
+    _check(ec.granularity in EC_GRANULARITY, f"{prefix}.expert_choice.granularity", ec.granularity,
+           f"choose one of {', '.join(EC_GRANULARITY)}")
+    _check(isinstance(ec.segment_len, int) and ec.segment_len >= 1, f"{prefix}.expert_choice.segment_len",
+           ec.segment_len, "must be an integer >= 1")
+
+
+def _from_dict(cls, data: Any, where: str):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by their dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config: {where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"invalid config: unknown field {where}.{key}; known: {', '.join(fields)}")
+        sub = _SUBCONFIGS.get((cls, key))
+        kwargs[key] = _from_dict(sub, value, f"{where}.{key}") if sub is not None else value
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {
+    (ModelConfig, "moe"): MoEConfig,
+    (MoEConfig, "lory"): LoryConfig,
+    (MoEConfig, "topk"): TopKConfig,
+    (MoEConfig, "sparsemixer"): SparseMixerConfig,
+    (MoEConfig, "expert_choice"): ExpertChoiceConfig,
+}

@@ -1,0 +1,30 @@
+"""Key/value cache for incremental decoding, plus the per-layer routing state Lory keeps."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values for every layer.
+
+    k[i], v[i]: [B, n_kv_heads, max_len, head_dim]. ``length`` is the number of positions already
+    written (the position of the next token). ``ffn_state[i]`` is a dict the FFN of layer i may keep
+    across calls (Lory's merged weights and segment sums).
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.ffn_state: list[dict] = [{} for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, h_kv, L, hd] at the current position; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

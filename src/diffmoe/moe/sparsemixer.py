@@ -1,0 +1,146 @@
+"""SparseMixer-v2 top-2 routing (GRIN, arXiv 2409.12136).
+
+For router logits z of one token:
+
+1. band: keep expert i when (z* - z_i) / max(|z_i|, z*) <= 2 * jitter_eps (z* = max z), computed
+   without gradient; p = softmax of z with the others at -inf.
+2. slot 1: D1 ~ p by Gumbel-max in training, argmax in eval; gate w1 = p_D1.
+3. slot 2: z_D1 := -inf, rebuild the band around the new maximum (the scale still uses the original
+   |z_i|, as transformers' reference does), sample or argmax D2 from its masked softmax p'; w2 = p'_D2.
+   Gates are not renormalised: a lone expert in its band has gate 1.
+4. Heun switch (training): s = 1 when D is the band's argmax, else s = 1 with probability 1/4 and
+   1/3 with probability 3/4. The multiplier m = w * s comes from :class:`HeunMultiplier`, whose
+   backward returns g * p_D * (onehot(D) - p) for upstream g — the masked-softmax Jacobian row of D,
+   whatever s is. With s = 1 that is the exact derivative of the forward value; with s = 1/3 it is
+   deliberately 3x that derivative (the mid-point node of the estimator).
+
+Deviation from transformers' reference: s is exactly 1/3 here (transformers uses 0.3333), and the
+input jitter is applied once to the layer input (transformers' block applies it in the block and
+again in the router).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MoELayer, RoutingContext, balance_loss, check_arg, token_choice_stats, z_loss
+from .dispatch import dispatch
+
+HEUN_P_ONE = 0.25  # probability that s = 1 when the sampled expert is not the band's argmax
+
+
+class HeunMultiplier(torch.autograd.Function):
+    """m = p_D * s with the SparseMixer-v2 backward.
+
+    forward(logits [N, E], band [N, E] bool, selected [N, 1] int64, scale [N, 1]) -> m [N, 1], where
+    p = softmax(logits masked to the band). backward gives logits the gradient g * p_D * (onehot(D) - p)
+    and nothing to the other inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, band, selected, scale):
+        p = logits.masked_fill(~band, float("-inf")).softmax(-1)
+        p_d = p.gather(-1, selected)
+        ctx.save_for_backward(p, p_d, selected)
+        return p_d * scale
+
+    @staticmethod
+    def backward(ctx, grad_m):
+        p, p_d, selected = ctx.saved_tensors
+        g = grad_m * p_d  # [N, 1]
+        grad_logits = (-g) * p
+        grad_logits = grad_logits.scatter_add(-1, selected, g)
+        return grad_logits, None, None, None
+
+
+def band_mask(logits: torch.Tensor, scale_ref: torch.Tensor, jitter_eps: float) -> torch.Tensor:
+    """Experts within the jitter band of the row maximum. logits [N, E] (may hold -inf) -> bool [N, E].
+
+    scale_ref: the original logits, whose |z_i| sets the relative scale max(|z_i|, z*).
+    """
+    with torch.no_grad():
+        top = logits.max(-1, keepdim=True).values
+        factor = scale_ref.abs().clamp(min=top)
+        # written as "not outside" so that 0/0 (all-zero logits) keeps the expert, as the reference does
+        return ~(((top - logits) / factor) > 2 * jitter_eps)
+
+
+def sparsemixer_route(
+    logits: torch.Tensor, jitter_eps: float, training: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseMixer-v2 top-2 routing of router logits [N, E].
+
+    Returns (multiplier [N, 2] with the custom gradient, experts [N, 2] int64,
+    band_size [N, 2] int64 — experts in each slot's band).
+    """
+    mults, experts, band_sizes = [], [], []
+    scores = logits
+    for _ in range(2):
+        band = band_mask(scores, logits, jitter_eps)
+        with torch.no_grad():
+            masked = scores.masked_fill(~band, float("-inf"))
+            argmax = masked.argmax(-1, keepdim=True)
+            if training:
+                gumbel = -torch.empty_like(masked).exponential_(generator=generator).log()
+                selected = (masked + gumbel).argmax(-1, keepdim=True)
+                u = torch.rand(selected.shape, device=logits.device, generator=generator)
+                keep_one = (selected == argmax) | (u < HEUN_P_ONE)
+                scale = torch.where(keep_one, 1.0, 1.0 / 3.0).to(logits.dtype)
+            else:
+                selected, scale = argmax, torch.ones_like(argmax, dtype=logits.dtype)
+        mults.append(HeunMultiplier.apply(logits, band, selected, scale))
+        experts.append(selected)
+        band_sizes.append(band.sum(-1, keepdim=True))
+        scores = scores.scatter(-1, selected, float("-inf")).detach()
+    return torch.cat(mults, -1), torch.cat(experts, -1), torch.cat(band_sizes, -1)
+
+
+class SparseMixerMoE(MoELayer):
+    """Top-2 MoE routed by SparseMixer-v2 (see the module docstring), dropless.
+
+    Losses: ``balance`` = E * sum_i f_i P_i (f over both slots' assignments, all-reduced across
+    data-parallel ranks when ``global_balance``; P from the full softmax) with ``balance_coef``;
+    router ``z`` loss with ``z_loss_coef``.
+    Stats: ``load`` [E], ``mean_weight`` [E], ``entropy``, and ``band_multi`` [2]: the share of tokens
+    whose band holds more than one expert, per slot (only those send task gradient to the router).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 16,
+        jitter_eps: float = 0.01,
+        input_jitter_eps: float = 0.01,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        global_balance: bool = True,
+        dispatch_impl: str = "auto",
+    ):
+        super().__init__(d_model, d_ff, num_experts)
+        check_arg(num_experts >= 2, "num_experts", num_experts, "SparseMixer-v2 is top-2: needs at least 2")
+        check_arg(jitter_eps >= 0, "jitter_eps", jitter_eps, "must be >= 0")
+        check_arg(0 <= input_jitter_eps < 1, "input_jitter_eps", input_jitter_eps, "must be in [0, 1)")
+        self.jitter_eps, self.input_jitter_eps = jitter_eps, input_jitter_eps
+        self.balance_coef, self.z_loss_coef, self.global_balance = balance_coef, z_loss_coef, global_balance
+        self.dispatch_impl = dispatch_impl
+        self.experts_per_token = 2.0
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
+        B, L, d = x.shape
+        xf = x.reshape(-1, d)
+        if self.training and self.input_jitter_eps > 0:
+            noise = torch.empty_like(xf).uniform_(1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps)
+            xf = xf * noise
+        N = xf.shape[0]
+        logits = self.router_logits(xf)  # [N, E] float32
+        mult, idx, band_size = sparsemixer_route(logits, self.jitter_eps, self.training)
+        token_idx = torch.arange(N, device=x.device).repeat_interleave(2)
+        expert_idx = idx.reshape(-1)
+        y = dispatch(xf, self.experts, token_idx, expert_idx, mult.reshape(-1), self.dispatch_impl)
+        probs = logits.softmax(-1)
+        self._set_aux({"balance": (balance_loss(probs, expert_idx, self.global_balance), self.balance_coef),
+                       "z": (z_loss(logits), self.z_loss_coef)}, x)
+        self.stats = token_choice_stats(probs, expert_idx)
+        self.stats["band_multi"] = (band_size > 1).float().mean(0)
+        return y.view(B, L, d)

@@ -153,10 +153,7 @@ class ModelConfig:
                    f"a list must have one entry per layer (n_layers={self.n_layers})")
         for kind in kinds:
             _check(kind in FFN_KINDS, "ffn", kind, f"unknown FFN kind; choose one of {', '.join(FFN_KINDS)}")
-        validate_moe(self.moe, prefix="moe")
-        if "sparsemixer" in kinds:
-            _check(self.moe.num_experts >= 2, "moe.num_experts", self.moe.num_experts,
-                   "SparseMixer-v2 routes to 2 experts and needs at least 2")
+        validate_moe(self.moe, prefix="moe", kinds=kinds)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,8 +163,11 @@ class ModelConfig:
         return _from_dict(cls, data, where)
 
 
-def validate_moe(moe: MoEConfig, prefix: str = "moe") -> None:
-    """Check an MoE config; raise :class:`ConfigError` naming ``prefix.field``."""
+def validate_moe(moe: MoEConfig, prefix: str = "moe", kinds=FFN_KINDS) -> None:
+    """Check an MoE config; raise :class:`ConfigError` naming ``prefix.field``.
+
+    Constraints between fields (top_k <= num_experts, ...) are checked for the FFN ``kinds`` in use.
+    """
     E = moe.num_experts
     _check(isinstance(E, int) and E >= 1, f"{prefix}.num_experts", E, "must be a positive integer")
     if moe.d_ff is not None:
@@ -185,8 +185,12 @@ def validate_moe(moe: MoEConfig, prefix: str = "moe") -> None:
     _check(lory.routing in LORY_ROUTING, f"{prefix}.lory.routing", lory.routing,
            f"choose one of {', '.join(LORY_ROUTING)}")
     topk = moe.topk
-    _check(isinstance(topk.top_k, int) and 1 <= topk.top_k <= E, f"{prefix}.topk.top_k", topk.top_k,
-           f"must be between 1 and num_experts={E}")
+    _check(isinstance(topk.top_k, int) and topk.top_k >= 1, f"{prefix}.topk.top_k", topk.top_k,
+           "must be a positive integer")
+    if "topk" in kinds:
+        _check(topk.top_k <= E, f"{prefix}.topk.top_k", topk.top_k, f"must be at most num_experts={E}")
+    if "sparsemixer" in kinds:
+        _check(E >= 2, f"{prefix}.num_experts", E, "SparseMixer-v2 routes to 2 experts and needs at least 2")
     if topk.capacity_factor is not None:
         _check(topk.capacity_factor > 0, f"{prefix}.topk.capacity_factor", topk.capacity_factor,
                "must be positive or null (dropless)")

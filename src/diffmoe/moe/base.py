@@ -37,6 +37,11 @@ class RoutingContext:
     state: dict | None = None
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32: router inputs and segment means are accumulated in it."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def check_arg(cond: bool, name: str, value, why: str) -> None:
     """Raise ConfigError naming the argument (layers use the config field names)."""
     if not cond:
@@ -60,8 +65,9 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits in float32 (routing math is precision-sensitive). x [..., d] -> [..., E]."""
-        return F.linear(x.float(), self.router.weight.float())
+        """Router logits in at least float32 (routing math is precision-sensitive). x [..., d] -> [..., E]."""
+        x = upcast(x)
+        return F.linear(x, self.router.weight.to(x.dtype))
 
     def _set_aux(self, losses: dict[str, tuple[torch.Tensor, float]], ref: torch.Tensor) -> None:
         """Record unscaled losses and their coefficient-weighted sum (skipping zero coefficients)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import EC_GRANULARITY
-from .base import MoELayer, RoutingContext, check_arg
+from .base import MoELayer, RoutingContext, check_arg, upcast
 from .dispatch import dispatch
 
 
@@ -63,7 +63,7 @@ class ExpertChoiceMoE(MoELayer):
         N = math.ceil(L / T)
         xp = F.pad(x, (0, 0, 0, N * T - L)).view(B * N, T, d)  # items: tokens (T=1) or segments
         counts = (L - torch.arange(N, device=x.device) * T).clamp(max=T).repeat(B)  # tokens per item
-        scores = self.router_logits(xp.float().sum(1) / counts.unsqueeze(1)).softmax(-1)  # [items, E]
+        scores = self.router_logits(upcast(xp).sum(1) / counts.unsqueeze(1)).softmax(-1)  # [items, E]
         cap = expert_capacity(B * N, self.capacity_factor, self.num_experts)
         gate, item = scores.t().topk(cap, dim=-1)  # [E, cap] each expert's chosen items
         E = self.num_experts

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LORY_FIRST_SEGMENT, LORY_ROUTING
-from .base import MoELayer, RoutingContext, check_arg
+from .base import MoELayer, RoutingContext, check_arg, upcast
 from .merge import Merged, merge_experts, merged_swiglu
 
 
@@ -87,7 +87,7 @@ class LoryMoE(MoELayer):
         return self._forward_segments(x)
 
     def _probs(self, means: torch.Tensor) -> torch.Tensor:
-        """Routing weights softmax(router(means)) in float32. means [..., d] -> [..., E]."""
+        """Routing weights softmax(router(means)) in at least float32. means [..., d] -> [..., E]."""
         return self.router_logits(means).softmax(-1)
 
     def _first_weights(self, probs0: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class LoryMoE(MoELayer):
         N = math.ceil(L / T)
         xp = F.pad(x, (0, 0, 0, N * T - L)).view(B, N, T, d)
         counts = (L - torch.arange(N, device=x.device) * T).clamp(max=T)  # tokens per segment [N]
-        means = xp.float().sum(2) / counts.view(1, N, 1)  # [B, N, d]
+        means = upcast(xp).sum(2) / counts.view(1, N, 1)  # [B, N, d]
         probs = self._probs(means)  # [B, N, E]
         source = probs[:, :-1] if self.routing == "segment" else probs[:, :1].expand(B, N - 1, E)
         weights = torch.cat([self._first_weights(probs[:, 0]).unsqueeze(1), source], 1)  # [B, N, E]
@@ -114,7 +114,7 @@ class LoryMoE(MoELayer):
         B, L, d = x.shape
         P = L if prompt_len is None else prompt_len
         check_arg(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
-        weights = self._probs(x[:, :P].float().mean(1))  # [B, E]
+        weights = self._probs(upcast(x[:, :P]).mean(1))  # [B, E]
         self._record(weights.unsqueeze(1), routed_from=0)
         return merged_swiglu(x, merge_experts(weights, self.experts))
 
@@ -125,25 +125,25 @@ class LoryMoE(MoELayer):
         if self.routing == "prompt":
             if "merged" not in st:
                 P = x.shape[1] if ctx.prompt_len is None else ctx.prompt_len
-                weights = self._probs(x[:, :P].float().mean(1))
+                weights = self._probs(upcast(x[:, :P]).mean(1))
                 self._record(weights.unsqueeze(1), routed_from=0)
                 st["merged"] = _detach_merged(merge_experts(weights, self.experts))
             return merged_swiglu(x, st["merged"])
         T = self.segment_len
         if "pos" not in st:
-            st.update(pos=0, seg_sum=x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float32))
+            st.update(pos=0, seg_sum=upcast(x.new_zeros(x.shape[0], x.shape[2])))
         outs, start = [], 0
         while start < x.shape[1]:
             end = min(x.shape[1], start + T - st["pos"] % T)
             piece = x[:, start:end]
             if "merged" not in st:  # first token of a segment, or the first call
                 if st["pos"] < T:
-                    weights = self._first_weights(self._probs(piece.float().mean(1)))
+                    weights = self._first_weights(self._probs(upcast(piece).mean(1)))
                 else:
                     weights = st["next_weights"]
                 st["merged"] = _detach_merged(merge_experts(weights, self.experts))
             outs.append(merged_swiglu(piece, st["merged"]))
-            st["seg_sum"] += piece.float().sum(1)
+            st["seg_sum"] += upcast(piece).sum(1)
             st["pos"] += end - start
             if st["pos"] % T == 0:  # segment complete: route the next one
                 probs = self._probs(st["seg_sum"] / T)

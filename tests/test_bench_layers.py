@@ -1,0 +1,108 @@
+"""The layer benchmark runs at a toy size and writes a complete table; timings are not asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_layers.py"
+TOY = ["--tokens", "64", "--seq-len", "32", "--d-model", "32", "--d-ff", "64", "--experts", "4",
+       "--segment-len", "8", "--repeats", "2", "--warmup", "1", "--matmul-size", "128", "--threads", "1",
+       "--device", "cpu", "--dtype", "float32"]
+ALWAYS = ["dense SwiGLU", "LoryMoE (T=8, segment)", "TopKMoE top-2 [loop]", "TopKMoE top-2 [grouped_mm]",
+          "SparseMixerMoE top-2 [auto=loop]", "ExpertChoiceMoE c=2 [auto=loop]",
+          "HF MixtralSparseMoeBlock [eager]", "HF PhimoeSparseMoeBlock [eager]"]
+
+
+def _load_module():
+    """Import benchmarks/bench_layers.py once (registered in sys.modules: its dataclasses need it)."""
+    if "bench_layers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_layers", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_layers"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_layers"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TOY, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_writes_table_and_json_with_every_row(toy_run):
+    out, stdout = toy_run
+    assert sorted(p.name for p in out.iterdir()) == ["bench_layers_cpu_float32.json", "bench_layers_cpu_float32.md"]
+    result = json.loads((out / "bench_layers_cpu_float32.json").read_text())
+    table = (out / "bench_layers_cpu_float32.md").read_text()
+    names = [r["name"] for r in result["rows"]]
+    assert names[0] == "dense SwiGLU"
+    for name in ALWAYS:
+        assert name in names, name
+    # every transformers implementation is either measured or skipped with a reason
+    module = _load_module()
+    for label in ("Mixtral", "Phimoe"):
+        for impl in module.hf_implementations():
+            name = f"HF {label}SparseMoeBlock [{impl}]"
+            skipped = {s["name"]: s["reason"] for s in result["skipped"]}
+            assert (name in names) != (name in skipped), name
+            assert name in names or skipped[name]
+    for name in names:
+        assert f"| {name} |" in table
+    assert table in stdout
+    for key in ("cpu", "threads", "torch", "transformers", "device", "dtype", "date"):
+        assert result["machine"][key], key
+    assert result["machine"]["threads"] == 1
+
+
+def test_numbers_are_finite_and_positive(toy_run):
+    out, _ = toy_run
+    result = json.loads((out / "bench_layers_cpu_float32.json").read_text())
+    assert math.isfinite(result["matmul_gflops"]) and result["matmul_gflops"] > 0
+    for row in result["rows"]:
+        assert len(row["times_ms"]) == 2
+        for key in ("time_ms", "time_ratio", "ideal_ms", "time_over_ideal", "act_mib", "act_ratio", "flop_factor"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
+        if row["peak_mib"] is not None:  # process RSS delta (Linux only); page-granular, may be 0 at toy size
+            assert math.isfinite(row["peak_mib"]) and row["peak_mib"] >= 0
+    dense = result["rows"][0]
+    assert dense["time_ratio"] == 1.0 and dense["act_ratio"] == 1.0 and dense["flop_factor"] == 1.0
+
+
+def test_activation_bytes_of_swiglu_is_exact():
+    """SwiGLU saves w1(x), silu(w1 x), w3(x) and their product: 4 [n, d_ff] tensors, plus the output."""
+    module = _load_module()
+    from diffmoe.moe import SwiGLU
+
+    n, d, f = 16, 8, 24
+    layer = SwiGLU(d, f)
+    x = torch.randn(n, d, requires_grad=True)
+    g = torch.randn(n, d)
+    assert module.activation_bytes(layer, x, g) == 4 * (4 * n * f) + 4 * n * d
+    assert x.grad is not None and layer.w1.weight.grad is not None
+
+
+def test_flop_model():
+    module = _load_module()
+    shape = module.Shape(tokens=4096, seq_len=1024, d_model=512, d_ff=1408, experts=8, segment_len=256)
+    assert shape.batch == 4
+    assert shape.dense_flops() == 18 * 4096 * 512 * 1408
+    factors = {s.name: s.flop_factor for s in module.layer_specs(shape, torch.device("cpu"), torch.float32)}
+    assert factors["LoryMoE (T=256, segment)"] == pytest.approx(1 + 8 / 256)
+    assert factors["TopKMoE top-2 [loop]"] == 2.0
+    assert factors["ExpertChoiceMoE c=2 [auto=loop]"] == 2.0

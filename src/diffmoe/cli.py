@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("smoke", help="train a small Lory model briefly and generate (installation check)")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=120)
     p.set_defaults(func=_smoke)
     return parser
 

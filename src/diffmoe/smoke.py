@@ -37,7 +37,7 @@ def lm_loss(model: Decoder, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
-def run(steps: int = 60, seq_len: int = 256, batch: int = 8, seed: int = 0, log=print) -> dict:
+def run(steps: int = 120, seq_len: int = 256, batch: int = 8, seed: int = 0, log=print) -> dict:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, d_ff=352, max_seq_len=seq_len,
                       ffn="lory", moe=MoEConfig(num_experts=8, lory=LoryConfig(segment_len=64)))
@@ -49,7 +49,9 @@ def run(steps: int = 60, seq_len: int = 256, batch: int = 8, seed: int = 0, log=
     counts = model.parameter_counts()
     log(f"Lory-8E (T=64): {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
         f"{train.numel() / 1e6:.1f}M training bytes of Python stdlib source")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     with torch.no_grad():
         model.eval()
         before = lm_loss(model, heldout).item()
@@ -62,7 +64,8 @@ def run(steps: int = 60, seq_len: int = 256, batch: int = 8, seed: int = 0, log=
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 10 == 0 or step == steps - 1:
+        sched.step()
+        if step % 20 == 0 or step == steps - 1:
             log(f"step {step:4d}  loss {loss.item():.3f}")
     elapsed = time.perf_counter() - t0
     model.eval()
@@ -70,7 +73,7 @@ def run(steps: int = 60, seq_len: int = 256, batch: int = 8, seed: int = 0, log=
         after = lm_loss(model, heldout).item()
     log(f"held-out loss {before:.3f} -> {after:.3f} (nats/byte); {steps * batch * seq_len / elapsed:,.0f} tokens/s")
     prompt = torch.tensor([list(b"def ")])
-    out = generate(model, prompt, 60)
+    out = generate(model, prompt, 60, temperature=0.8, top_p=0.95, generator=torch.Generator().manual_seed(seed))
     text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
-    log(f"sample (greedy, prompt-only routing): {text!r}")
+    log(f"sample (temperature 0.8, top-p 0.95, prompt-only routing): {text!r}")
     return {"heldout_before": before, "heldout_after": after, "sample": text}

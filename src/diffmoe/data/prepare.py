@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -388,11 +389,15 @@ def _sources_digest(sources: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ out dir
+_OUR_FILES = re.compile(
+    r"(manifest\.json|tokenizer\.json|documents\.jsonl|sources\.jsonl"
+    r"|(train|heldout)(-\d{5}\.npy|\.(domain_tokens|row_order|docs)\.npy))")
+
+
 def _is_ours(name: str) -> bool:
-    """Names ``prepare`` writes (final and temporary)."""
-    return (name in (st.MANIFEST, "tokenizer.json", "documents.jsonl", "sources.jsonl", _WORKDIR)
-            or name.startswith(tuple(f"{s}-" for s in st.SPLITS)) or name.startswith(tuple(f"{s}." for s in st.SPLITS))
-            or (name.startswith(".") and ".tmp-" in name))
+    """Names ``prepare`` writes: final files, their temporaries (``.NAME.tmp-PID``), its work directory."""
+    temporary = re.fullmatch(r"\.(.+)\.tmp-\d+", name)
+    return name == _WORKDIR or _OUR_FILES.fullmatch(temporary.group(1) if temporary else name) is not None
 
 
 def _claim(out: Path, overwrite: bool) -> None:

@@ -1,0 +1,26 @@
+"""Data: documents in, tokenizer, similarity ordering, packing, token shards on disk.
+
+Typical use::
+
+    from diffmoe.data import PrepareConfig, prepare, PackedDataset, load_tokenizer
+
+    prepare("my_docs/", "data/", PrepareConfig(context_len=512))        # or: diffmoe prepare ...
+    train = PackedDataset("data/", split="train")   # item: input_ids / labels int64 [512], domain
+    tokenizer = load_tokenizer("data/")
+
+See docs/data.md for the formats, the ordering algorithm and the built-in corpus.
+"""
+
+from .builtin import BuiltinCorpusConfig, build_builtin_corpus
+from .errors import DataError
+from .order import similarity_walk
+from .prepare import OrderingConfig, PrepareConfig, PrepareResult, prepare
+from .readers import Corpus, Document, ReadOptions
+from .store import PackedDataset, load_tokenizer, read_manifest
+from .tokenizer import TokenizerConfig
+
+__all__ = [
+    "BuiltinCorpusConfig", "Corpus", "DataError", "Document", "OrderingConfig", "PackedDataset",
+    "PrepareConfig", "PrepareResult", "ReadOptions", "TokenizerConfig", "build_builtin_corpus",
+    "load_tokenizer", "prepare", "read_manifest", "similarity_walk",
+]

@@ -27,8 +27,10 @@ Method.
   resetting it through /proc/self/clear_refs), measured after all timing with glibc's mmap
   threshold fixed at 64 KiB so that freed tensors return to the OS. Both include the transient
   buffers and the parameter gradients.
-- Ideal time: FLOPs / the measured matmul rate (median of square ``--matmul-size`` matmuls in the
-  benchmark dtype). A dense SwiGLU costs 3 matmuls of 2 N d d_ff in the forward and twice that in the
+- Ratios to dense (and to the ideal) are medians over rounds of the per-round ratio, so load that
+  drifts between rounds cancels. The 1-minute load average is recorded per round in the JSON.
+- Ideal time: FLOPs / the measured matmul rate (a square ``--matmul-size`` matmul in the benchmark
+  dtype, timed as one more entry of every round). A dense SwiGLU costs 3 matmuls of 2 N d d_ff in the forward and twice that in the
   backward: 18 N d d_ff. Top-k costs k x dense, expert choice c x dense, Lory (1 + E/T) x dense
   (the merge GEMM and its backward add E/T). Router FLOPs are ignored.
 
@@ -288,19 +290,13 @@ def free_bytes(device: torch.device) -> int:
     return 1 << 62
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul in dtype (median of ``repeats`` after one warm-up)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+def timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Wall time (s) of one a @ b."""
+    sync(a.device)
+    t0 = time.perf_counter()
+    a @ b
+    sync(a.device)
+    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,9 +306,10 @@ def prepare(specs: list[LayerSpec], x: torch.Tensor, g: torch.Tensor, seed: int)
     """Build every layer on the device; run one step as a probe. Returns (layers, rows, skipped)."""
     layers, rows, skipped = [], [], []
     for spec in specs:
-        if spec.known_bytes and spec.known_bytes > 0.8 * free_bytes(x.device):
-            skipped.append({"name": spec.name, "reason": f"needs ~{spec.known_bytes / 2**30:.0f} GiB "
-                            f"(weights gathered per token-slot), {free_bytes(x.device) / 2**30:.0f} GiB free"})
+        free = free_bytes(x.device)
+        if spec.known_bytes and spec.known_bytes > 0.8 * free:
+            skipped.append({"name": spec.name, "reason": f"needs ~{spec.known_bytes / 2**30:.0f} GiB (expert weights "
+                            f"gathered per token-slot, and their gradient), over 80% of the {free / 2**30:.0f} GiB free"})
             continue
         torch.manual_seed(seed)
         try:
@@ -326,17 +323,30 @@ def prepare(specs: list[LayerSpec], x: torch.Tensor, g: torch.Tensor, seed: int)
     return layers, rows, skipped
 
 
-def run_timing(layers: list[nn.Module], rows: list[Row], x, g, warmup: int, repeats: int) -> None:
-    """Round-robin rounds over all layers; the first ``warmup`` rounds are discarded."""
-    n = len(layers)
+def run_timing(layers: list[nn.Module], rows: list[Row], x, g, warmup: int, repeats: int,
+               matmul_size: int) -> dict:
+    """Round-robin rounds over all layers and the rate matmul; the first ``warmup`` rounds are discarded.
+
+    The n^3 matmul that sets the ideal rate is one more entry of every round, so it sees the same
+    conditions as the layers. Returns {"matmul_s": [...], "loadavg": [...]} per kept round.
+    """
+    a, b = (torch.randn(matmul_size, matmul_size, device=x.device, dtype=x.dtype) for _ in range(2))
+    entries = [lambda layer=layer: timed_step(layer, x, g) for layer in layers] + [lambda: timed_matmul(a, b)]
+    n = len(entries)
+    log: dict[str, list[float]] = {"matmul_s": [], "loadavg": []}
     gc.freeze()  # imports left many objects: keep collections (outside the timed steps) cheap
     for r in range(warmup + repeats):
         gc.collect()
+        times = [0.0] * n
         for j in range(n):
-            i = (j + r) % n  # rotate the starting layer every round
-            t = timed_step(layers[i], x, g)
-            if r >= warmup:
-                rows[i].times_s.append(t)
+            i = (j + r) % n  # rotate the starting entry every round
+            times[i] = entries[i]()
+        if r >= warmup:
+            for row, t in zip(rows, times):
+                row.times_s.append(t)
+            log["matmul_s"].append(times[-1])
+            log["loadavg"].append(round(os.getloadavg()[0], 2))
+    return log
 
 
 def run_memory(layers: list[nn.Module], rows: list[Row], x, g) -> None:
@@ -368,22 +378,30 @@ def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) ->
     return info
 
 
-def summarize(rows: list[Row], shape: Shape, rate: float) -> list[dict]:
-    """Medians, ideal times and ratios to the dense row (rows[0])."""
+def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list[float]) -> list[dict]:
+    """Medians, ideal times and ratios to the dense row (rows[0]).
+
+    Time ratios are medians over rounds of the per-round ratio (layer vs dense, layer vs its ideal at
+    that round's matmul rate): a round runs every entry close in time, so load that drifts between
+    rounds cancels.
+    """
     dense_flops = shape.dense_flops()
+    rate = matmul_flops / statistics.median(matmul_s)
+    dense_times = rows[0].times_s
     out = []
     for row in rows:
-        t = statistics.median(row.times_s)
-        ideal = row.flop_factor * dense_flops / rate
+        flops = row.flop_factor * dense_flops
+        per_round_ideal = [t * matmul_flops / (m * flops) for t, m in zip(row.times_s, matmul_s)]
         out.append({
             "name": row.name, "note": row.note, "flop_factor": row.flop_factor,
-            "time_ms": 1e3 * t, "time_min_ms": 1e3 * min(row.times_s), "time_max_ms": 1e3 * max(row.times_s),
-            "times_ms": [1e3 * s for s in row.times_s], "ideal_ms": 1e3 * ideal, "time_over_ideal": t / ideal,
+            "time_ms": 1e3 * statistics.median(row.times_s), "time_min_ms": 1e3 * min(row.times_s),
+            "time_max_ms": 1e3 * max(row.times_s), "times_ms": [1e3 * t for t in row.times_s],
+            "time_ratio": statistics.median(t / d for t, d in zip(row.times_s, dense_times)),
+            "ideal_ms": 1e3 * flops / rate, "time_over_ideal": statistics.median(per_round_ideal),
             "act_mib": row.act_bytes / MIB, "peak_mib": None if row.peak_bytes is None else row.peak_bytes / MIB,
         })
     dense = out[0]
     for r in out:
-        r["time_ratio"] = r["time_ms"] / dense["time_ms"]
         r["act_ratio"] = r["act_mib"] / dense["act_mib"]
         ok = r["peak_mib"] is not None and dense["peak_mib"]
         r["peak_ratio"] = r["peak_mib"] / dense["peak_mib"] if ok else None
@@ -392,6 +410,11 @@ def summarize(rows: list[Row], shape: Shape, rate: float) -> list[dict]:
 
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
+
+
+def _ms(v: float) -> str:
+    """Milliseconds with at least 3 significant digits (GPU times at this shape are well under 1 ms)."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
 
 
 def markdown(result: dict) -> str:
@@ -407,10 +430,12 @@ def markdown(result: dict) -> str:
         f"{m['loadavg_1min_end']} at end.",
         f"Shape: {s['batch']} x {s['seq_len']} tokens, d_model {s['d_model']}, d_ff {s['d_ff']}, "
         f"{s['experts']} experts, top-{s['top_k']}, Lory T {s['segment_len']}.",
-        f"Time: median of {st['repeats']} forward+backward runs (loss = sum(y * g), fixed random g; "
-        f"min-max in the JSON), layers interleaved round-robin after {st['warmup']} warm-up rounds.",
+        f"Time: median of {st['repeats']} forward+backward runs (loss = sum(y * g), fixed random g; all runs in "
+        f"the JSON), layers interleaved round-robin after {st['warmup']} warm-up rounds; the ratios are medians "
+        "of the per-round ratios.",
         f"Ideal: FLOPs (dense = 18 N d d_ff = {result['dense_gflop']:.1f} GFLOP, times the FLOPs column) / "
-        f"measured {m['dtype']} matmul rate {result['matmul_gflops']:.1f} GFLOP/s ({st['matmul_size']}^3).",
+        f"measured {m['dtype']} matmul rate, median {result['matmul_gflops']:.1f} GFLOP/s "
+        f"({st['matmul_size']}^3, timed in every round; time / ideal uses that round's rate).",
         "act: unique storages saved for backward during forward (autograd saved_tensors_hooks; parameters "
         "and the input excluded) plus the output.",
         f"peak: {peak_how}, one forward+backward, parameter gradients included.",
@@ -421,8 +446,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['name']} | {r['flop_factor']:.3g} | {r['time_ms']:.1f} | {r['time_ratio']:.2f} | "
-            f"{r['ideal_ms']:.1f} | {r['time_over_ideal']:.2f} | {r['act_mib']:.1f} | {r['act_ratio']:.2f} | "
+            f"| {r['name']} | {r['flop_factor']:.3g} | {_ms(r['time_ms'])} | {r['time_ratio']:.2f} | "
+            f"{_ms(r['ideal_ms'])} | {r['time_over_ideal']:.2f} | {r['act_mib']:.1f} | {r['act_ratio']:.2f} | "
             f"{_fmt(r['peak_mib'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} | {r['note']} |")
     if result["skipped"]:
         lines += ["", "Skipped (does not run or does not fit here):"]
@@ -487,18 +512,20 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(shape.batch, shape.seq_len, shape.d_model, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(shape.batch, shape.seq_len, shape.d_model, device=device, dtype=dtype)
     layers, rows, skipped = prepare(layer_specs(shape, device, dtype), x, g, args.seed)
-    run_timing(layers, rows, x, g, args.warmup, args.repeats)
-    rate = matmul_rate(device, dtype, matmul_size)
+    log = run_timing(layers, rows, x, g, args.warmup, args.repeats, matmul_size)
     run_memory(layers, rows, x, g)
+    matmul_flops = 2.0 * matmul_size**3
 
     result = {
         "machine": machine_info(device, dtype, load_start),
         "shape": {**asdict(shape), "batch": shape.batch},
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "matmul_size": matmul_size,
                      "seed": args.seed, "hf_init_std": HF_INIT_STD},
-        "matmul_gflops": rate / 1e9,
+        "matmul_gflops": matmul_flops / statistics.median(log["matmul_s"]) / 1e9,
+        "matmul_gflops_per_round": [matmul_flops / t / 1e9 for t in log["matmul_s"]],
+        "loadavg_per_round": log["loadavg"],
         "dense_gflop": shape.dense_flops() / 1e9,
-        "rows": summarize(rows, shape, rate),
+        "rows": summarize(rows, shape, matmul_flops, log["matmul_s"]),
         "skipped": skipped,
     }
     table = markdown(result)

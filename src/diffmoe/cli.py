@@ -1,23 +1,187 @@
-"""The ``diffmoe`` command: thin argument parsing over the library."""
+"""The ``diffmoe`` command: thin argument parsing over the library.
+
+    diffmoe prepare  --corpus DIR --batching similarity --out data/
+    diffmoe corpus   builtin --out corpus/
+    diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
+    diffmoe eval     RUN [--routing segment|prompt|prefix]
+    diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    diffmoe analyze  RUN
+    diffmoe demo     [--out runs/demo]
+    diffmoe smoke
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 
 
-def _smoke(args: argparse.Namespace) -> int:
+def _smoke(args) -> int:
     from . import smoke
 
     result = smoke.run(steps=args.steps)
     return 0 if result["heldout_after"] < result["heldout_before"] else 1
 
 
+def _train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("step", "loss", "skipped_steps", "tokens")}))
+    print(_format_eval(summary["heldout"]))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _load(args):
+    from .train.checkpoint import load_run
+
+    return load_run(args.run, args.checkpoint)
+
+
+def _eval(args) -> int:
+    from .data import PackedDataset
+    from .eval.perplexity import evaluate
+
+    cfg, model, path = _load(args)
+    data = PackedDataset(args.data or cfg.data.path, "heldout")
+    result = evaluate(model, data, args.batch_size, args.max_batches, args.routing, args.prompt_len)
+    print(f"{path} ({args.routing} routing)")
+    print(_format_eval(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+def _format_eval(result: dict) -> str:
+    lines = [f"{'domain':<16}{'tokens':>10}{'loss':>9}{'ppl':>10}"]
+    for name, r in result.items():
+        lines.append(f"{name:<16}{r['tokens']:>10}{r['loss']:>9.4f}{r['ppl']:>10.2f}")
+    return "\n".join(lines)
+
+
+def _generate(args) -> int:
+    import torch
+
+    from .data import load_tokenizer
+    from .eval.generate import generate_stream
+
+    cfg, model, _ = _load(args)
+    tokenizer = load_tokenizer(args.data or cfg.data.path)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens")
+    limit = cfg.model.max_seq_len - len(ids)
+    if args.max_new_tokens > limit:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: the prompt leaves room for {limit} "
+                         f"(max_seq_len={cfg.model.max_seq_len})")
+    generator = torch.Generator().manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    out: list[int] = []
+    shown = ""
+    for token in generate_stream(model, torch.tensor([ids]), args.max_new_tokens, lory_routing=args.routing,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 generator=generator):
+        out.append(int(token[0]))
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):  # wait for multi-byte characters to complete
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(out)[len(shown):] + "\n")
+    return 0
+
+
+def _analyze(args) -> int:
+    from .data import PackedDataset
+    from .eval.analyze import plot_routing, plot_utilisation, routing_by_domain, write_json
+    from .train.metrics import read_metrics
+
+    cfg, model, path = _load(args)
+    data = PackedDataset(args.data or cfg.data.path, "heldout")
+    out = Path(args.out or Path(args.run) / "analysis")
+    out.mkdir(parents=True, exist_ok=True)
+    if not model.moe_layers():
+        print("the model has no MoE layer: nothing to analyse")
+        return 0
+    result = routing_by_domain(model, data, args.max_rows)
+    write_json(result, out / "routing_by_domain.json")
+    written = [out / "routing_by_domain.json",
+               plot_routing(result, out / "routing_by_domain.png", f"{Path(args.run).name}: routing per domain")]
+    curve = plot_utilisation(read_metrics(args.run), out / "utilisation.png", f"{Path(args.run).name}: experts in use")
+    if curve:
+        written.append(curve)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffmoe", description=__doc__)
+    from .data.cli import register as register_data
+
+    parser = argparse.ArgumentParser(prog="diffmoe", description="Pre-train MoE language models: Lory, "
+                                     "SparseMixer-v2 (GRIN), top-k, expert choice and dense baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
+    register_data(sub)
+
+    p = sub.add_parser("train", help="train a model from a YAML config (single process or under torchrun)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    def run_args(p):
+        p.add_argument("run", help="run directory")
+        p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+        p.add_argument("--data", help="prepared dataset (default: the run config's data.path)")
+
+    p = sub.add_parser("eval", help="held-out perplexity per domain")
+    run_args(p)
+    p.add_argument("--routing", choices=("segment", "prompt", "prefix"), default="segment",
+                   help="Lory routing mode (default segment)")
+    p.add_argument("--prompt-len", type=int, help="prompt routing: route on this many positions (default T)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int)
+    p.add_argument("--json", help="also write the result to this file")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="generate text with the KV cache (Lory: prompt-only routing)")
+    run_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routing", choices=("prompt", "segment"), default="prompt", help="Lory routing (default prompt)")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("analyze", help="routing per domain and expert utilisation, with plots")
+    run_args(p)
+    p.add_argument("--out", help="output folder (default RUN/analysis)")
+    p.add_argument("--max-rows", type=int, default=64, help="held-out rows per domain")
+    p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs")
+    p.set_defaults(func=_demo)
+
     p = sub.add_parser("smoke", help="train a small Lory model briefly and generate (installation check)")
     p.add_argument("--steps", type=int, default=120)
     p.set_defaults(func=_smoke)
@@ -25,12 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train import TrainingError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -163,6 +163,128 @@ class ModelConfig:
         return _from_dict(cls, data, where)
 
 
+@dataclass
+class DataConfig:
+    """Where training data comes from: a directory written by ``diffmoe prepare``."""
+
+    path: str = "data"
+    batch_size: int = 8
+    """Sequences per micro-batch (per process under torchrun)."""
+    eval_batches: int | None = 8
+    """Held-out batches per periodic evaluation (None: the whole held-out split)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop. Steps count optimizer updates; one step is ``grad_accum`` micro-batches."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_frac: float = 0.05
+    """Linear warm-up over this fraction of the steps (Lory: 5 %)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    """AdamW decay on matrices (embeddings, projections, experts, routers); none on norms."""
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    bf16: bool = False
+    """bfloat16 autocast for the forward pass (master weights stay float32)."""
+    seed: int = 0
+    dense_warmup_frac: float = 0.0
+    """Lory's dense warm-up: train a dense model for this fraction of the steps, then copy its FFN into
+    every expert and continue as MoE (paper: 0.05). 0 disables it."""
+    log_every: int = 10
+    routing_log_every: int = 50
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10
+    """A step whose loss or gradient is not finite is skipped; this many in a row stop the run."""
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything ``diffmoe train`` needs: ``model``, ``data`` and ``train`` sections of one YAML file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model.validate()
+        d, t = self.data, self.train
+        _check(isinstance(d.batch_size, int) and d.batch_size >= 1, "data.batch_size", d.batch_size,
+               "must be a positive integer")
+        _check(d.eval_batches is None or d.eval_batches >= 1, "data.eval_batches", d.eval_batches,
+               "must be a positive integer or null")
+        for name in ("steps", "grad_accum", "log_every", "routing_log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps"):
+            value = getattr(t, name)
+            _check(isinstance(value, int) and value >= 1, f"train.{name}", value, "must be a positive integer")
+        _check(t.lr > 0, "train.lr", t.lr, "must be positive")
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        _check(0 <= t.warmup_frac < 1, "train.warmup_frac", t.warmup_frac, "must be in [0, 1)")
+        _check(0 <= t.dense_warmup_frac < 1, "train.dense_warmup_frac", t.dense_warmup_frac, "must be in [0, 1)")
+        _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas,
+               "must be two numbers in [0, 1)")
+        _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+        _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["train"]["betas"] = list(self.train.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        cfg = _from_dict(cls, data, "")
+        cfg.train.betas = tuple(cfg.train.betas)
+        cfg.validate()
+        return cfg
+
+
+def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply ``section.field=value`` overrides (values parsed as YAML)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"invalid override {item!r}: expected section.field=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"invalid override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return RunConfig.from_dict(data)
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    """Write ``cfg`` as YAML atomically."""
+    import os
+    import yaml
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
 def validate_moe(moe: MoEConfig, prefix: str = "moe", kinds=FFN_KINDS) -> None:
     """Check an MoE config; raise :class:`ConfigError` naming ``prefix.field``.
 
@@ -210,18 +332,40 @@ def validate_moe(moe: MoEConfig, prefix: str = "moe", kinds=FFN_KINDS) -> None:
 def _from_dict(cls, data: Any, where: str):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by their dotted path."""
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid config: {where} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"invalid config: {where or 'the config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        name = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"invalid config: unknown field {where}.{key}; known: {', '.join(fields)}")
+            raise ConfigError(f"invalid config: unknown field {name}; known: {', '.join(fields)}")
         sub = _SUBCONFIGS.get((cls, key))
-        kwargs[key] = _from_dict(sub, value, f"{where}.{key}") if sub is not None else value
+        if sub is not None:
+            value = _from_dict(sub, value, name)
+        else:
+            _check_type(fields[key], value, name)
+        kwargs[key] = value
     return cls(**kwargs)
 
 
+def _check_type(f: dataclasses.Field, value: Any, name: str) -> None:
+    """Reject a value of the wrong type for a plain ``int | float | bool | str`` field (int is accepted
+    for float); fields of other types are checked by ``validate``."""
+    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
+    if expected is None:
+        return
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"invalid config: {name}={value!r}: expected {expected.__name__}")
+
+
 _SUBCONFIGS = {
+    (RunConfig, "model"): ModelConfig,
+    (RunConfig, "data"): DataConfig,
+    (RunConfig, "train"): TrainConfig,
     (ModelConfig, "moe"): MoEConfig,
     (MoEConfig, "lory"): LoryConfig,
     (MoEConfig, "topk"): TopKConfig,

@@ -1,0 +1,130 @@
+"""Routing analysis: what each MoE layer does per domain, and expert utilisation over training.
+
+- Lory: the average routing-weight vector per domain per layer (the Lory paper's specialisation figure)
+  and the share of segments where each expert's weight exceeds 2/E.
+- Token choice (top-k, SparseMixer-v2) and expert choice: the expert load (share of assignments) per
+  domain per layer.
+Plots are written as PNG heatmaps (one panel per layer, domains x experts), plus the utilisation
+curves read from the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import Decoder
+from ..moe import LoryMoE
+
+
+@torch.no_grad()
+def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: int = 8) -> dict:
+    """Per layer: {"kind", "domains", "weights" [D, E] (Lory: mean routing weight; others: load),
+    "usage" [D, E] (Lory only: share of segments with weight > 2/E)} from up to ``max_rows``
+    single-domain held-out rows per domain, in the model's current routing mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    layers = model.moe_layers()
+    sums = {i: [] for i, _ in layers}
+    usage = {i: [] for i, _ in layers}
+    domains = []
+    try:
+        for domain in dataset.domains:
+            rows = dataset.rows_of_domain(domain)[:max_rows]
+            if len(rows) == 0:
+                continue
+            domains.append(domain)
+            acc = {i: [] for i, _ in layers}
+            use = {i: [] for i, _ in layers}
+            for start in range(0, len(rows), batch_size):
+                ids = torch.stack([dataset[int(r)]["input_ids"] for r in rows[start:start + batch_size]])
+                model(ids.to(device))
+                for i, layer in layers:
+                    if isinstance(layer, LoryMoE):
+                        w = layer.stats["routing_weights"]
+                        routed = w[:, 0 if layer.first_segment == "own_mean" else 1:].reshape(-1, w.shape[-1])
+                        if routed.numel():
+                            acc[i].append(routed.cpu())
+                            use[i].append((routed > 2.0 / layer.num_experts).float().cpu())
+                    else:
+                        acc[i].append(layer.stats["load"].reshape(1, -1).cpu())
+            for i, layer in layers:
+                sums[i].append(torch.cat(acc[i]).mean(0) if acc[i] else torch.full((layer.num_experts,), float("nan")))
+                if use[i]:
+                    usage[i].append(torch.cat(use[i]).mean(0))
+    finally:
+        model.train(was_training)
+    out = {}
+    for i, layer in layers:
+        entry = {"kind": type(layer).__name__, "domains": domains,
+                 "weights": torch.stack(sums[i]).tolist() if sums[i] else []}
+        if usage[i]:
+            entry["usage"] = torch.stack(usage[i]).tolist()
+        out[f"layer{i}"] = entry
+    return out
+
+
+def plot_routing(result: dict, path: Path, title: str) -> Path:
+    """Heatmaps (domains x experts), one panel per MoE layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result)
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 0.5 * len(result[names[0]]["domains"]) * rows + 1.8),
+                             squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        entry = result[name]
+        data = np.array(entry["weights"])
+        im = ax.imshow(data, aspect="auto", cmap="viridis")
+        ax.set_title(f"{name} ({'weight' if entry['kind'] == 'LoryMoE' else 'load'})", fontsize=9)
+        ax.set_yticks(range(len(entry["domains"])), entry["domains"], fontsize=8)
+        ax.set_xticks(range(data.shape[1]), [str(e) for e in range(data.shape[1])], fontsize=7)
+        ax.set_xlabel("expert", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_utilisation(records: list[dict], path: Path, title: str) -> Path | None:
+    """Experts in use per layer over training steps, from metrics.jsonl routing records."""
+    rows = [r for r in records if r.get("kind") == "train" and any(k.endswith(".experts_in_use") for k in r)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in rows for k in r if k.endswith(".experts_in_use")},
+                  key=lambda k: int(k.split(".")[0][5:]))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=key.split(".")[0])
+    ax.set_xlabel("step")
+    ax.set_ylabel("experts in use")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,75 @@
+"""Held-out loss and perplexity per domain."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import Decoder
+from ..moe import LoryMoE
+
+
+def lory_segment_len(model: Decoder) -> int | None:
+    lory = [layer for _, layer in model.moe_layers() if isinstance(layer, LoryMoE)]
+    return lory[0].segment_len if lory else None
+
+
+@torch.no_grad()
+def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | None = None,
+             routing: str = "segment", prompt_len: int | None = None) -> dict[str, dict]:
+    """Mean next-token loss (nats) and perplexity per domain and over all rows.
+
+    dataset: a :class:`diffmoe.data.PackedDataset` split; each row is attributed to its majority
+    domain (held-out rows are almost all single-domain). Every label position of a row counts once,
+    so ``tokens`` = rows x context_len, whatever the batch size. ``max_batches`` limits the rows to
+    max_batches * batch_size, evenly spaced over the split (so every domain is represented).
+    routing: Lory layers' mode. ``segment`` and ``prefix`` score every position. ``prompt`` routes each
+    row once on its first ``prompt_len`` positions (default: the Lory segment length) and scores only
+    the positions after them, since positions inside the prompt would see the prompt's later tokens.
+    Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
+    """
+    was_training = model.training
+    model.eval()
+    previous = {layer: layer.routing for _, layer in model.moe_layers() if isinstance(layer, LoryMoE)}
+    model.set_lory_routing(routing)
+    skip = 0
+    if routing == "prompt":
+        skip = prompt_len or lory_segment_len(model) or 0
+        if not 0 < skip < dataset.context_len:
+            raise ValueError(f"prompt_len={skip} must be between 1 and the context length {dataset.context_len} - 1")
+    rows = np.arange(len(dataset))
+    if max_batches is not None and max_batches * batch_size < len(rows):
+        # held-out rows are grouped by domain: evenly spaced rows cover every domain proportionally
+        rows = np.unique(np.linspace(0, len(rows) - 1, max_batches * batch_size).round().astype(np.int64))
+    majority = np.argmax(dataset.domain_tokens[rows], axis=1)
+    sums = np.zeros(len(dataset.domains))
+    counts = np.zeros(len(dataset.domains), dtype=np.int64)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(rows), batch_size):
+            items = [dataset[int(i)] for i in rows[start:start + batch_size]]
+            ids = torch.stack([it["input_ids"] for it in items]).to(device)
+            labels = torch.stack([it["labels"] for it in items]).to(device)
+            logits = model(ids, prompt_len=skip or None)
+            loss = F.cross_entropy(logits[:, skip:].flatten(0, 1), labels[:, skip:].flatten(), reduction="none")
+            per_row = loss.view(len(items), -1).double().sum(1).cpu().numpy()
+            np.add.at(sums, majority[start:start + len(items)], per_row)
+            np.add.at(counts, majority[start:start + len(items)], labels.shape[1] - skip)
+    finally:
+        model.train(was_training)
+        for layer, mode in previous.items():
+            layer.routing = mode
+    out = {}
+    for d, name in enumerate(dataset.domains):
+        if counts[d]:
+            out[name] = _summary(sums[d], counts[d])
+    out["all"] = _summary(sums.sum(), counts.sum())
+    return out
+
+
+def _summary(total: float, tokens: int) -> dict:
+    loss = total / max(tokens, 1)
+    return {"tokens": int(tokens), "loss": loss, "ppl": math.exp(min(loss, 50.0))}

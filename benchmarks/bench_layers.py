@@ -30,9 +30,11 @@ Method.
 - Ratios to dense (and to the ideal) are medians over rounds of the per-round ratio, so load that
   drifts between rounds cancels. The 1-minute load average is recorded per round in the JSON.
 - Ideal time: FLOPs / the measured matmul rate (a square ``--matmul-size`` matmul in the benchmark
-  dtype, timed as one more entry of every round). A dense SwiGLU costs 3 matmuls of 2 N d d_ff in the forward and twice that in the
-  backward: 18 N d d_ff. Top-k costs k x dense, expert choice c x dense, Lory (1 + E/T) x dense
-  (the merge GEMM and its backward add E/T). Router FLOPs are ignored.
+  dtype, timed as one more entry of every round). A dense SwiGLU costs 3 matmuls of 2 N d d_ff in
+  the forward and twice that in the backward: 18 N d d_ff. Top-k costs k x dense, expert choice
+  c x dense, Lory (1 + E/T) x dense (the merge GEMM and its backward add E/T). Router FLOPs and all
+  memory-bound work (elementwise ops, copies, the merge's weight traffic) are ignored: time / ideal
+  shows how far a layer is from being matmul-bound.
 
 Absolute times only mean something on a GPU; on CPU read the ratios.
 
@@ -47,7 +49,6 @@ import ctypes
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -308,8 +309,9 @@ def prepare(specs: list[LayerSpec], x: torch.Tensor, g: torch.Tensor, seed: int)
     for spec in specs:
         free = free_bytes(x.device)
         if spec.known_bytes and spec.known_bytes > 0.8 * free:
-            skipped.append({"name": spec.name, "reason": f"needs ~{spec.known_bytes / 2**30:.0f} GiB (expert weights "
-                            f"gathered per token-slot, and their gradient), over 80% of the {free / 2**30:.0f} GiB free"})
+            reason = (f"needs ~{spec.known_bytes / 2**30:.0f} GiB (expert weights gathered per token-slot, and "
+                      f"their gradient), over 80% of the {free / 2**30:.0f} GiB free")
+            skipped.append({"name": spec.name, "reason": reason})
             continue
         torch.manual_seed(seed)
         try:

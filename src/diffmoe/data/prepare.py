@@ -175,7 +175,6 @@ def _run(corpus: Corpus, out: Path, workdir: Path, config: PrepareConfig, timer:
     size = vocab_size(tokenizer)
     dtype = np.dtype(np.uint16 if size <= 1 << 16 else np.uint32)
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 2]))
-    files: dict[str, str] = {}
     st.write_bytes_atomic(out / "tokenizer.json", tokenizer.to_str().encode("utf-8"))
     splits = {}
     for split, order in (("train", train_order), ("heldout", heldout_order)):
@@ -187,9 +186,9 @@ def _run(corpus: Corpus, out: Path, workdir: Path, config: PrepareConfig, timer:
     timer.lap("pack")
     st.write_lines_atomic(out / "documents.jsonl", _document_lines(store, status, duplicate_of))
     st.write_lines_atomic(out / "sources.jsonl", (json.dumps(s, ensure_ascii=False) for s in sources))
-    for name in ["tokenizer.json", "documents.jsonl", "sources.jsonl"] + [
-            f for info in splits.values() for f in _split_files(info)]:
-        files[name] = st.sha256_file(out / name)
+    files = {name: st.sha256_file(out / name) for name in ["tokenizer.json", "documents.jsonl", "sources.jsonl"]
+             + [name for info in splits.values() for name in _index_files(info)]}
+    files.update({shard["file"]: shard["sha256"] for info in splits.values() for shard in info["shards"]})
     manifest = _manifest(corpus, config, tokenizer, eod, size, dtype, store, status, read_stats, splits,
                          sources, knn_backend, files)
     st.write_json_atomic(out / st.MANIFEST, manifest)  # last: only now is `out` a dataset
@@ -319,9 +318,8 @@ def _write_split(out: Path, split: str, packed: Packed, order: np.ndarray, row_o
     }
 
 
-def _split_files(info: dict) -> list[str]:
-    return [s["file"] for s in info["shards"]] + [info["domain_tokens_file"], info["row_order_file"],
-                                                  info["docs_file"]]
+def _index_files(info: dict) -> list[str]:
+    return [info["domain_tokens_file"], info["row_order_file"], info["docs_file"]]
 
 
 def _document_lines(store: TokenStore, status: np.ndarray, duplicate_of: np.ndarray):

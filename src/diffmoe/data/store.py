@@ -200,6 +200,16 @@ class PackedDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.path}: {info['domain_tokens_file']} has {len(self.domain_tokens)} rows, "
                             f"the shards {len(self)}")
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn pickle the dataset: send paths, not the mapped arrays.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_shards", "domain_tokens")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        info = self.manifest["splits"][self.split]
+        self._shards = [self._open_shard(entry) for entry in info["shards"]]
+        self.domain_tokens = self._load_array(info["domain_tokens_file"])
+
     def _open_shard(self, entry: dict) -> np.ndarray:
         rows = self._load_array(entry["file"], mmap=True)
         if rows.shape != (entry["rows"], self.row_len):

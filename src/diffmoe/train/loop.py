@@ -131,6 +131,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
                             dict(state, phase="dense" if phase_dense else "moe"), tc.keep_checkpoints)
 
     for step in range(start_step, tc.steps):
+        torch.manual_seed(_step_seed(tc.seed, env.rank, step))  # all randomness of step s: from (seed, rank, s)
         if phase_dense and step >= switch_step:  # Lory's dense warm-up ends: copy the FFN into every expert
             moe = build_model(cfg, dense=False).to(env.device)
             moe.dense_to_moe(model)
@@ -139,7 +140,6 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
             model, optimizer, phase_dense = moe, new_opt, False
             ddp = _wrap(model, cfg, env)
             say(f"step {step}: dense warm-up done, FFN copied into every expert", verbose)
-        torch.manual_seed(_step_seed(tc.seed, env.rank, step))  # routing noise: a function of (seed, rank, step)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -1,0 +1,186 @@
+"""Training, checkpoints and resume, evaluation, the CLI commands, and the demo at toy size."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmoe.cli import main
+from diffmoe.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, save_config
+from diffmoe.data import PackedDataset
+from diffmoe.eval.perplexity import evaluate
+from diffmoe.train import CheckpointError, TrainingError, train
+from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_run
+from diffmoe.train.metrics import read_metrics
+
+
+def run_config(data, ffn="dense", steps=20, **train_kw):
+    model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, ffn=ffn,
+                        moe=MoEConfig(num_experts=4, d_ff=None if ffn == "lory" else 32))
+    model.moe.lory.segment_len = 8
+    model.moe.sparsemixer.jitter_eps = 0.2  # wide bands: routing noise really matters for resume
+    kw = dict(steps=steps, lr=3e-3, log_every=1, routing_log_every=5, eval_every=1000, checkpoint_every=1000,
+              tensorboard=False)
+    kw.update(train_kw)
+    return RunConfig(model=model, data=DataConfig(path=str(data), batch_size=4, eval_batches=2),
+                     train=TrainConfig(**kw))
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def test_training_loss_decreases(tiny_dataset, tmp_path):
+    summary = train(run_config(tiny_dataset, steps=40), tmp_path / "run", show_progress=False)
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 40
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
+    assert summary["heldout"]["all"]["tokens"] > 0 and summary["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("ffn, dense_warmup, resume_from", [
+    ("sparsemixer", 0.0, 6),   # sampled routing and input jitter: the random state must be reproduced
+    ("lory", 0.25, 2),         # resumes inside the dense warm-up and crosses the switch at step 3
+])
+def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path, ffn, dense_warmup, resume_from):
+    cfg = run_config(tiny_dataset, ffn, steps=10, dense_warmup_frac=dense_warmup, checkpoint_every=resume_from,
+                     keep_checkpoints=5, grad_accum=2)
+    train(cfg, tmp_path / "full", show_progress=False)
+    train(cfg, tmp_path / "cut", show_progress=False)
+    for ckpt in list_checkpoints(tmp_path / "cut"):  # "crash" right after the checkpoint of resume_from
+        if int(ckpt.name.split("-")[1]) > resume_from:
+            shutil.rmtree(ckpt)
+    assert latest_checkpoint(tmp_path / "cut").name == f"step-{resume_from:08d}"
+    train(cfg, tmp_path / "cut", resume=True, show_progress=False)
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(cut) == len(full) == 10
+    assert cut == full  # identical values, not merely close
+    assert cut[0] != cut[-1]
+
+
+def test_training_into_a_used_run_dir_needs_resume(tiny_dataset, tmp_path):
+    cfg = run_config(tiny_dataset, steps=2)
+    train(cfg, tmp_path / "run", show_progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, tmp_path / "run", show_progress=False)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(cfg, tmp_path / "other", resume=True, show_progress=False)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path, monkeypatch):
+    import diffmoe.train.loop as loop
+
+    calls = {"n": 0}
+    real = F.cross_entropy
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", flaky)
+    summary = train(run_config(tiny_dataset, steps=8), tmp_path / "a", show_progress=False)
+    assert summary["skipped_steps"] == 2 and math.isfinite(summary["loss"])
+
+    monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(TrainingError, match="3 steps in a row") as err:
+        train(run_config(tiny_dataset, steps=8, max_bad_steps=3), tmp_path / "b", show_progress=False)
+    assert "step-00000002" in str(err.value)
+    _, model, _ = load_run(tmp_path / "b")  # the last checkpoint is usable
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_evaluation_matches_a_perplexity_computed_by_hand(tiny_dataset):
+    torch.manual_seed(0)
+    from diffmoe import Decoder
+
+    model = Decoder(run_config(tiny_dataset, "lory").model).eval()
+    data = PackedDataset(tiny_dataset, "heldout")
+    result = evaluate(model, data, batch_size=7)  # 7 does not divide the row count
+    totals, counts = {}, {}
+    with torch.no_grad():
+        for i in range(len(data)):
+            item = data[i]
+            nll = F.cross_entropy(model(item["input_ids"][None])[0], item["labels"], reduction="sum").item()
+            domain = data.domains[int(item["domain"])]
+            totals[domain] = totals.get(domain, 0.0) + nll
+            counts[domain] = counts.get(domain, 0) + item["labels"].numel()
+    for domain in totals:
+        assert result[domain]["tokens"] == counts[domain]
+        assert result[domain]["loss"] == pytest.approx(totals[domain] / counts[domain], rel=1e-5)
+        assert result[domain]["ppl"] == pytest.approx(math.exp(totals[domain] / counts[domain]), rel=1e-5)
+    assert result["all"]["tokens"] == len(data) * data.context_len
+    prompt = evaluate(model, data, batch_size=7, routing="prompt", prompt_len=8)
+    assert prompt["all"]["tokens"] == len(data) * (data.context_len - 8)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "lory"
+    train(run_config(tiny_dataset, "lory", steps=6, checkpoint_every=3), run_dir, show_progress=False)
+    return run_dir
+
+
+def test_cli_eval_generate_analyze(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--routing", "prompt", "--prompt-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt routing" in out and "all" in out
+    args = ["generate", str(trained_run), "--prompt", "def f", "--max-new-tokens", "12", "--temperature", "0.9",
+            "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("def f")
+    assert main(["analyze", str(trained_run)]) == 0
+    analysis = trained_run / "analysis"
+    assert (analysis / "routing_by_domain.png").stat().st_size > 0
+    result = json.loads((analysis / "routing_by_domain.json").read_text())
+    weights = torch.tensor(result["layer0"]["weights"])
+    assert weights.shape == (2, 4) and torch.allclose(weights.sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_damaged_or_missing_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    ckpt = latest_checkpoint(copy)
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="damaged checkpoint file .*model.safetensors"):
+        load_run(copy)
+    (ckpt / "trainer.json").unlink()
+    with pytest.raises(CheckpointError, match="trainer.json is missing"):
+        load_run(copy)
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_cli_train_rejects_invalid_config_naming_the_field(tiny_dataset, tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    save_config(run_config(tiny_dataset, steps=2), str(path))
+    assert main(["train", str(path), "train.lr=-1", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "train.lr=-1" in capsys.readouterr().err
+    assert main(["train", str(path), "model.ffn=mixture", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown FFN kind" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "ok"), "--quiet", "train.steps=3"]) == 0
+    assert len(losses(tmp_path / "ok")) == 3
+
+
+def test_demo_pipeline_at_toy_size(tiny_dataset, tmp_path):
+    from conftest import write_fixture_corpus
+    from diffmoe.demo import DemoConfig, run_demo
+
+    corpus = write_fixture_corpus(tmp_path / "corpus")
+    summary = run_demo(DemoConfig(out=tmp_path / "demo", corpus=corpus, minutes=0.05, context_len=32,
+                                  vocab_size=384, d_model=32, n_layers=1, segment_len=8, max_steps=10,
+                                  eval_batches=2))
+    assert set(summary["models"]) == {"dense", "lory", "sparsemixer"}
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert table.count("\n| ") == 4  # header and three models
+    active = {n: m["parameters"]["active"] for n, m in summary["models"].items()}
+    assert abs(active["lory"] - active["dense"]) / active["dense"] < 0.02
+    assert abs(active["sparsemixer"] - active["dense"]) / active["dense"] < 0.02
+    assert (tmp_path / "demo" / "runs" / "lory" / "routing_by_domain.png").is_file()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,9 +35,10 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet)
-    print(json.dumps({k: summary[k] for k in ("step", "loss", "skipped_steps", "tokens")}))
-    print(_format_eval(summary["heldout"]))
-    print(f"run directory: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        print(json.dumps({k: summary[k] for k in ("step", "loss", "skipped_steps", "tokens")}))
+        print(_format_eval(summary["heldout"]))
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -8,7 +8,7 @@ similarity batching — and reports, over pairs of documents adjacent inside a t
 mean cosine similarity under an embedding the ordering never saw (word-level TF-IDF fitted on the
 documents; optionally all-MiniLM-L6-v2 on a sample of pairs), and how often both share a domain.
 
-throughput: cuts the built-in corpus into short documents (line-aligned pieces of >= 300 characters),
+throughput: cuts the built-in corpus into short documents (line-aligned pieces of >= 200 characters),
 and for each size prepares the first N of a seeded shuffle with TF-IDF similarity batching in a fresh
 process, reporting documents/s, seconds per stage and peak RSS.
 
@@ -95,7 +95,7 @@ def quality(args) -> dict:
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     return {"documents": len(texts), "context_len": args.context_len, "rows": rows}
 
 
@@ -109,7 +109,7 @@ def minilm_pair_cosines(texts, pairs: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ throughput
-def short_documents(corpus: Path, min_chars: int = 300):
+def short_documents(corpus: Path, min_chars: int = 200):
     """(text, domain) pieces of the corpus's documents, cut at line ends once >= min_chars."""
     for doc in Corpus(corpus):
         piece = []

@@ -7,7 +7,6 @@
     diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     diffmoe analyze  RUN
     diffmoe demo     [--out runs/demo]
-    diffmoe smoke
 """
 
 from __future__ import annotations
@@ -19,13 +18,6 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-
-
-def _smoke(args) -> int:
-    from . import smoke
-
-    result = smoke.run(steps=args.steps)
-    return 0 if result["heldout_after"] < result["heldout_before"] else 1
 
 
 def _train(args) -> int:
@@ -183,10 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs")
     p.set_defaults(func=_demo)
-
-    p = sub.add_parser("smoke", help="train a small Lory model briefly and generate (installation check)")
-    p.add_argument("--steps", type=int, default=120)
-    p.set_defaults(func=_smoke)
     return parser
 
 

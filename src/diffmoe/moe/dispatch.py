@@ -19,13 +19,16 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
     """Pick the dispatch implementation.
 
-    ``auto`` uses ``grouped_mm`` wherever it has a kernel (float32 / bfloat16 / float16, CPU and CUDA):
-    at the standard benchmark shape it was at least as fast as the loop on CPU and 2x faster on CUDA
-    (``benchmarks/bench_layers.py``). float64 always takes the loop (grouped_mm has no float64 kernel).
+    ``auto`` uses ``grouped_mm`` on CUDA (2x faster than the loop there at the standard benchmark
+    shape) and the per-expert loop on CPU, where torch 2.13's grouped_mm measured about 10 % slower
+    than the loop at 8 experts (``benchmarks/bench_layers.py``, docs/benchmarks.md). float64 always
+    takes the loop (grouped_mm has no float64 kernel).
     """
     if x.dtype not in _GROUPED_MM_DTYPES:
         return "loop"
-    return "grouped_mm" if impl == "auto" else impl
+    if impl == "auto":
+        return "grouped_mm" if x.is_cuda else "loop"
+    return impl
 
 
 def dispatch(

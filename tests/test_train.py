@@ -134,8 +134,13 @@ def test_cli_eval_generate_analyze(trained_run, capsys):
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first and first.startswith("def f")
+    routing = [r for r in read_metrics(trained_run) if r["kind"] == "routing"]
+    assert [r["step"] for r in routing] == [5, 6]  # every routing_log_every steps, and the last
+    assert len(routing[0]["layer1.load"]) == 4 and 0 <= routing[0]["layer1.experts_in_use"] <= 4
+    assert sum(routing[0]["layer1.load"]) == pytest.approx(1.0, abs=1e-3)
     assert main(["analyze", str(trained_run)]) == 0
     analysis = trained_run / "analysis"
+    assert (analysis / "utilisation.png").stat().st_size > 0
     assert (analysis / "routing_by_domain.png").stat().st_size > 0
     result = json.loads((analysis / "routing_by_domain.json").read_text())
     weights = torch.tensor(result["layer0"]["weights"])

@@ -99,8 +99,9 @@ def plot_routing(result: dict, path: Path, title: str) -> Path:
 
 
 def plot_utilisation(records: list[dict], path: Path, title: str) -> Path | None:
-    """Experts in use per layer over training steps, from metrics.jsonl routing records."""
-    rows = [r for r in records if r.get("kind") == "train" and any(k.endswith(".experts_in_use") for k in r)]
+    """Experts in use and load imbalance (E x the largest expert's share; 1 = balanced) per layer over
+    training, from the ``routing`` records of metrics.jsonl."""
+    rows = [r for r in records if r.get("kind") == "routing"]
     if not rows:
         return None
     import matplotlib
@@ -108,16 +109,18 @@ def plot_utilisation(records: list[dict], path: Path, title: str) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in rows for k in r if k.endswith(".experts_in_use")},
-                  key=lambda k: int(k.split(".")[0][5:]))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=key.split(".")[0])
-    ax.set_xlabel("step")
-    ax.set_ylabel("experts in use")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    layers = sorted({k.split(".")[0] for r in rows for k in r if k.endswith(".load")}, key=lambda k: int(k[5:]))
+    fig, (ax_use, ax_imb) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for layer in layers:
+        pts = [r for r in rows if f"{layer}.load" in r]
+        steps = [r["step"] for r in pts]
+        ax_use.plot(steps, [r[f"{layer}.experts_in_use"] for r in pts], marker="o", ms=3, label=layer)
+        ax_imb.plot(steps, [max(r[f"{layer}.load"]) * len(r[f"{layer}.load"]) for r in pts], marker="o", ms=3,
+                    label=layer)
+    ax_use.set(xlabel="step", ylabel="experts in use")
+    ax_imb.set(xlabel="step", ylabel="E x max load share")
+    ax_use.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

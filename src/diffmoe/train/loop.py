@@ -181,12 +181,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
             for _, layer in model.moe_layers():
                 for name, value in layer.aux_losses.items():
                     record[f"aux_{name}_unscaled"] = record.get(f"aux_{name}_unscaled", 0.0) + float(value.detach())
-            if done % tc.routing_log_every == 0 or done == tc.steps:
-                record.update(routing_metrics(model))
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             if logger:
                 logger.log(record)
             t_log, tok_log = now, 0
+        if logger and (done % tc.routing_log_every == 0 or done == tc.steps):
+            routing = routing_metrics(model)
+            if routing:
+                logger.log({"kind": "routing", "step": done, **routing})
         if done % tc.eval_every == 0 or done == tc.steps:
             ev = final = evaluate(model, heldout, cfg.data.batch_size, cfg.data.eval_batches)
             if logger:

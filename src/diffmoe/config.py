@@ -281,13 +281,11 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
 
 def save_config(cfg: RunConfig, path: str) -> None:
     """Write ``cfg`` as YAML atomically."""
-    import os
     import yaml
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    from .atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def validate_moe(moe: MoEConfig, prefix: str = "moe", kinds=FFN_KINDS) -> None:

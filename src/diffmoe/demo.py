@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomic
 from .config import DataConfig, LoryConfig, ModelConfig, MoEConfig, RunConfig, SparseMixerConfig, TrainConfig
 from .report import say
 
@@ -118,12 +119,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
                "models": {n: {k: r[k] for k in ("heldout", "seconds", "parameters", "skipped_steps")}
                           for n, r in results.items()}}
-    (out / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "results.md", table + "\n")
     say("\n" + table)
     say(f"\ntotal wall time {summary['wall_seconds'] / 60:.1f} min. Everything is in {out}/:")
     say(f"  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
-        f"checkpoints/), results.md, results.json")
+        "checkpoints/), results.md, results.json")
     for p in plots:
         say(f"  plot: {p}")
     say(f"try: diffmoe generate {out / 'runs' / 'lory'} --prompt 'def main():' --temperature 0.8 --top-p 0.95")

@@ -415,7 +415,7 @@ def _claim(out: Path, overwrite: bool) -> None:
             raise DataError(f"{out} already holds a prepared dataset; pass overwrite=True / --overwrite to "
                             "replace it")
         (out / st.MANIFEST).unlink()
-        st._fsync_dir(out)
+        st.fsync_dir(out)
     _remove_ours(out)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from ..atomic import commit, fsync_dir, tmp_path  # noqa: F401  (fsync_dir: used by prepare)
 from .errors import DataError
 
 FORMAT = "diffmoe-packed"
@@ -36,28 +37,8 @@ SPLITS = ("train", "heldout")
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to disk and move it to ``path`` in one step (readers see old or new, never half)."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     tmp.write_bytes(data)
     commit(tmp, path)
 
@@ -67,7 +48,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     with open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
     commit(tmp, path)
@@ -75,7 +56,7 @@ def write_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 def write_lines_atomic(path: Path, lines) -> None:
     """Write an iterable of text lines (without newlines) atomically, streaming."""
-    tmp = _tmp_path(path)
+    tmp = tmp_path(path)
     with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         for line in lines:
             fh.write(line)
@@ -124,7 +105,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         path = self.directory / f"{self.split}-{len(self.shards):05d}.npy"
-        self._tmp = _tmp_path(path)
+        self._tmp = tmp_path(path)
         shape = (self.sizes[len(self.shards)], self.row_len)
         self._current = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=self.dtype, shape=shape)
         self._filled = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_text_atomic
 from ..model import Decoder
 from ..moe import LoryMoE
 
@@ -128,6 +129,4 @@ def plot_utilisation(records: list[dict], path: Path, title: str) -> Path | None
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=1))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..moe import Experts, LoryMoE, MoELayer, RoutingContext, SwiGLU, build_ffn
+from ..moe import LoryMoE, MoELayer, RoutingContext, SwiGLU, build_ffn
 from ..moe.experts import default_out_std
 from .cache import KVCache
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import write_text_atomic
 from ..moe import LoryMoE
 
 
@@ -78,9 +79,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
         keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def is_finite(value: torch.Tensor | float) -> bool:

@@ -123,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     write_text_atomic(out / "results.md", table + "\n")
     say("\n" + table)
     say(f"\ntotal wall time {summary['wall_seconds'] / 60:.1f} min. Everything is in {out}/:")
-    say(f"  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
+    say("  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
         "checkpoints/), results.md, results.json")
     for p in plots:
         say(f"  plot: {p}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,13 +25,9 @@ ALWAYS = ["dense SwiGLU", "LoryMoE (T=8, segment)", "TopKMoE top-2 [loop]", "Top
 
 
 def _load_module():
-    """Import benchmarks/bench_layers.py once (registered in sys.modules: its dataclasses need it)."""
-    if "bench_layers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_layers", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_layers"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_layers"]
+    from diffmoe.bench import layers
+
+    return layers
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +101,15 @@ def test_flop_model():
     assert factors["LoryMoE (T=256, segment)"] == pytest.approx(1 + 8 / 256)
     assert factors["TopKMoE top-2 [loop]"] == 2.0
     assert factors["ExpertChoiceMoE c=2 [auto=loop]"] == 2.0
+
+
+def test_cli_bench_layers_without_transformers_lists_the_references_as_skipped(tmp_path, monkeypatch):
+    from diffmoe.bench import layers
+    from diffmoe.cli import main
+
+    monkeypatch.setattr(layers, "hf_implementations", lambda: [])
+    assert main(["bench", "layers", *TOY, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench_layers_cpu_float32.json").read_text())
+    assert [r["name"] for r in result["rows"]][:2] == ["dense SwiGLU", "LoryMoE (T=8, segment)"]
+    assert not any(r["name"].startswith("HF") for r in result["rows"])
+    assert any("transformers is not installed" in s["reason"] for s in result["skipped"])

@@ -7,6 +7,7 @@
     diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     diffmoe analyze  RUN
     diffmoe demo     [--out runs/demo]
+    diffmoe bench    layers [--device cuda --dtype bfloat16 ...]
 """
 
 from __future__ import annotations
@@ -123,6 +124,13 @@ def _demo(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import layers
+
+    layers.main(args.options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import register as register_data
 
@@ -170,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN/analysis)")
     p.add_argument("--max-rows", type=int, default=64, help="held-out rows per domain")
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("bench", help="benchmarks that write markdown and JSON tables (see --help of each)")
+    p.add_argument("which", choices=("layers",), help="layers: every MoE layer vs the dense FFN")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (e.g. --device cuda)")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
     p.add_argument("--out", default="runs/demo")

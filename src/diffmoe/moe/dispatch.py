@@ -21,7 +21,7 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
 
     ``auto`` uses ``grouped_mm`` on CUDA (2x faster than the loop there at the standard benchmark
     shape) and the per-expert loop on CPU, where torch 2.13's grouped_mm measured about 10 % slower
-    than the loop at 8 experts (``benchmarks/bench_layers.py``, docs/benchmarks.md). float64 always
+    than the loop at 8 experts (``diffmoe bench layers``, docs/benchmarks.md). float64 always
     takes the loop (grouped_mm has no float64 kernel).
     """
     if x.dtype not in _GROUPED_MM_DTYPES:

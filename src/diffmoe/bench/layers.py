@@ -1,0 +1,525 @@
+"""Layer benchmark: forward+backward time and memory of every MoE layer, as ratios to dense.
+
+All layers are built at one shape (default: 4 sequences x 1024 tokens, d_model 512, d_ff 1408,
+8 experts, top-2, Lory segment length T 256) and measured side by side in one process:
+
+- dense FFN ``SwiGLU``; ``LoryMoE`` (training, ``segment`` routing); ``TopKMoE`` top-2 dropless with
+  the ``loop`` and the ``grouped_mm`` dispatch; ``SparseMixerMoE`` (training, ``auto`` dispatch);
+  ``ExpertChoiceMoE`` with capacity factor c = 2 (2 expert FFNs per token on average, the FLOPs of
+  top-2); transformers' ``MixtralSparseMoeBlock`` and ``PhimoeSparseMoeBlock`` once per
+  ``config._experts_implementation`` that runs on the device (``eager``, ``grouped_mm``,
+  ``batched_mm``, ...). Implementations that fail, or whose known memory need exceeds the free memory,
+  are listed as skipped with the reason.
+
+Method.
+- Input x [B, L, d] with requires_grad; loss = (y * g).sum() for a fixed random g (not y.sum(): the
+  backward of grouped_mm rejects the zero-stride gradient that would produce). Gradients are reset
+  to None before every step, so a step allocates them as training does.
+- Time: wall time of forward+backward (synchronised on CUDA). After ``--warmup`` rounds, the median
+  of ``--repeats`` rounds. Every round runs each layer once, round-robin, with the starting layer
+  rotated each round, so slow drift (clock, other load) hits all layers alike.
+- Activation memory (every device): bytes of the unique storages saved for backward during the
+  forward (``torch.autograd.graph.saved_tensors_hooks``), parameters (and views of them) and the
+  input excluded, plus the output. This is what a layer keeps alive between forward and backward.
+- Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` minus the allocated memory before one
+  forward+backward; on CPU (Linux) the process peak-RSS delta of one forward+backward (VmHWM after
+  resetting it through /proc/self/clear_refs), measured after all timing with glibc's mmap
+  threshold fixed at 64 KiB so that freed tensors return to the OS. Both include the transient
+  buffers and the parameter gradients.
+- Ratios to dense (and to the ideal) are medians over rounds of the per-round ratio, so load that
+  drifts between rounds cancels. The 1-minute load average is recorded per round in the JSON.
+- Ideal time: FLOPs / the measured matmul rate (a square ``--matmul-size`` matmul in the benchmark
+  dtype, timed as one more entry of every round). A dense SwiGLU costs 3 matmuls of 2 N d d_ff in
+  the forward and twice that in the backward: 18 N d d_ff. Top-k costs k x dense, expert choice
+  c x dense, Lory (1 + E/T) x dense (the merge GEMM and its backward add E/T). Router FLOPs and all
+  memory-bound work (elementwise ops, copies, the merge's weight traffic) are ignored: time / ideal
+  shows how far a layer is from being matmul-bound.
+
+Absolute times only mean something on a GPU; on CPU read the ratios.
+
+Usage: diffmoe bench layers [--device cpu|cuda] [--dtype float32|bfloat16] (or
+``python benchmarks/bench_layers.py``). Writes bench_layers_<device>_<dtype>.md and .json under --out
+(default results/layers/). Without transformers installed the reference rows are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub-kernel implementations must not download anything
+
+import torch
+from torch import nn
+
+from ..atomic import write_text_atomic
+from ..moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
+from ..moe.dispatch import resolve_impl
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_INIT_STD = 0.02
+MIB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# What is measured
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    tokens: int  # total tokens = batch * seq_len
+    seq_len: int
+    d_model: int
+    d_ff: int
+    experts: int
+    segment_len: int
+    top_k: int = 2
+    ec_capacity: float = 2.0
+
+    @property
+    def batch(self) -> int:
+        return self.tokens // self.seq_len
+
+    def dense_flops(self) -> float:
+        """Forward+backward FLOPs of the dense SwiGLU: 3 matmuls x 2 N d d_ff, x3 with backward."""
+        return 3 * (3 * 2 * self.tokens * self.d_model * self.d_ff)
+
+
+@dataclass
+class LayerSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    flop_factor: float  # FLOPs as a multiple of the dense FFN's
+    note: str = ""
+    known_bytes: int = 0  # a large allocation known in advance (checked against free memory)
+
+
+@dataclass
+class Row:
+    name: str
+    flop_factor: float
+    note: str
+    times_s: list[float] = field(default_factory=list)
+    act_bytes: int = 0
+    peak_bytes: int | None = None
+
+
+def hf_implementations() -> list[str]:
+    """transformers' experts implementations: ``eager`` plus every registered one (none without
+    transformers)."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return []
+
+    return ["eager"] + sorted(ALL_EXPERTS_FUNCTIONS.keys())
+
+
+def build_hf_block(family: str, impl: str, shape: Shape) -> nn.Module:
+    """A transformers Mixtral / Phimoe sparse MoE block with weights ~ N(0, 0.02) (they are torch.empty)."""
+    if family == "mixtral":
+        from transformers import MixtralConfig as Config
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+    else:
+        from transformers import PhimoeConfig as Config
+        from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock as Block
+    cfg = Config(hidden_size=shape.d_model, intermediate_size=shape.d_ff,
+                 num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
+    cfg._experts_implementation = impl
+    block = Block(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, HF_INIT_STD)
+    return block
+
+
+def layer_specs(shape: Shape, device: torch.device, dtype: torch.dtype) -> list[LayerSpec]:
+    """Every layer of the benchmark, dense first."""
+    d, f, E, T, k = shape.d_model, shape.d_ff, shape.experts, shape.segment_len, shape.top_k
+    probe = torch.empty(0, device=device, dtype=dtype)
+    auto = resolve_impl("auto", probe)
+    specs = [
+        LayerSpec("dense SwiGLU", lambda: SwiGLU(d, f), 1.0),
+        LayerSpec(f"LoryMoE (T={T}, segment)", lambda: LoryMoE(d, f, E, segment_len=T, routing="segment"),
+                  1.0 + E / T, "merge adds E/T"),
+        LayerSpec(f"TopKMoE top-{k} [loop]", lambda: TopKMoE(d, f, E, top_k=k, dispatch_impl="loop"), float(k)),
+        LayerSpec(f"TopKMoE top-{k} [grouped_mm]",
+                  lambda: TopKMoE(d, f, E, top_k=k, dispatch_impl="grouped_mm"), float(k)),
+        LayerSpec(f"SparseMixerMoE top-2 [auto={auto}]", lambda: SparseMixerMoE(d, f, E), 2.0),
+        LayerSpec(f"ExpertChoiceMoE c={shape.ec_capacity:g} [auto={auto}]",
+                  lambda: ExpertChoiceMoE(d, f, E, capacity_factor=shape.ec_capacity), shape.ec_capacity,
+                  f"c={shape.ec_capacity:g}: FLOPs of top-2" if shape.ec_capacity == 2 else ""),
+    ]
+    elem = torch.finfo(dtype).bits // 8
+    for family, label in (("mixtral", "Mixtral"), ("phimoe", "Phimoe")):
+        for impl in hf_implementations():
+            # batched_mm gathers the expert weights of every (token, slot): forward copy + its gradient
+            known = 2 * shape.tokens * k * 3 * d * f * elem if impl == "batched_mm" else 0
+            specs.append(LayerSpec(f"HF {label}SparseMoeBlock [{impl}]",
+                                   (lambda fam=family, im=impl: build_hf_block(fam, im, shape)), float(k),
+                                   "transformers", known))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring one step
+# ---------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One training step of the layer without an optimizer; gradients start from None."""
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    y = layer(x)
+    (y * g).sum().backward()
+    return y
+
+
+def timed_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> float:
+    """Wall time (s) of one forward+backward, Python's GC paused."""
+    device = x.device
+    gc.disable()
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        fwd_bwd(layer, x, g)
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
+
+
+def activation_bytes(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
+    """Bytes of unique storages saved for backward (parameters and x excluded) plus the output."""
+    exclude = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    out = y.untyped_storage()
+    total = sum(saved.values()) + (0 if out.data_ptr() in saved else out.nbytes())
+    (y * g).sum().backward()
+    return total
+
+
+class RssPeak:
+    """Process peak-RSS delta on Linux/glibc (None elsewhere); see the module docstring."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+    def __init__(self) -> None:
+        self.ok = False
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, 1 << 16)
+            self.libc.mallopt(self.M_TRIM_THRESHOLD, 1 << 16)
+            self._status("VmHWM")
+            self._reset()
+            self.ok = True
+        except (OSError, AttributeError, TypeError, ValueError):
+            pass
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise ValueError(key)
+
+    @staticmethod
+    def _reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def measure(self, fn: Callable[[], object]) -> int | None:
+        if not self.ok:
+            fn()
+            return None
+        gc.collect()
+        self.libc.malloc_trim(0)
+        before = self._status("VmRSS")
+        self._reset()
+        fn()
+        return self._status("VmHWM") - before
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device, rss: RssPeak | None) -> int | None:
+    """Peak memory of fn: CUDA allocator peak minus the allocation before, or the RSS delta on CPU."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return rss.measure(fn) if rss is not None else None
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use: CUDA free memory, or MemAvailable on the host."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Wall time (s) of one a @ b."""
+    sync(a.device)
+    t0 = time.perf_counter()
+    a @ b
+    sync(a.device)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def prepare(specs: list[LayerSpec], x: torch.Tensor, g: torch.Tensor, seed: int):
+    """Build every layer on the device; run one step as a probe. Returns (layers, rows, skipped)."""
+    layers, rows, skipped = [], [], []
+    for spec in specs:
+        free = free_bytes(x.device)
+        if spec.known_bytes and spec.known_bytes > 0.8 * free:
+            reason = (f"needs ~{spec.known_bytes / 2**30:.0f} GiB (expert weights gathered per token-slot, and "
+                      f"their gradient), over 80% of the {free / 2**30:.0f} GiB free")
+            skipped.append({"name": spec.name, "reason": reason})
+            continue
+        torch.manual_seed(seed)
+        try:
+            layer = spec.build().to(device=x.device, dtype=x.dtype).train()
+            fwd_bwd(layer, x, g)
+        except Exception as e:  # an implementation that does not run here (hub kernel, CUDA only, ...)
+            skipped.append({"name": spec.name, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+            continue
+        layers.append(layer)
+        rows.append(Row(spec.name, spec.flop_factor, spec.note))
+    return layers, rows, skipped
+
+
+def run_timing(layers: list[nn.Module], rows: list[Row], x, g, warmup: int, repeats: int,
+               matmul_size: int) -> dict:
+    """Round-robin rounds over all layers and the rate matmul; the first ``warmup`` rounds are discarded.
+
+    The n^3 matmul that sets the ideal rate is one more entry of every round, so it sees the same
+    conditions as the layers. Returns {"matmul_s": [...], "loadavg": [...]} per kept round.
+    """
+    a, b = (torch.randn(matmul_size, matmul_size, device=x.device, dtype=x.dtype) for _ in range(2))
+    entries = [lambda layer=layer: timed_step(layer, x, g) for layer in layers] + [lambda: timed_matmul(a, b)]
+    n = len(entries)
+    log: dict[str, list[float]] = {"matmul_s": [], "loadavg": []}
+    gc.freeze()  # imports left many objects: keep collections (outside the timed steps) cheap
+    for r in range(warmup + repeats):
+        gc.collect()
+        times = [0.0] * n
+        for j in range(n):
+            i = (j + r) % n  # rotate the starting entry every round
+            times[i] = entries[i]()
+        if r >= warmup:
+            for row, t in zip(rows, times):
+                row.times_s.append(t)
+            log["matmul_s"].append(times[-1])
+            log["loadavg"].append(round(os.getloadavg()[0], 2))
+    return log
+
+
+def run_memory(layers: list[nn.Module], rows: list[Row], x, g) -> None:
+    """Activation bytes and peak memory of one step per layer (after timing: changes malloc settings)."""
+    rss = RssPeak() if x.device.type == "cpu" else None
+    for layer, row in zip(layers, rows):
+        row.act_bytes = activation_bytes(layer, x, g)
+        row.peak_bytes = peak_bytes(lambda: fwd_bwd(layer, x, g), x.device, rss)
+
+
+def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    info = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_1min_start": round(load_start, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list[float]) -> list[dict]:
+    """Medians, ideal times and ratios to the dense row (rows[0]).
+
+    Time ratios are medians over rounds of the per-round ratio (layer vs dense, layer vs its ideal at
+    that round's matmul rate): a round runs every entry close in time, so load that drifts between
+    rounds cancels.
+    """
+    dense_flops = shape.dense_flops()
+    rate = matmul_flops / statistics.median(matmul_s)
+    dense_times = rows[0].times_s
+    out = []
+    for row in rows:
+        flops = row.flop_factor * dense_flops
+        per_round_ideal = [t * matmul_flops / (m * flops) for t, m in zip(row.times_s, matmul_s)]
+        out.append({
+            "name": row.name, "note": row.note, "flop_factor": row.flop_factor,
+            "time_ms": 1e3 * statistics.median(row.times_s), "time_min_ms": 1e3 * min(row.times_s),
+            "time_max_ms": 1e3 * max(row.times_s), "times_ms": [1e3 * t for t in row.times_s],
+            "time_ratio": statistics.median(t / d for t, d in zip(row.times_s, dense_times)),
+            "ideal_ms": 1e3 * flops / rate, "time_over_ideal": statistics.median(per_round_ideal),
+            "act_mib": row.act_bytes / MIB, "peak_mib": None if row.peak_bytes is None else row.peak_bytes / MIB,
+        })
+    dense = out[0]
+    for r in out:
+        r["act_ratio"] = r["act_mib"] / dense["act_mib"]
+        ok = r["peak_mib"] is not None and dense["peak_mib"]
+        r["peak_ratio"] = r["peak_mib"] / dense["peak_mib"] if ok else None
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _ms(v: float) -> str:
+    """Milliseconds with at least 3 significant digits (GPU times at this shape are well under 1 ms)."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
+
+
+def markdown(result: dict) -> str:
+    m, s, st = result["machine"], result["shape"], result["settings"]
+    peak_how = ("CUDA max_memory_allocated minus allocated before" if m["device"].startswith("cuda")
+                else "process peak-RSS delta (VmHWM after clear_refs; glibc mmap threshold 64 KiB)")
+    lines = [
+        f"# Layer benchmark: forward+backward, ratios to dense ({m['device']}, {m['dtype']})",
+        "",
+        f"Machine: {m['cpu']}" + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f" ({m['cpu_count']} cores); {m['threads']} torch threads; torch {m['torch']}, "
+        f"transformers {m['transformers']}; {m['date']}; 1-min load average {m['loadavg_1min_start']} at start, "
+        f"{m['loadavg_1min_end']} at end.",
+        f"Shape: {s['batch']} x {s['seq_len']} tokens, d_model {s['d_model']}, d_ff {s['d_ff']}, "
+        f"{s['experts']} experts, top-{s['top_k']}, Lory T {s['segment_len']}.",
+        f"Time: median of {st['repeats']} forward+backward runs (loss = sum(y * g), fixed random g; all runs in "
+        f"the JSON), layers interleaved round-robin after {st['warmup']} warm-up rounds; the ratios are medians "
+        "of the per-round ratios.",
+        f"Ideal: FLOPs (dense = 18 N d d_ff = {result['dense_gflop']:.1f} GFLOP, times the FLOPs column) / "
+        f"measured {m['dtype']} matmul rate, median {result['matmul_gflops']:.1f} GFLOP/s "
+        f"({st['matmul_size']}^3, timed in every round; time / ideal uses that round's rate).",
+        "act: unique storages saved for backward during forward (autograd saved_tensors_hooks; parameters "
+        "and the input excluded) plus the output.",
+        f"peak: {peak_how}, one forward+backward, parameter gradients included.",
+        "",
+        "| layer | FLOPs / dense | time ms | time / dense | ideal ms | time / ideal | act MiB | act / dense "
+        "| peak MiB | peak / dense | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['flop_factor']:.3g} | {_ms(r['time_ms'])} | {r['time_ratio']:.2f} | "
+            f"{_ms(r['ideal_ms'])} | {r['time_over_ideal']:.2f} | {r['act_mib']:.1f} | {r['act_ratio']:.2f} | "
+            f"{_fmt(r['peak_mib'], '.1f')} | {_fmt(r['peak_ratio'], '.2f')} | {r['note']} |")
+    if result["skipped"]:
+        lines += ["", "Skipped (does not run or does not fit here):"]
+        lines += [f"- {s['name']}: {s['reason']}" for s in result["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffmoe bench layers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (batch = tokens / seq-len)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=1408)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--segment-len", type=int, default=256, help="Lory segment length T")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2, help="discarded rounds (the probe step is extra)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 rate matmul (2048 CPU, 8192 CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/layers"))
+    a = p.parse_args(argv)
+    if a.tokens % a.seq_len:
+        p.error(f"--tokens {a.tokens} must be a multiple of --seq-len {a.seq_len}")
+    if a.repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda"
+                                                              else torch.float32)
+    shape = Shape(args.tokens, args.seq_len, args.d_model, args.d_ff, args.experts, args.segment_len)
+    matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+
+    load_start = os.getloadavg()[0]
+    torch.manual_seed(args.seed)
+    x = torch.randn(shape.batch, shape.seq_len, shape.d_model, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(shape.batch, shape.seq_len, shape.d_model, device=device, dtype=dtype)
+    layers, rows, skipped = prepare(layer_specs(shape, device, dtype), x, g, args.seed)
+    if not hf_implementations():
+        skipped.append({"name": "HF MixtralSparseMoeBlock, PhimoeSparseMoeBlock",
+                        "reason": "transformers is not installed (pip install 'diffmoe[hf]')"})
+    log = run_timing(layers, rows, x, g, args.warmup, args.repeats, matmul_size)
+    run_memory(layers, rows, x, g)
+    matmul_flops = 2.0 * matmul_size**3
+
+    result = {
+        "machine": machine_info(device, dtype, load_start),
+        "shape": {**asdict(shape), "batch": shape.batch},
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "matmul_size": matmul_size,
+                     "seed": args.seed, "hf_init_std": HF_INIT_STD},
+        "matmul_gflops": matmul_flops / statistics.median(log["matmul_s"]) / 1e9,
+        "matmul_gflops_per_round": [matmul_flops / t / 1e9 for t in log["matmul_s"]],
+        "loadavg_per_round": log["loadavg"],
+        "dense_gflop": shape.dense_flops() / 1e9,
+        "rows": summarize(rows, shape, matmul_flops, log["matmul_s"]),
+        "skipped": skipped,
+    }
+    table = markdown(result)
+    stem = f"bench_layers_{device.type}_{result['machine']['dtype']}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / f"{stem}.md", table)
+    write_text_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(f"written: {args.out / stem}.md, .json")
+    return result

@@ -49,7 +49,7 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
     Equal to ``merged_swiglu(x, merge_experts(weights, experts))`` in value and gradients, but it saves
     only x and the two pre-activations h1 = x W1^T, h3 = x W3^T (less than a dense SwiGLU keeps) instead
     of S merged copies of the experts. Merged weights exist ``chunk`` segments at a time, in forward and
-    again in backward, and are freed right after: a transient of at most ``chunk`` merged experts. Backward per chunk:
+    again in backward, so the extra memory is at most ``chunk`` merged experts. Backward per chunk:
     dW = dh^T x for the merged weights, then dweights = dW W^T and dw_experts += weights^T dW, the two
     GEMMs of the merge's backward.
     """
@@ -114,21 +114,14 @@ def _merge_chunk(weights: torch.Tensor, w1, w3, w2, dtype) -> Merged:
                  for w in (w1, w3, w2))
 
 
-MERGE_CHUNK_BYTES = 256 * 2**20
-"""Default cap on the merged weights that exist at once in :class:`SegmentMergedSwiGLU` (transient)."""
-
-
 def segment_merged_swiglu(x: torch.Tensor, weights: torch.Tensor, experts: Experts,
                           chunk: int | None = None) -> torch.Tensor:
     """x [S, T, d], weights [S, E] -> [S, T, d] through :class:`SegmentMergedSwiGLU`.
 
-    chunk: segments merged at a time. Default: as many as fit in ``MERGE_CHUNK_BYTES`` (at least one).
-    Larger chunks read the expert stack fewer times (each chunk reads it once per merge); at d 512,
-    d_ff 1408, E 8 and 16 segments, one chunk of 16 measured ~10 % faster than two of 8 on CPU.
+    chunk: segments merged at a time (default: E, so the transient merged weights never exceed the
+    size of the expert stack).
     """
-    if chunk is None:
-        merged_bytes = 3 * experts.d_model * experts.d_ff * x.element_size()
-        chunk = max(1, min(x.shape[0], MERGE_CHUNK_BYTES // merged_bytes))
+    chunk = chunk or experts.num_experts
     args = (weights, experts.w1, experts.w3, experts.w2, chunk)
     device = x.device.type
     if torch.is_autocast_enabled(device):  # run in the autocast dtype, merging in the weights' dtype

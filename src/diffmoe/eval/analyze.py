@@ -26,14 +26,12 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
     """Per layer: {"kind", "domains", "weights" [D, E] (Lory: mean routing weight; others: load),
     "usage" [D, E] (Lory only: share of segments with weight > 2/E)} from up to ``max_rows``
     single-domain held-out rows per domain, in the model's current routing mode."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     layers = model.moe_layers()
     sums = {i: [] for i, _ in layers}
     usage = {i: [] for i, _ in layers}
     domains = []
-    try:
+    with model.inference():
         for domain in dataset.domains:
             rows = dataset.rows_of_domain(domain)[:max_rows]
             if len(rows) == 0:
@@ -57,8 +55,6 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
                 sums[i].append(torch.cat(acc[i]).mean(0) if acc[i] else torch.full((layer.num_experts,), float("nan")))
                 if use[i]:
                     usage[i].append(torch.cat(use[i]).mean(0))
-    finally:
-        model.train(was_training)
     out = {}
     for i, layer in layers:
         entry = {"kind": type(layer).__name__, "domains": domains,

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import torch
 
 from ..model import Decoder
-from ..moe import LoryMoE
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -36,11 +35,7 @@ def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, l
     The prompt is processed in one call (prefill) that fills the KV cache; Lory layers in ``prompt``
     routing merge once on the prompt's mean and then decode as a dense model.
     """
-    was_training = model.training
-    routing = {layer: layer.routing for _, layer in model.moe_layers() if isinstance(layer, LoryMoE)}
-    model.eval()
-    model.set_lory_routing(lory_routing)
-    try:
+    with model.inference(lory_routing):
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = model(prompt, cache=cache)[:, -1]
         for step in range(max_new_tokens):
@@ -48,10 +43,6 @@ def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, l
             yield token
             if step + 1 < max_new_tokens:
                 logits = model(token.unsqueeze(1), cache=cache)[:, -1]
-    finally:
-        model.train(was_training)
-        for layer, mode in routing.items():
-            layer.routing = mode
 
 
 def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

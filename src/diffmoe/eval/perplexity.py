@@ -31,10 +31,6 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     the positions after them, since positions inside the prompt would see the prompt's later tokens.
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
-    was_training = model.training
-    model.eval()
-    previous = {layer: layer.routing for _, layer in model.moe_layers() if isinstance(layer, LoryMoE)}
-    model.set_lory_routing(routing)
     skip = 0
     if routing == "prompt":
         skip = prompt_len or lory_segment_len(model) or 0
@@ -48,7 +44,7 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     sums = np.zeros(len(dataset.domains))
     counts = np.zeros(len(dataset.domains), dtype=np.int64)
     device = next(model.parameters()).device
-    try:
+    with model.inference(routing):
         for start in range(0, len(rows), batch_size):
             items = [dataset[int(i)] for i in rows[start:start + batch_size]]
             ids = torch.stack([it["input_ids"] for it in items]).to(device)
@@ -58,10 +54,6 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
             per_row = loss.view(len(items), -1).double().sum(1).cpu().numpy()
             np.add.at(sums, majority[start:start + len(items)], per_row)
             np.add.at(counts, majority[start:start + len(items)], labels.shape[1] - skip)
-    finally:
-        model.train(was_training)
-        for layer, mode in previous.items():
-            layer.routing = mode
     out = {}
     for d, name in enumerate(dataset.domains):
         if counts[d]:

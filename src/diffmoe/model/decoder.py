@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,6 +166,21 @@ class Decoder(nn.Module):
         """Set the routing mode (``segment | prefix | prompt``) of every Lory layer."""
         for _, layer in self.moe_layers():
             if isinstance(layer, LoryMoE):
+                layer.routing = mode
+
+    @contextmanager
+    def inference(self, lory_routing: str | None = None):
+        """Eval mode, and optionally a Lory routing mode, inside the block; both restored after."""
+        was_training = self.training
+        previous = {layer: layer.routing for _, layer in self.moe_layers() if isinstance(layer, LoryMoE)}
+        self.eval()
+        if lory_routing is not None:
+            self.set_lory_routing(lory_routing)
+        try:
+            yield self
+        finally:
+            self.train(was_training)
+            for layer, mode in previous.items():
                 layer.routing = mode
 
     @torch.no_grad()

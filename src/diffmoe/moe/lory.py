@@ -111,12 +111,16 @@ class LoryMoE(MoELayer):
         return y.view(B, N * T, d)[:, :L]
 
     def _forward_prompt(self, x: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
-        B, L, d = x.shape
+        return merged_swiglu(x, merge_experts(self._prompt_weights(x, prompt_len), self.experts))
+
+    def _prompt_weights(self, x: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
+        """Routing weights [B, E] from the mean of the first ``prompt_len`` positions (default all)."""
+        L = x.shape[1]
         P = L if prompt_len is None else prompt_len
         check_arg(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
-        weights = self._probs(upcast(x[:, :P]).mean(1))  # [B, E]
+        weights = self._probs(upcast(x[:, :P]).mean(1))
         self._record(weights.unsqueeze(1), routed_from=0)
-        return merged_swiglu(x, merge_experts(weights, self.experts))
+        return weights
 
     # ------------------------------------------------------------------------------------------
     def _forward_cached(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -124,9 +128,7 @@ class LoryMoE(MoELayer):
         st = ctx.state
         if self.routing == "prompt":
             if "merged" not in st:
-                P = x.shape[1] if ctx.prompt_len is None else ctx.prompt_len
-                weights = self._probs(upcast(x[:, :P]).mean(1))
-                self._record(weights.unsqueeze(1), routed_from=0)
+                weights = self._prompt_weights(x, ctx.prompt_len)
                 st["merged"] = _detach_merged(merge_experts(weights, self.experts))
             return merged_swiglu(x, st["merged"])
         T = self.segment_len

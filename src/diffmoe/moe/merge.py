@@ -22,11 +22,7 @@ def merge_experts(weights: torch.Tensor, experts: Experts) -> Merged:
     weights: [S, E] (cast to the experts' dtype).
     Returns (w1 [S, d_ff, d], w3 [S, d_ff, d], w2 [S, d, d_ff]).
     """
-    S, E = weights.shape
-    out = []
-    for w in (experts.w1, experts.w3, experts.w2):
-        out.append((weights.to(w.dtype) @ w.reshape(E, -1)).view(S, *w.shape[1:]))
-    return out[0], out[1], out[2]
+    return _merge_chunk(weights, experts.w1, experts.w3, experts.w2, experts.w1.dtype)
 
 
 def merged_swiglu(x: torch.Tensor, merged: Merged) -> torch.Tensor:

@@ -43,64 +43,101 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
     forward(x [S, T, d], weights [S, E], w1 [E, f, d], w3 [E, f, d], w2 [E, d, f], chunk) -> y [S, T, d]
 
     Equal to ``merged_swiglu(x, merge_experts(weights, experts))`` in value and gradients, but it saves
-    only x and the two pre-activations h1 = x W1^T, h3 = x W3^T (less than a dense SwiGLU keeps) instead
-    of S merged copies of the experts. Merged weights exist ``chunk`` segments at a time, in forward and
-    again in backward, so the extra memory is at most ``chunk`` merged experts. Backward per chunk:
+    only x and the pre-activations [h1 | h3] = x [W1; W3]^T (less than a dense SwiGLU keeps) instead of
+    S merged copies of the experts. Merged weights exist ``chunk`` segments at a time, in forward and
+    again in backward, in buffers allocated once per call, so the extra memory is at most ``chunk``
+    merged experts. W1 and W3 are merged into one [c, 2f, d] buffer, so each of the up projection, its
+    weight gradient and its input gradient is one batched GEMM of width 2f. Backward per chunk:
     dW = dh^T x for the merged weights, then dweights = dW W^T and dw_experts += weights^T dW, the two
-    GEMMs of the merge's backward.
+    GEMMs of the merge's backward (accumulated in at least float32).
     """
 
     @staticmethod
     def forward(ctx, x, weights, w1, w3, w2, chunk):
-        S = x.shape[0]
-        h1 = x.new_empty(*x.shape[:2], w1.shape[1])
-        h3 = torch.empty_like(h1)
+        S, T, _ = x.shape
+        f = w1.shape[1]
+        m13, m2 = _merge_buffers(x, w1, min(chunk, S))
+        h13 = x.new_empty(S, T, 2 * f)
         y = torch.empty_like(x)
         for s in range(0, S, chunk):
-            m1, m3, m2 = _merge_chunk(weights[s:s + chunk], w1, w3, w2, x.dtype)
-            xs = x[s:s + chunk]
-            torch.bmm(xs, m1.transpose(1, 2), out=h1[s:s + chunk])
-            torch.bmm(xs, m3.transpose(1, 2), out=h3[s:s + chunk])
-            torch.bmm(F.silu(h1[s:s + chunk]) * h3[s:s + chunk], m2.transpose(1, 2), out=y[s:s + chunk])
-        ctx.save_for_backward(x, weights, w1, w3, w2, h1, h3)
+            sl = slice(s, s + chunk)
+            c13, c2 = _merge_into(weights[sl], (w1, w3, w2), m13, m2)
+            torch.bmm(x[sl], c13.transpose(1, 2), out=h13[sl])
+            h1, h3 = h13[sl].split(f, -1)
+            torch.bmm(F.silu(h1) * h3, c2.transpose(1, 2), out=y[sl])
+        ctx.save_for_backward(x, weights, w1, w3, w2, h13)
         ctx.chunk = chunk
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weights, w1, w3, w2, h1, h3 = ctx.saved_tensors
-        S, E = weights.shape
-        chunk = ctx.chunk
+        x, weights, w1, w3, w2, h13 = ctx.saved_tensors
+        S, T, _ = x.shape
+        E, f = w1.shape[:2]
+        chunk = min(ctx.chunk, S)
+        experts = (w1, w3, w2)
+        stacks = [w.reshape(E, -1) for w in experts]
+        acc_dtype = torch.promote_types(w1.dtype, torch.float32)
+        m13, m2 = _merge_buffers(x, w1, chunk)
+        dm13, dm2 = _merge_buffers(x, w1, chunk)
+        dh13 = x.new_empty(chunk, T, 2 * f)
         dx = torch.empty_like(x)
         dweights = torch.empty(S, E, dtype=weights.dtype, device=weights.device)
-        stacks = [w.reshape(E, -1) for w in (w1, w3, w2)]
-        acc_dtype = torch.promote_types(w1.dtype, torch.float32)
-        dstacks = [torch.zeros(E, st.shape[1], dtype=acc_dtype, device=st.device) for st in stacks]
+        dstacks = [torch.empty(E, st.shape[1], dtype=acc_dtype, device=st.device) for st in stacks]
         dy = dy.contiguous()
         for s in range(0, S, chunk):
             sl = slice(s, s + chunk)
-            m1, m3, m2 = _merge_chunk(weights[sl], w1, w3, w2, x.dtype)
-            g1, u = h1[sl], h3[sl]
-            sig = torch.sigmoid(g1)
-            act = g1 * sig  # silu(h1), recomputed
-            a = act * u
-            dys = dy[sl]
-            dm2 = torch.bmm(dys.transpose(1, 2), a)  # [c, d, f]
-            da = torch.bmm(dys, m2)  # [c, T, f]
-            dh3 = da * act
-            dh1 = da * u * (sig * (1 + g1 * (1 - sig)))
-            xs = x[sl]
-            dm1 = torch.bmm(dh1.transpose(1, 2), xs)  # [c, f, d]
-            dm3 = torch.bmm(dh3.transpose(1, 2), xs)
-            torch.baddbmm(torch.bmm(dh1, m1), dh3, m3, out=dx[sl])
-            c = dm1.shape[0]
-            dws = [dm.reshape(c, -1).to(st.dtype) for dm, st in zip((dm1, dm3, dm2), stacks)]
-            dweights[sl] = sum(dw @ st.t() for dw, st in zip(dws, stacks)).to(weights.dtype)
-            wc = weights[sl].to(acc_dtype)
+            c13, c2 = _merge_into(weights[sl], experts, m13, m2)
+            c = c13.shape[0]
+            h1, h3 = h13[sl].split(f, -1)
+            act = F.silu(h1)  # recomputed
+            dys, xs, dh = dy[sl], x[sl], dh13[:c]
+            g13, g2 = dm13[:c], dm2[:c]
+            torch.bmm(dys.transpose(1, 2), act * h3, out=g2)  # dW2 [c, d, f]
+            da = torch.bmm(dys, c2)  # [c, T, f]
+            dh1, dh3 = dh.split(f, -1)
+            torch.mul(da, act, out=dh3)
+            torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh1)
+            torch.bmm(dh.transpose(1, 2), xs, out=g13)  # [dW1; dW3] [c, 2f, d]
+            torch.bmm(dh, c13, out=dx[sl])
+            halves = g13.view(c, 2, -1)
+            dws = [halves[:, 0], halves[:, 1], g2.view(c, -1)]
+            dwts = torch.zeros(c, E, dtype=stacks[0].dtype, device=x.device)
+            for dw, st in zip(dws, stacks):
+                dwts.addmm_(dw.to(st.dtype), st.t())
+            dweights[sl] = dwts.to(weights.dtype)
+            wc = weights[sl].to(acc_dtype).t()
             for acc, dw in zip(dstacks, dws):
-                acc.addmm_(wc.t(), dw.to(acc_dtype))
-        dw1, dw3, dw2 = (acc.view(w.shape).to(w.dtype) for acc, w in zip(dstacks, (w1, w3, w2)))
+                if s == 0:
+                    torch.mm(wc, dw.to(acc_dtype), out=acc)
+                else:
+                    acc.addmm_(wc, dw.to(acc_dtype))
+        dw1, dw3, dw2 = (acc.view(w.shape).to(w.dtype) for acc, w in zip(dstacks, experts))
         return dx, dweights, dw1, dw3, dw2, None
+
+
+def _merge_buffers(x: torch.Tensor, w1: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (m13 [chunk, 2f, d], m2 [chunk, d, f]) in x's dtype, for :func:`_merge_into`."""
+    f, d = w1.shape[1:]
+    return x.new_empty(chunk, 2 * f, d), x.new_empty(chunk, d, f)
+
+
+def _merge_into(weights: torch.Tensor, experts, m13: torch.Tensor, m2: torch.Tensor):
+    """Merge (w1; w3) into m13[:c] and w2 into m2[:c] for weights [c, E]; returns those views.
+
+    One GEMM per stack, written straight into the buffer when the dtypes agree (merged in the
+    experts' dtype, then cast otherwise).
+    """
+    c, E = weights.shape
+    e = weights.to(experts[0].dtype)
+    c13, c2 = m13[:c], m2[:c]
+    halves = c13.view(c, 2, -1)
+    for w, out in zip(experts, (halves[:, 0], halves[:, 1], c2.view(c, -1))):
+        if out.dtype == w.dtype:
+            torch.mm(e, w.reshape(E, -1), out=out)
+        else:
+            out.copy_(e @ w.reshape(E, -1))
+    return c13, c2
 
 
 def _merge_chunk(weights: torch.Tensor, w1, w3, w2, dtype) -> Merged:

@@ -1,0 +1,155 @@
+"""What every benchmark shares: device and dtype choice, round-robin timing, machine facts, output.
+
+Every benchmark measures its entries side by side in one process: each round runs every entry once,
+with the starting entry rotated from round to round, so slow drift (clock, other load) hits all
+entries alike; the first rounds are discarded as warm-up and medians are taken over the rest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..atomic import write_text_atomic
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) of GPUs we know, for model FLOP utilisation.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                 "A10G": 70e12, "L4": 121e12, "B200": 2250e12}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(entries: list[Callable[[], float]], warmup: int, repeats: int) -> tuple[list[list[float]], list[float]]:
+    """Run each entry (a callable returning its own measured seconds) once per round.
+
+    Returns (results [entry][kept round], 1-minute load average per kept round). Python's garbage
+    collector runs between entries, never inside one: imports leave many objects, so they are frozen.
+    """
+    n = len(entries)
+    results: list[list[float]] = [[] for _ in entries]
+    load: list[float] = []
+    gc.freeze()
+    for r in range(warmup + repeats):
+        gc.collect()
+        row = [0.0] * n
+        for j in range(n):
+            i = (j + r) % n
+            gc.disable()
+            try:
+                row[i] = entries[i]()
+            finally:
+                gc.enable()
+        if r >= warmup:
+            for res, t in zip(results, row):
+                res.append(t)
+            load.append(round(os.getloadavg()[0], 2))
+    return results, load
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of the per-round ratio: load that drifts between rounds cancels."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) -> dict:
+    """CPU, core and thread counts, library versions, GPU name, date and load averages."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    info = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": hf_version,
+        "python": platform.python_version(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_1min_start": round(load_start, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(m: dict) -> str:
+    """One markdown sentence describing the machine of a result."""
+    libs = f"torch {m['torch']}" + (f", transformers {m['transformers']}" if m.get("transformers") else "")
+    return (f"Machine: {m['cpu']}" + (f", GPU {m['gpu']}" if "gpu" in m else "")
+            + f" ({m['cpu_count']} cores); {m['threads']} torch threads; {libs}; {m['dtype']}; {m['date']}; "
+            f"1-min load average {m['loadavg_1min_start']} at start, {m['loadavg_1min_end']} at end.")
+
+
+def gpu_peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Peak bf16 FLOP/s of the device: the override, else the table above by GPU name, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    hits = [v for k, v in GPU_PEAK_BF16.items() if k in name]
+    return max(hits) if hits else None
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in dtype on device (median of ``repeats`` after one warm-up)."""
+    import time
+
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for i in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times)
+
+
+def write_results(out: Path, stem: str, table: str, result: dict) -> None:
+    """Write ``stem``.md and ``stem``.json under ``out`` (atomically) and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{stem}.md", table)
+    write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(f"written: {out / stem}.md, .json")
+
+
+def fmt_ms(v: float) -> str:
+    """Milliseconds with at least 3 significant digits (GPU times are often well under 1 ms)."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.3g}"

@@ -209,3 +209,12 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tiny_data
     cfg.data.batch_size = 8
     train(cfg, tmp_path / "single", show_progress=False)
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_training_follows_the_eager_run(tiny_dataset, tmp_path):
+    """train.compile runs the forward under torch.compile: same losses as eager up to float rounding."""
+    train(run_config(tiny_dataset, "lory", steps=3), tmp_path / "eager", show_progress=False)
+    train(run_config(tiny_dataset, "lory", steps=3, compile=True), tmp_path / "compiled", show_progress=False)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)

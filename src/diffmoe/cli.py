@@ -7,7 +7,9 @@
     diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     diffmoe analyze  RUN
     diffmoe demo     [--out runs/demo]
-    diffmoe bench    layers [--device cuda --dtype bfloat16 ...]
+    diffmoe bench    layers [--device cuda --dtype bfloat16 --sweep all ...]
+    diffmoe bench    model [CONFIG.yaml ...] [--compile both|off|on ...]
+    diffmoe bench    generate [CONFIG.yaml ...] [--prompt-len P --new-tokens G ...]
 """
 
 from __future__ import annotations
@@ -125,9 +127,9 @@ def _demo(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import layers
+    import importlib
 
-    layers.main(args.options)
+    importlib.import_module(f".bench.{args.which}", __package__).main(args.options)
     return 0
 
 
@@ -180,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("bench", help="benchmarks that write markdown and JSON tables (see --help of each)")
-    p.add_argument("which", choices=("layers",), help="layers: every MoE layer vs the dense FFN")
+    p.add_argument("which", choices=("layers", "model", "generate"),
+                   help="layers: every MoE layer vs the dense FFN (and sweeps); model: training tokens/s of "
+                        "configs, eager and compiled; generate: decoding time per token with the KV cache")
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (e.g. --device cuda)")
     p.set_defaults(func=_bench)
 

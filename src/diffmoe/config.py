@@ -191,6 +191,9 @@ class TrainConfig:
     grad_accum: int = 1
     bf16: bool = False
     """bfloat16 autocast for the forward pass (master weights stay float32)."""
+    compile: bool = False
+    """Run the model's forward under ``torch.compile`` (``diffmoe bench model`` measures whether it pays;
+    the first steps compile, which takes tens of seconds on CPU)."""
     seed: int = 0
     dense_warmup_frac: float = 0.0
     """Lory's dense warm-up: train a dense model for this fraction of the steps, then copy its FFN into

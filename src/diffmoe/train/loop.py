@@ -212,9 +212,11 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def _wrap(model: Decoder, cfg: RunConfig, env) -> torch.nn.Module:
-    """DDP under torchrun; token-choice layers may leave experts without gradient in a step."""
-    if env.world == 1:
-        return model
-    kinds = {cfg.model.layer_ffn(i) for i in range(cfg.model.n_layers)}
-    sparse = bool(kinds - {"dense", "lory"})
-    return DistributedDataParallel(model, find_unused_parameters=sparse)
+    """DDP under torchrun (token-choice layers may leave experts without gradient in a step), then
+    ``torch.compile`` when ``train.compile``."""
+    wrapped: torch.nn.Module = model
+    if env.world > 1:
+        kinds = {cfg.model.layer_ffn(i) for i in range(cfg.model.n_layers)}
+        sparse = bool(kinds - {"dense", "lory"})
+        wrapped = DistributedDataParallel(model, find_unused_parameters=sparse)
+    return torch.compile(wrapped) if cfg.train.compile else wrapped

@@ -1,0 +1,218 @@
+"""Model benchmark: training tokens/s of configs, eager and under ``torch.compile``, with FLOP utilisation.
+
+Each config is built as ``diffmoe train`` builds it (the same ``Decoder``, AdamW from
+``build_optimizer``, bf16 autocast when the dtype is bfloat16). One training step = forward,
+cross-entropy + auxiliary losses, backward, gradient clipping, AdamW step, zero_grad, on random token
+ids of ``data.batch_size`` x ``model.max_seq_len`` (overridable). Random ids do the same work as text,
+except that a token-choice router sees a different balance.
+
+Every (config, mode) is one entry; entries run round-robin, one step each per round (see
+:mod:`diffmoe.bench.common`); the first ``--warmup`` rounds (which include compilation) are discarded.
+
+FLOPs per token: 6 N + 12 n_layers d_model L (training, PaLM's convention), N = the active matmul
+parameters (embedding lookup excluded, LM head included; a MoE layer counts the experts a token
+uses: Lory 1, top-k k, expert choice c). Lory's merge, routers and elementwise work are overhead, not
+model FLOPs. Utilisation = achieved FLOP/s / peak: on CUDA the GPU's dense bf16 peak (``--peak-tflops``
+or a table of known GPUs): model FLOP utilisation (MFU); on every device also the share of the
+measured matmul rate (an n^3 matmul in the same dtype).
+
+Usage: diffmoe bench model [CONFIG.yaml ...] [--compile both|off|on] [--set section.field=value ...].
+Default configs: configs/0*-tiny-*.yaml on CPU, configs/1*-paper-*.yaml on CUDA (from the working
+directory). Writes bench_model_<device>_<dtype>.md and .json under --out (default results/model/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError, RunConfig, load_config
+from ..model import Decoder
+from ..train.optim import build_optimizer
+from .common import (DTYPES, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate, median_ratio,
+                     resolve_device, resolve_dtype, round_robin, sync, write_results)
+
+
+@dataclass
+class Entry:
+    config: str
+    cfg: RunConfig
+    mode: str  # eager | compile
+    model: Decoder
+    step_fn: object
+    times_s: list[float] = field(default_factory=list)
+    first_step_s: float = 0.0
+
+
+def default_configs(device: torch.device) -> list[Path]:
+    pattern = "1*-paper-*.yaml" if device.type == "cuda" else "0*-tiny-*.yaml"
+    return sorted(Path("configs").glob(pattern))
+
+
+def model_flops_per_token(model: Decoder, seq_len: int) -> float:
+    """6 N + 12 n_layers d_model L (see the module docstring)."""
+    cfg = model.cfg
+    n = model.parameter_counts()["active"] - model.embed.weight.numel()
+    if cfg.tie_embeddings:
+        n += model.lm_head.weight.numel()  # the tied matrix also serves as the LM head's matmul
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def make_step(model: Decoder, cfg: RunConfig, mode: str, ids: torch.Tensor, dtype: torch.dtype):
+    """A callable running one training step of ``model`` and returning its wall time (s)."""
+    optimizer = build_optimizer(model, cfg.train)
+    forward = torch.compile(model) if mode == "compile" else model
+    device = ids.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    labels = ids.roll(-1, 1)
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+
+    def step() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            logits = forward(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) + model.aux_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]:
+    modes = {"both": ["eager", "compile"], "off": ["eager"], "on": ["compile"]}[args.compile]
+    entries = []
+    for path in args.configs:
+        cfg = load_config(str(path), args.set)
+        if args.batch_size:
+            cfg.data.batch_size = args.batch_size
+        seq = args.seq_len or cfg.model.max_seq_len
+        if seq > cfg.model.max_seq_len:
+            raise ConfigError(f"--seq-len {seq} exceeds model.max_seq_len={cfg.model.max_seq_len} of {path}")
+        g = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, seq), generator=g).to(device)
+        for mode in modes:
+            torch.manual_seed(args.seed)
+            model = Decoder(cfg.model).to(device).train()  # float32 master weights, as in training
+            entries.append(Entry(Path(path).stem, cfg, mode, model, make_step(model, cfg, mode, ids, dtype)))
+    return entries
+
+
+def summarize(entries: list[Entry], args, device, dtype, matmul: float, peak: float | None) -> list[dict]:
+    dense = {e.mode: e for e in entries if e.cfg.model.ffn == "dense"}
+    rows = []
+    for e in entries:
+        tokens = e.cfg.data.batch_size * (args.seq_len or e.cfg.model.max_seq_len)
+        step = statistics.median(e.times_s)
+        tps = tokens / step
+        flops_tok = model_flops_per_token(e.model, args.seq_len or e.cfg.model.max_seq_len)
+        achieved = flops_tok * tps
+        counts = e.model.parameter_counts()
+        ref = dense.get(e.mode)
+        rows.append({
+            "config": e.config, "mode": e.mode, "ffn": e.cfg.model.ffn,
+            "params": counts["total"], "active_params": counts["active"],
+            "batch": e.cfg.data.batch_size, "seq_len": args.seq_len or e.cfg.model.max_seq_len,
+            "step_ms": 1e3 * step, "steps_ms": [1e3 * t for t in e.times_s], "tokens_per_s": tps,
+            "time_vs_dense": median_ratio(e.times_s, ref.times_s) if ref else None,
+            "first_step_s": e.first_step_s, "gflop_per_token": flops_tok / 1e9, "achieved_tflops": achieved / 1e12,
+            "matmul_share": achieved / matmul, "mfu": achieved / peak if peak else None,
+        })
+    return rows
+
+
+def markdown(result: dict) -> str:
+    m, st = result["machine"], result["settings"]
+    peak = result["peak_tflops"]
+    lines = [
+        f"# Model benchmark: training steps ({m['device']}, {m['dtype']})", "", machine_line(m),
+        f"One step: forward, loss + aux losses, backward, clipping, AdamW, on random ids; median of {st['repeats']} "
+        f"steps per entry after {st['warmup']} warm-up rounds (entries round-robin; all steps in the JSON). "
+        "time / dense: per-round ratio to the dense config in the same mode. FLOPs: 6 N_active + 12 n_layers d L "
+        f"per token. Measured {m['dtype']} matmul rate: {result['matmul_tflops']:.3g} TFLOP/s"
+        + (f"; peak used for MFU: {peak:g} TFLOP/s." if peak else "; no GPU peak known: MFU n/a."),
+        "",
+        "| config | mode | params (active) | batch x seq | step ms | tokens/s | time / dense | GFLOP/token "
+        "| TFLOP/s | share of matmul rate | MFU | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        vs = "n/a" if r["time_vs_dense"] is None else f"{r['time_vs_dense']:.2f}"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        lines.append(
+            f"| {r['config']} | {r['mode']} | {r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M) | "
+            f"{r['batch']} x {r['seq_len']} | {fmt_ms(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {vs} | "
+            f"{r['gflop_per_token']:.4g} | {r['achieved_tflops']:.3g} | {100 * r['matmul_share']:.1f} % | {mfu} | "
+            f"{r['first_step_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diffmoe bench model", description=__doc__.split("\n\n")[0])
+    p.add_argument("configs", nargs="*", type=Path, help="config files (default: see the module docstring)")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="overrides applied to every config (e.g. model.n_layers=2)")
+    p.add_argument("--compile", choices=["both", "off", "on"], default="both", help="eager, compiled or both")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: each config's data.batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: each config's model.max_seq_len")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: known GPUs)")
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 rate matmul (2048 CPU, 8192 CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/model"))
+    a = p.parse_args(argv)
+    if a.repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    args.configs = args.configs or default_configs(device)
+    if not args.configs:
+        raise ConfigError("no config files given and none found under ./configs")
+    load_start = os.getloadavg()[0]
+    entries = build_entries(args, device, dtype)
+    firsts = [e.step_fn() for e in entries]  # first step: compilation for compiled entries
+    for e, t in zip(entries, firsts):
+        e.first_step_s = t
+    times, load = round_robin([e.step_fn for e in entries], args.warmup, args.repeats)
+    for e, t in zip(entries, times):
+        e.times_s = t
+    matmul = matmul_rate(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048))
+    peak = gpu_peak_flops(device, args.peak_tflops)
+    result = {
+        "machine": machine_info(device, dtype, load_start),
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "overrides": args.set,
+                     "configs": [str(c) for c in args.configs]},
+        "matmul_tflops": matmul / 1e12, "peak_tflops": peak / 1e12 if peak else None,
+        "loadavg_per_round": load,
+        "rows": summarize(entries, args, device, dtype, matmul, peak),
+    }
+    dt = str(dtype).replace("torch.", "")
+    write_results(args.out, f"bench_model_{device.type}_{dt}", markdown(result), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

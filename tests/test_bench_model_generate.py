@@ -88,3 +88,21 @@ def test_bench_generate_decodes_what_generate_decodes():
     entry = bench_generate.Entry("x", "lory", "prompt", model, prompt, 5)
     assert entry() > 0 and len(entry.token_s) == 1 and len(entry.prefill_s) == 1
     assert generate(model, prompt, 5).shape == (1, 13)
+
+
+def test_reuse_freed_memory_switch(tmp_path):
+    """The compute commands keep freed memory in glibc's heap; DIFFMOE_MALLOC=default opts out."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from diffmoe.runtime import reuse_freed_memory, malloc_mode; "
+            "print(reuse_freed_memory(), malloc_mode())")
+    outs = {}
+    for mode in ("reuse", "default"):
+        env = {**os.environ, "DIFFMOE_MALLOC": mode}
+        outs[mode] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+    assert outs["default"] == ["False", "default"]
+    if sys.platform.startswith("linux"):
+        assert outs["reuse"] == ["True", "reuse"]

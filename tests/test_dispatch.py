@@ -53,3 +53,47 @@ def test_float64_always_takes_the_loop():
     assert resolve_impl("grouped_mm", torch.zeros(1, dtype=torch.float64)) == "loop"
     assert resolve_impl("auto", torch.zeros(1)) == "loop"  # CPU
     assert resolve_impl("loop", torch.zeros(1, dtype=torch.bfloat16)) == "loop"
+
+
+def test_fused_loop_backward_passes_gradcheck_with_empty_experts_and_repeated_tokens():
+    """The hand-written backward of the CPU path (gather, SwiGLU, gating, scatter per expert), float64:
+    experts 1 and 3 get no rows, token 0 is sent twice to expert 2, token 5 nowhere."""
+    from diffmoe.moe.dispatch import GatherSwiGLUScatter
+
+    torch.manual_seed(0)
+    E, d, f = 5, 4, 6
+    counts = [3, 0, 3, 0, 2]
+    tok = torch.tensor([1, 2, 4, 0, 0, 3, 2, 4])  # sorted by expert: 0 0 0 | 2 2 2 | 4 4
+    x = torch.randn(6, d, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(E, f, d, dtype=torch.float64, requires_grad=True),
+          torch.randn(E, f, d, dtype=torch.float64, requires_grad=True),
+          torch.randn(E, d, f, dtype=torch.float64, requires_grad=True)]
+    fn = lambda x, g, a, b, c: GatherSwiGLUScatter.apply(x, tok, g, counts, a, b, c)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, gate, *ws))
+    y = fn(x, gate, *ws)
+    assert torch.all(y[5] == 0)
+    y.sum().backward()
+    assert torch.all(ws[0].grad[[1, 3]] == 0) and torch.all(ws[2].grad[[1, 3]] == 0)
+    assert torch.all(x.grad[5] == 0)
+
+
+def test_autocast_runs_both_paths_in_bfloat16_with_float32_gradients():
+    torch.manual_seed(0)
+    experts = Experts(4, 16, 32)
+    x = torch.randn(10, 16, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 3])
+    e = torch.tensor([0, 1, 1, 3, 0, 0, 3, 1, 1, 0, 3, 1])
+    gate = torch.rand(12)
+    outs = {}
+    for impl in ("loop", "grouped_mm"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = dispatch(x, experts, t, e, gate, impl)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert experts.w1.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+        outs[impl] = (y.float(), experts.w2.grad.clone())
+        experts.zero_grad(set_to_none=True)
+        x.grad = None
+    torch.testing.assert_close(outs["loop"][0], outs["grouped_mm"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs["loop"][1], outs["grouped_mm"][1], rtol=5e-2, atol=5e-2)

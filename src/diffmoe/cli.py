@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import reuse_freed_memory
     from .train import TrainingError
 
     parser = build_parser()
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = [e for e in extra if e not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("train", "eval", "generate", "analyze", "demo", "bench"):
+        reuse_freed_memory()
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as err:

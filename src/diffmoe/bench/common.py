@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..atomic import write_text_atomic
+from ..runtime import malloc_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) of GPUs we know, for model FLOP utilisation.
@@ -100,6 +101,7 @@ def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) ->
         "python": platform.python_version(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_1min_start": round(load_start, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2),
+        "malloc": malloc_mode(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -111,7 +113,8 @@ def machine_line(m: dict) -> str:
     libs = f"torch {m['torch']}" + (f", transformers {m['transformers']}" if m.get("transformers") else "")
     return (f"Machine: {m['cpu']}" + (f", GPU {m['gpu']}" if "gpu" in m else "")
             + f" ({m['cpu_count']} cores); {m['threads']} torch threads; {libs}; {m['dtype']}; {m['date']}; "
-            f"1-min load average {m['loadavg_1min_start']} at start, {m['loadavg_1min_end']} at end.")
+            f"1-min load average {m['loadavg_1min_start']} at start, {m['loadavg_1min_end']} at end; "
+            f"malloc: {m.get('malloc', 'default')} (see diffmoe.runtime).")
 
 
 def gpu_peak_flops(device: torch.device, override_tflops: float | None) -> float | None:

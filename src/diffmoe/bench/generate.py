@@ -32,6 +32,7 @@ import torch
 from ..config import ConfigError, load_config
 from ..eval.generate import generate_stream
 from ..model import Decoder
+from ..runtime import reuse_freed_memory
 from .common import (fmt_ms, machine_info, machine_line, median_ratio, resolve_device, resolve_dtype, round_robin,
                      sync, write_results)
 
@@ -138,6 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -70,6 +70,7 @@ from torch import nn
 
 from ..moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
 from ..moe.dispatch import resolve_impl
+from ..runtime import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, reuse_freed_memory
 from .common import (DTYPES, fmt_ms, machine_info, machine_line, median_ratio, resolve_device, resolve_dtype,
                      round_robin, sync, write_results)
 
@@ -260,15 +261,14 @@ def activation_bytes(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> int:
 class RssPeak:
     """Process peak-RSS delta on Linux/glibc (None elsewhere); see the module docstring."""
 
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
     def __init__(self) -> None:
-        """Sets glibc's mmap and trim thresholds to 64 KiB for the rest of the process."""
+        """Sets glibc's mmap and trim thresholds to 64 KiB (mmap re-enabled) for the rest of the process."""
         self.ok = False
         try:
             self.libc = ctypes.CDLL("libc.so.6")
-            self.libc.mallopt(self.M_MMAP_THRESHOLD, 1 << 16)
-            self.libc.mallopt(self.M_TRIM_THRESHOLD, 1 << 16)
+            self.libc.mallopt(M_MMAP_MAX, 65536)
+            self.libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 1 << 16)
             self._status("VmHWM")
             self._reset()
             self.ok = True
@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

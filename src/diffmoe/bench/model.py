@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
 from ..train.optim import build_optimizer
+from ..runtime import reuse_freed_memory
 from .common import (DTYPES, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate, median_ratio,
                      resolve_device, resolve_dtype, round_robin, sync, write_results)
 
@@ -184,6 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

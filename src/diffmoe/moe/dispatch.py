@@ -1,9 +1,11 @@
 """Dropless dispatch: run (token, expert, gate) assignments through the shared experts.
 
 Every sparse routing family (top-k, SparseMixer-v2, expert choice) reduces its decision to flat
-assignment lists and calls :func:`dispatch`. Tokens are permuted once so that each expert's tokens
-are contiguous, the three SwiGLU projections run as grouped GEMMs over the jagged groups (or as a loop
-over experts), and the gated results are scattered back with one ``index_add``.
+assignment lists and calls :func:`dispatch`. Assignments are sorted by expert once. ``grouped_mm``
+then gathers the tokens into one expert-contiguous copy, runs the three SwiGLU projections as grouped
+GEMMs over the jagged groups and scatters the gated results back with one ``index_add`` (the GPU
+path). ``loop`` runs :class:`GatherSwiGLUScatter`: gather, GEMMs, gating and scatter fused expert by
+expert, with a hand-written backward (the CPU path, where working in cache pays).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
     """Pick the dispatch implementation.
 
-    ``auto`` uses ``grouped_mm`` on CUDA (2x faster than the loop there at the standard benchmark
-    shape) and the per-expert loop on CPU, where torch 2.13's grouped_mm measured about 10 % slower
-    than the loop at 8 experts (``diffmoe bench layers``, docs/benchmarks.md). float64 always
-    takes the loop (grouped_mm has no float64 kernel).
+    ``auto`` uses ``grouped_mm`` on CUDA (2x faster than a per-expert loop there at the standard
+    benchmark shape) and the fused per-expert loop on CPU, where it runs as fast as torch 2.13's
+    grouped_mm (within run-to-run noise) and keeps 2.4x less activation memory, about that of the
+    dense FFN (``diffmoe bench layers``, docs/benchmarks.md). float64 always takes the loop
+    (grouped_mm has no float64 kernel).
     """
     if x.dtype not in _GROUPED_MM_DTYPES:
         return "loop"
@@ -50,37 +53,91 @@ def dispatch(
     Returns:
         y: [N, d_model] with y[n] = sum over a with token_idx[a] = n of gate[a] * expert(x[n]).
     """
-    N, d = x.shape
     order = torch.argsort(expert_idx, stable=True)
     counts = torch.bincount(expert_idx, minlength=experts.num_experts)
     tok = token_idx[order]
-    xs = x.index_select(0, tok)  # [A, d] grouped by expert
-    if resolve_impl(impl, x) == "grouped_mm":
-        h = _grouped_swiglu(xs, experts, counts)
-    else:
-        h = _loop_swiglu(xs, experts, counts)
-    h = h * gate[order].to(h.dtype).unsqueeze(-1)
-    return x.new_zeros(N, d).index_add_(0, tok, h)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):  # run in the autocast dtype, explicitly
+        x = x.to(dtype)
+        w1, w3, w2 = (w.to(dtype) for w in (experts.w1, experts.w3, experts.w2))
+        g = gate[order].to(dtype)
+        if resolve_impl(impl, x) == "grouped_mm":
+            h = _grouped_swiglu(x.index_select(0, tok), w1, w3, w2, counts) * g.unsqueeze(-1)
+            return x.new_zeros(x.shape).index_add_(0, tok, h)
+        return GatherSwiGLUScatter.apply(x, tok, g, counts.tolist(), w1, w3, w2)
 
 
-def _grouped_swiglu(xs: torch.Tensor, experts: Experts, counts: torch.Tensor) -> torch.Tensor:
+def _grouped_swiglu(xs: torch.Tensor, w1, w3, w2, counts: torch.Tensor) -> torch.Tensor:
     """xs [A, d] sorted by expert, counts [E] -> [A, d] via three grouped GEMMs."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    w1, w3, w2 = (w.to(xs.dtype) for w in (experts.w1, experts.w3, experts.w2))
     g = F.grouped_mm(xs, w1.transpose(-2, -1), offs=offs)
     u = F.grouped_mm(xs, w3.transpose(-2, -1), offs=offs)
     return F.grouped_mm(F.silu(g) * u, w2.transpose(-2, -1), offs=offs)
 
 
-def _loop_swiglu(xs: torch.Tensor, experts: Experts, counts: torch.Tensor) -> torch.Tensor:
-    """Reference path: one plain GEMM chain per non-empty expert. xs [A, d] -> [A, d].
+class GatherSwiGLUScatter(torch.autograd.Function):
+    """Gather, expert SwiGLU, gating and scatter-add fused per expert, with a hand-written backward.
 
-    The stacks are unbound once, so backward stacks the per-expert gradients once instead of adding
-    E full-size zero-padded gradients.
+    forward(x [N, d], tok [A] (token of each assignment, sorted by expert), gate [A], counts (E ints,
+    summing to A), w1 [E, f, d], w3 [E, f, d], w2 [E, d, f]) -> y [N, d],
+    y[n] = sum over a with tok[a] = n of gate[a] * expert(a)(x[n]).
+
+    Expert by expert: gather its tokens, three GEMMs, SiLU and gating, scatter-add into y, so every
+    [n_i, .] block is used while in cache and no [A, d] gathered copy is ever materialised (nor its
+    gradient). Saves x, tok, gate and the pre-activations h1 = x W1^T, h3 = x W3^T [A, f].
+    Backward per expert: da = dy W2 gives the gate's gradient sum(da * a) before it is scaled by the
+    gate; dW2 = (g dy)^T a; dh1, dh3 through the SiLU product; dW1 = dh1^T x, dW3 = dh3^T x; and
+    dx += dh1 W1 + dh3 W3 scattered back to the tokens.
     """
-    w1, w3, w2 = experts.w1.unbind(0), experts.w3.unbind(0), experts.w2.unbind(0)
-    outs = []
-    for i, chunk in enumerate(torch.split(xs, counts.tolist())):
-        if chunk.shape[0]:
-            outs.append(F.linear(F.silu(F.linear(chunk, w1[i])) * F.linear(chunk, w3[i]), w2[i]))
-    return torch.cat(outs) if outs else xs.new_zeros(xs.shape)
+
+    @staticmethod
+    def forward(ctx, x, tok, gate, counts, w1, w3, w2):
+        A, f = tok.shape[0], w1.shape[1]
+        rows = _row_slices(counts)
+        h1, h3 = x.new_empty(A, f), x.new_empty(A, f)
+        y = torch.zeros_like(x)
+        for i, r in rows:
+            t = tok[r]
+            xr = x.index_select(0, t)
+            g, u = torch.mm(xr, w1[i].t(), out=h1[r]), torch.mm(xr, w3[i].t(), out=h3[r])
+            out = torch.mm(F.silu(g) * u, w2[i].t())
+            y.index_add_(0, t, out.mul_(gate[r].unsqueeze(-1)))
+        ctx.save_for_backward(x, tok, gate, w1, w3, w2, h1, h3)
+        ctx.rows = rows
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, tok, gate, w1, w3, w2, h1, h3 = ctx.saved_tensors
+        rows = ctx.rows
+        dw1, dw3, dw2 = (torch.zeros_like(w) if len(rows) < w.shape[0] else torch.empty_like(w)
+                         for w in (w1, w3, w2))
+        dx = torch.zeros_like(x)
+        dgate = torch.zeros_like(gate)
+        for i, r in rows:
+            t = tok[r]
+            xr, dyr = x.index_select(0, t), dy.index_select(0, t)
+            g, u, gr = h1[r], h3[r], gate[r].unsqueeze(-1)
+            act = F.silu(g)
+            a = act * u
+            da = dyr @ w2[i]  # before gating
+            torch.sum(da * a, -1, out=dgate[r])
+            torch.mm(dyr.mul_(gr).t(), a, out=dw2[i])
+            da.mul_(gr)
+            dh3 = da * act
+            dh1 = torch.ops.aten.silu_backward(da * u, g)
+            torch.mm(dh1.t(), xr, out=dw1[i])
+            torch.mm(dh3.t(), xr, out=dw3[i])
+            dx.index_add_(0, t, torch.mm(dh1, w1[i]).addmm_(dh3, w3[i]))
+        return dx, None, dgate, None, dw1, dw3, dw2
+
+
+def _row_slices(counts: list[int]) -> list[tuple[int, slice]]:
+    """(expert, its rows) for every expert with at least one row."""
+    out, start = [], 0
+    for i, n in enumerate(counts):
+        if n:
+            out.append((i, slice(start, start + n)))
+        start += n
+    return out

@@ -76,6 +76,7 @@ def test_numbers_are_finite_and_positive(toy_run):
         if row["peak_act_mib"] is not None:  # RSS delta minus gradients (Linux only); page-granular, noisy at toy size
             assert math.isfinite(row["peak_act_mib"])
         assert row["time_per_flop_ratio"] == pytest.approx(row["time_ratio"] / row["flop_factor"])
+        assert row["achieved_tflops"] > 0 and row["mfu"] is None  # no GPU peak on CPU
     dense = result["rows"][0]
     assert dense["time_ratio"] == 1.0 and dense["act_ratio"] == 1.0 and dense["flop_factor"] == 1.0
 

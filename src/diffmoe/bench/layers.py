@@ -71,7 +71,7 @@ from torch import nn
 from ..moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
 from ..moe.dispatch import resolve_impl
 from ..runtime import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, reuse_freed_memory
-from .common import (DTYPES, fmt_ms, machine_info, machine_line, median_ratio, resolve_device, resolve_dtype,
+from .common import (DTYPES, fmt_ms, gpu_peak_flops, machine_info, machine_line, median_ratio, resolve_device, resolve_dtype,
                      round_robin, sync, write_results)
 
 HF_INIT_STD = 0.02
@@ -377,12 +377,16 @@ def run_memory(layers: list[nn.Module], rows: list[Row], x, g, rss: RssPeak | No
     ``RssPeak()`` changes malloc settings for the rest of the process."""
     for layer, row in zip(layers, rows):
         row.act_bytes = activation_bytes(layer, x, g)
+        for p in layer.parameters():  # the baseline must not hold last step's gradients
+            p.grad = None
+        x.grad = None
         peak = peak_bytes(lambda: fwd_bwd(layer, x, g), x.device, rss)
         grads = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
         row.peak_bytes = None if peak is None else peak - grads
 
 
-def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list[float]) -> list[dict]:
+def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list[float],
+              peak_flops: float | None) -> list[dict]:
     """Medians, ideal times and ratios to the dense row (rows[0]).
 
     Time ratios are medians over rounds of the per-round ratio (layer vs dense, layer vs its ideal at
@@ -403,10 +407,12 @@ def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list
             "time_max_ms": 1e3 * max(row.times_s), "times_ms": [1e3 * t for t in row.times_s],
             "time_ratio": ratio, "time_per_flop_ratio": ratio / row.flop_factor,
             "ideal_ms": 1e3 * flops / rate, "time_over_ideal": statistics.median(per_round_ideal),
+            "achieved_tflops": flops / statistics.median(row.times_s) / 1e12,
             "act_mib": row.act_bytes / MIB, "peak_act_mib": None if row.peak_bytes is None else row.peak_bytes / MIB,
         })
     dense = out[0]
     for r in out:
+        r["mfu"] = 1e12 * r["achieved_tflops"] / peak_flops if peak_flops else None
         r["act_ratio"] = r["act_mib"] / dense["act_mib"]
         ok = r["peak_act_mib"] is not None and dense["peak_act_mib"]
         r["peak_act_ratio"] = r["peak_act_mib"] / dense["peak_act_mib"] if ok else None
@@ -440,15 +446,18 @@ def markdown(result: dict) -> str:
         "act: unique storages saved for backward during forward (autograd saved_tensors_hooks; parameters "
         "and the input excluded) plus the output.",
         f"peak act: {peak_how}, one forward+backward, minus the parameter gradients.",
+        "TFLOP/s: model FLOPs / median time; MFU: that / the GPU's dense bf16 peak "
+        + (f"({result['peak_tflops']:g} TFLOP/s)." if result.get("peak_tflops") else "(n/a: no GPU peak known)."),
         "",
         "| layer | FLOPs / dense | time ms | time / dense | time / (FLOPs x dense) | ideal ms | time / ideal "
-        "| act MiB | act / dense | peak act MiB | peak act / dense | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TFLOP/s | MFU | act MiB | act / dense | peak act MiB | peak act / dense | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['name']} | {r['flop_factor']:.3g} | {fmt_ms(r['time_ms'])} | {r['time_ratio']:.2f} | "
             f"{r['time_per_flop_ratio']:.2f} | {fmt_ms(r['ideal_ms'])} | {r['time_over_ideal']:.2f} | "
+            f"{r['achieved_tflops']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'' if r['mfu'] is None else ' %'} | "
             f"{r['act_mib']:.1f} | {r['act_ratio']:.2f} | {_fmt(r['peak_act_mib'], '.1f')} | "
             f"{_fmt(r['peak_act_ratio'], '.2f')} | {r['note']} |")
     if result["skipped"]:
@@ -497,6 +506,7 @@ def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, 
     log = run_timing(layers, rows, x, g, args.warmup, args.repeats, args.matmul_size)
     run_memory(layers, rows, x, g, RssPeak() if device.type == "cpu" else None)  # after timing: malloc settings
     matmul_flops = 2.0 * args.matmul_size**3
+    peak = gpu_peak_flops(device, args.peak_tflops)
     return {
         "machine": machine_info(device, dtype, load_start),
         "shape": {**asdict(shape), "batch": shape.batch},
@@ -506,7 +516,8 @@ def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, 
         "matmul_gflops_per_round": [matmul_flops / t / 1e9 for t in log["matmul_s"]],
         "loadavg_per_round": log["loadavg"],
         "dense_gflop": shape.dense_flops() / 1e9,
-        "rows": summarize(rows, shape, matmul_flops, log["matmul_s"]),
+        "peak_tflops": peak / 1e12 if peak else None,
+        "rows": summarize(rows, shape, matmul_flops, log["matmul_s"], peak),
         "skipped": skipped,
     }
 
@@ -534,6 +545,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="discarded rounds (the probe step is extra)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 rate matmul (2048 CPU, 8192 CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="GPU peak for model FLOP utilisation (default: known GPUs' dense bf16 peak)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results/layers"))
     a = p.parse_args(argv)

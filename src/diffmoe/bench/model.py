@@ -37,7 +37,7 @@ from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
 from ..train.optim import build_optimizer
 from ..runtime import reuse_freed_memory
-from .common import (DTYPES, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate, median_ratio,
+from .common import (fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate, median_ratio,
                      resolve_device, resolve_dtype, round_robin, sync, write_results)
 
 
@@ -110,7 +110,7 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
     return entries
 
 
-def summarize(entries: list[Entry], args, device, dtype, matmul: float, peak: float | None) -> list[dict]:
+def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> list[dict]:
     dense = {e.mode: e for e in entries if e.cfg.model.ffn == "dense"}
     rows = []
     for e in entries:
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "configs": [str(c) for c in args.configs]},
         "matmul_tflops": matmul / 1e12, "peak_tflops": peak / 1e12 if peak else None,
         "loadavg_per_round": load,
-        "rows": summarize(entries, args, device, dtype, matmul, peak),
+        "rows": summarize(entries, args, matmul, peak),
     }
     dt = str(dtype).replace("torch.", "")
     write_results(args.out, f"bench_model_{device.type}_{dt}", markdown(result), result)

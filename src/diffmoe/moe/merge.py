@@ -45,8 +45,9 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
     Equal to ``merged_swiglu(x, merge_experts(weights, experts))`` in value and gradients, but it saves
     only x and the pre-activations [h1 | h3] = x [W1; W3]^T (less than a dense SwiGLU keeps) instead of
     S merged copies of the experts. Merged weights exist ``chunk`` segments at a time, in forward and
-    again in backward, in buffers allocated once per call, so the extra memory is at most ``chunk``
-    merged experts. W1 and W3 are merged into one [c, 2f, d] buffer, so each of the up projection, its
+    again in backward, in buffers allocated once per call (in backward they receive the merged
+    weights' gradients once the weights are used), so the extra memory is at most ``chunk`` merged
+    experts. W1 and W3 are merged into one [c, 2f, d] buffer, so each of the up projection, its
     weight gradient and its input gradient is one batched GEMM of width 2f. Backward per chunk:
     dW = dh^T x for the merged weights, then dweights = dW W^T and dw_experts += weights^T dW, the two
     GEMMs of the merge's backward (accumulated in at least float32).
@@ -78,8 +79,7 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
         experts = (w1, w3, w2)
         stacks = [w.reshape(E, -1) for w in experts]
         acc_dtype = torch.promote_types(w1.dtype, torch.float32)
-        m13, m2 = _merge_buffers(x, w1, chunk)
-        dm13, dm2 = _merge_buffers(x, w1, chunk)
+        m13, m2 = _merge_buffers(x, w1, chunk)  # merged weights, then (once used) their gradients
         dh13 = x.new_empty(chunk, T, 2 * f)
         dx = torch.empty_like(x)
         dweights = torch.empty(S, E, dtype=weights.dtype, device=weights.device)
@@ -92,14 +92,13 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
             h1, h3 = h13[sl].split(f, -1)
             act = F.silu(h1)  # recomputed
             dys, xs, dh = dy[sl], x[sl], dh13[:c]
-            g13, g2 = dm13[:c], dm2[:c]
-            torch.bmm(dys.transpose(1, 2), act * h3, out=g2)  # dW2 [c, d, f]
             da = torch.bmm(dys, c2)  # [c, T, f]
+            g2 = torch.bmm(dys.transpose(1, 2), act * h3, out=c2)  # dW2 [c, d, f], over merged W2
             dh1, dh3 = dh.split(f, -1)
             torch.mul(da, act, out=dh3)
             torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh1)
-            torch.bmm(dh.transpose(1, 2), xs, out=g13)  # [dW1; dW3] [c, 2f, d]
             torch.bmm(dh, c13, out=dx[sl])
+            g13 = torch.bmm(dh.transpose(1, 2), xs, out=c13)  # [dW1; dW3] [c, 2f, d], over merged W13
             halves = g13.view(c, 2, -1)
             dws = [halves[:, 0], halves[:, 1], g2.view(c, -1)]
             dwts = torch.zeros(c, E, dtype=stacks[0].dtype, device=x.device)

@@ -75,8 +75,9 @@ def test_bench_generate_rejects_a_prompt_longer_than_the_model(tmp_path, capsys)
     assert "--prompt-len 300 + --new-tokens 4 exceeds model.max_seq_len=256" in capsys.readouterr().err
 
 
-def test_bench_generate_decodes_what_generate_decodes():
-    """The benchmark drives the same generate_stream as ``diffmoe generate`` (greedy, prompt routing)."""
+def test_bench_generate_decodes_what_generate_decodes(monkeypatch):
+    """The benchmark drives the same generate_stream as ``diffmoe generate`` (greedy, prompt routing),
+    and records one prefill and one per-token time per generation."""
     from diffmoe.eval.generate import generate
 
     cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=32, ffn="lory",
@@ -85,9 +86,20 @@ def test_bench_generate_decodes_what_generate_decodes():
     torch.manual_seed(0)
     model = Decoder(cfg).eval()
     prompt = torch.randint(0, 64, (1, 8))
+    calls, tokens = [], []
+    original = bench_generate.generate_stream
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        for token in original(*args, **kwargs):
+            tokens.append(token)
+            yield token
+
+    monkeypatch.setattr(bench_generate, "generate_stream", recording)
     entry = bench_generate.Entry("x", "lory", "prompt", model, prompt, 5)
     assert entry() > 0 and len(entry.token_s) == 1 and len(entry.prefill_s) == 1
-    assert generate(model, prompt, 5).shape == (1, 13)
+    assert calls == [{"lory_routing": "prompt"}]
+    assert torch.equal(torch.cat([prompt[0], torch.cat(tokens)]), generate(model, prompt, 5)[0])
 
 
 def test_reuse_freed_memory_switch(tmp_path):

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from ..atomic import write_text_atomic
-from ..runtime import malloc_mode
+from ..config import ConfigError
+from ..runtime import malloc_mode, reuse_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) of GPUs we know, for model FLOP utilisation.
@@ -42,6 +43,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def start(args) -> tuple[torch.device, torch.dtype]:
+    """What every benchmark does first: keep freed memory for reuse (see :mod:`diffmoe.runtime`),
+    apply ``--threads``, resolve ``--device`` and ``--dtype``."""
+    reuse_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16`` (file names, records)."""
+    return str(dtype).replace("torch.", "")
+
+
+def config_files(given: list[Path], device: torch.device, cpu_glob: str, cuda_glob: str) -> list[Path]:
+    """The config files given, else those under ./configs matching the device's pattern."""
+    files = given or sorted(Path("configs").glob(cuda_glob if device.type == "cuda" else cpu_glob))
+    if not files:
+        raise ConfigError("no config files given and none found under ./configs")
+    return files
 
 
 def sync(device: torch.device) -> None:
@@ -98,7 +122,7 @@ def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) ->
     info = {
         "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": hf_version,
-        "python": platform.python_version(), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "python": platform.python_version(), "device": str(device), "dtype": dtype_name(dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_1min_start": round(load_start, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2),
         "malloc": malloc_mode(),

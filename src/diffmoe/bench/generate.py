@@ -32,9 +32,8 @@ import torch
 from ..config import ConfigError, load_config
 from ..eval.generate import generate_stream
 from ..model import Decoder
-from ..runtime import reuse_freed_memory
-from .common import (fmt_ms, machine_info, machine_line, median_ratio, resolve_device, resolve_dtype, round_robin,
-                     sync, write_results)
+from .common import (config_files, dtype_name, fmt_ms, machine_info, machine_line, median_ratio, round_robin,
+                     start, sync, write_results)
 
 
 @dataclasses.dataclass
@@ -66,11 +65,6 @@ class Entry:
         self.prefill_s.append(t1 - t0)
         self.token_s.append((t2 - t1) / (self.new_tokens - 1))
         return t2 - t0
-
-
-def default_configs(device: torch.device) -> list[Path]:
-    pattern = "1[0-3]-paper-*.yaml" if device.type == "cuda" else "0[0-3]-tiny-*.yaml"
-    return sorted(Path("configs").glob(pattern))
 
 
 def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]:
@@ -139,14 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    reuse_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    args.configs = args.configs or default_configs(device)
-    if not args.configs:
-        raise ConfigError("no config files given and none found under ./configs")
+    device, dtype = start(args)
+    args.configs = config_files(args.configs, device, "0[0-3]-tiny-*.yaml", "1[0-3]-paper-*.yaml")
     load_start = os.getloadavg()[0]
     entries = build_entries(args, device, dtype)
     round_robin(entries, args.warmup, args.repeats)
@@ -172,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "configs": [str(c) for c in args.configs]},
         "rows": rows,
     }
-    dt = str(dtype).replace("torch.", "")
-    write_results(args.out, f"bench_generate_{device.type}_{dt}", markdown(result), result)
+    write_results(args.out, f"bench_generate_{device.type}_{dtype_name(dtype)}", markdown(result), result)
     return result
 
 

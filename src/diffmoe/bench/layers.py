@@ -56,8 +56,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -70,9 +74,9 @@ from torch import nn
 
 from ..moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
 from ..moe.dispatch import resolve_impl
-from ..runtime import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, reuse_freed_memory
-from .common import (DTYPES, fmt_ms, gpu_peak_flops, machine_info, machine_line, median_ratio, resolve_device, resolve_dtype,
-                     round_robin, sync, write_results)
+from ..runtime import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+from .common import (DTYPES, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, median_ratio, round_robin,
+                     start, sync, write_results)
 
 HF_INIT_STD = 0.02
 MIB = 2**20
@@ -568,11 +572,6 @@ def _shape_argv(shape: Shape) -> list[str]:
 def run_sweep(sweep: Sweep, base: Shape, args, argv: list[str], device: torch.device, dt: str) -> list[dict]:
     """Each shape in a fresh process (the CPU peak-RSS measurement changes malloc settings for the rest
     of a process, and shapes must not inherit each other's heap), with the caller's other options."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
     keep = _drop_options(argv, {"--sweep", "--out", "--layers", "--hf-impls", "--tokens", "--seq-len",
                                 "--d-model", "--d-ff", "--experts", "--top-k", "--ec-capacity", "--segment-len"})
     results = []
@@ -600,16 +599,10 @@ def _drop_options(argv: list[str], names: set[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    reuse_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    dt = str(dtype).replace("torch.", "")
+    device, dtype = start(args)
+    dt = dtype_name(dtype)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     base = Shape(args.tokens, args.seq_len, args.d_model, args.d_ff, args.experts, args.segment_len, args.top_k,
                  args.ec_capacity)

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
 from ..train.optim import build_optimizer
-from ..runtime import reuse_freed_memory
-from .common import (fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate, median_ratio,
-                     resolve_device, resolve_dtype, round_robin, sync, write_results)
+from .common import (config_files, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,
+                     median_ratio, round_robin, start, sync, write_results)
 
 
 @dataclass
@@ -50,11 +49,6 @@ class Entry:
     step_fn: object
     times_s: list[float] = field(default_factory=list)
     first_step_s: float = 0.0
-
-
-def default_configs(device: torch.device) -> list[Path]:
-    pattern = "1*-paper-*.yaml" if device.type == "cuda" else "0*-tiny-*.yaml"
-    return sorted(Path("configs").glob(pattern))
 
 
 def model_flops_per_token(model: Decoder, seq_len: int) -> float:
@@ -185,14 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    reuse_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    args.configs = args.configs or default_configs(device)
-    if not args.configs:
-        raise ConfigError("no config files given and none found under ./configs")
+    device, dtype = start(args)
+    args.configs = config_files(args.configs, device, "0*-tiny-*.yaml", "1*-paper-*.yaml")
     load_start = os.getloadavg()[0]
     entries = build_entries(args, device, dtype)
     firsts = [e.step_fn() for e in entries]  # first step: compilation for compiled entries
@@ -211,8 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_per_round": load,
         "rows": summarize(entries, args, matmul, peak),
     }
-    dt = str(dtype).replace("torch.", "")
-    write_results(args.out, f"bench_model_{device.type}_{dt}", markdown(result), result)
+    write_results(args.out, f"bench_model_{device.type}_{dtype_name(dtype)}", markdown(result), result)
     return result
 
 

@@ -98,7 +98,7 @@ def test_bench_generate_decodes_what_generate_decodes(monkeypatch):
     monkeypatch.setattr(bench_generate, "generate_stream", recording)
     entry = bench_generate.Entry("x", "lory", "prompt", model, prompt, 5)
     assert entry() > 0 and len(entry.token_s) == 1 and len(entry.prefill_s) == 1
-    assert calls == [{"lory_routing": "prompt"}]
+    assert calls == [{"routing": "prompt"}]
     assert torch.equal(torch.cat([prompt[0], torch.cat(tokens)]), generate(model, prompt, 5)[0])
 
 

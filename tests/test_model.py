@@ -39,7 +39,7 @@ CAUSAL = [  # (name, ffn, first_segment, lory routing, train mode, first positio
 @pytest.mark.parametrize("name, ffn, first, routing, train, causal_from", CAUSAL, ids=[c[0] for c in CAUSAL])
 def test_logits_at_t_do_not_depend_on_later_tokens(name, ffn, first, routing, train, causal_from):
     model = build(ffn, first)
-    model.set_lory_routing(routing)
+    model.set_routing(routing)
     model.train(train)
     L = 29
     ids = torch.randint(0, 97, (2, L))
@@ -78,7 +78,7 @@ def _incremental_logits(model, ids, prompt_len, chunks=None):
 @pytest.mark.parametrize("ffn", ["dense", "topk", "sparsemixer", "lory"])
 def test_kv_cache_with_prompt_routing_equals_full_forward(ffn):
     model = build(ffn).eval()
-    model.set_lory_routing("prompt")
+    model.set_routing("prompt")
     ids = torch.randint(0, 97, (2, 30))
     P = 11
     with torch.no_grad():
@@ -103,11 +103,11 @@ def test_generate_greedy_follows_full_forward_and_sampling_is_seeded():
     prompt = torch.randint(0, 97, (2, 6))
     out = generate(model, prompt, 8)
     assert out.shape == (2, 14) and torch.equal(out[:, :6], prompt)
-    model.set_lory_routing("prompt")
+    model.set_routing("prompt")
     with torch.no_grad():
         logits = model(out[:, :-1], prompt_len=6)
     torch.testing.assert_close(logits[:, 5:].argmax(-1), out[:, 6:])
-    model.set_lory_routing("segment")
+    model.set_routing("segment")
     a = generate(model, prompt, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
     b = generate(model, prompt, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)

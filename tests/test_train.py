@@ -71,7 +71,7 @@ def test_training_into_a_used_run_dir_needs_resume(tiny_dataset, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path, monkeypatch):
-    import diffmoe.train.loop as loop
+    import diffmoe.train.step as step
 
     calls = {"n": 0}
     real = F.cross_entropy
@@ -81,11 +81,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path,
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(loop.F, "cross_entropy", flaky)
+    monkeypatch.setattr(step.F, "cross_entropy", flaky)
     summary = train(run_config(tiny_dataset, steps=8), tmp_path / "a", show_progress=False)
     assert summary["skipped_steps"] == 2 and math.isfinite(summary["loss"])
 
-    monkeypatch.setattr(loop.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    monkeypatch.setattr(step.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(TrainingError, match="3 steps in a row") as err:
         train(run_config(tiny_dataset, steps=8, max_bad_steps=3), tmp_path / "b", show_progress=False)
     assert "step-00000002" in str(err.value)

@@ -83,7 +83,7 @@ def _generate(args) -> int:
     sys.stdout.write(args.prompt)
     out: list[int] = []
     shown = ""
-    for token in generate_stream(model, torch.tensor([ids]), args.max_new_tokens, lory_routing=args.routing,
+    for token in generate_stream(model, torch.tensor([ids]), args.max_new_tokens, routing=args.routing,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  generator=generator):
         out.append(int(token[0]))

@@ -54,7 +54,7 @@ class Entry:
         device = self.prompt.device
         sync(device)
         t0 = time.perf_counter()
-        stream = generate_stream(self.model, self.prompt, self.new_tokens, lory_routing=self.routing or "prompt")
+        stream = generate_stream(self.model, self.prompt, self.new_tokens, routing=self.routing or "prompt")
         next(stream)
         sync(device)
         t1 = time.perf_counter()

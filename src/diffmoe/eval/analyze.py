@@ -1,8 +1,9 @@
 """Routing analysis: what each MoE layer does per domain, and expert utilisation over training.
 
-- Lory: the average routing-weight vector per domain per layer (the Lory paper's specialisation figure)
-  and the share of segments where each expert's weight exceeds 2/E.
-- Token choice (top-k, SparseMixer-v2) and expert choice: the expert load (share of assignments) per
+- Layers that merge experts per segment: the average routing-weight vector per domain per layer (the
+  specialisation figure of arXiv 2405.03133) and the share of segments where each expert's weight
+  exceeds 2/E.
+- Layers that assign tokens (token choice, expert choice): the expert load (share of assignments) per
   domain per layer.
 Plots are written as PNG heatmaps (one panel per layer, domains x experts), plus the utilisation
 curves read from the run's metrics.jsonl.
@@ -18,14 +19,18 @@ import torch
 
 from ..atomic import write_text_atomic
 from ..model import Decoder
-from ..moe import LoryMoE
+from ..moe.routing import usage_threshold
 
 
 @torch.no_grad()
 def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: int = 8) -> dict:
-    """Per layer: {"kind", "domains", "weights" [D, E] (Lory: mean routing weight; others: load),
-    "usage" [D, E] (Lory only: share of segments with weight > 2/E)} from up to ``max_rows``
-    single-domain held-out rows per domain, in the model's current routing mode."""
+    """Per layer: {"kind", "measure", "domains", "weights" [D, E], "usage" [D, E]} from up to
+    ``max_rows`` single-domain held-out rows per domain, in the model's current routing mode.
+
+    A layer that merges experts reports every routed segment's weights (``stats["routed_weights"]``):
+    "weights" is their mean over the domain's segments ("measure": "weight") and "usage" the share of
+    those segments in which each expert's weight exceeds 2/E. Other layers report their load per batch:
+    "weights" is its mean over the domain's batches ("measure": "load"; no "usage")."""
     device = next(model.parameters()).device
     layers = model.moe_layers()
     sums = {i: [] for i, _ in layers}
@@ -43,12 +48,11 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
                 ids = torch.stack([dataset[int(r)]["input_ids"] for r in rows[start:start + batch_size]])
                 model(ids.to(device))
                 for i, layer in layers:
-                    if isinstance(layer, LoryMoE):
-                        w = layer.stats["routing_weights"]
-                        routed = w[:, 0 if layer.first_segment == "own_mean" else 1:].reshape(-1, w.shape[-1])
+                    if "routed_weights" in layer.stats:
+                        routed = layer.stats["routed_weights"]
                         if routed.numel():
                             acc[i].append(routed.cpu())
-                            use[i].append((routed > 2.0 / layer.num_experts).float().cpu())
+                            use[i].append((routed > usage_threshold(layer.num_experts)).float().cpu())
                     else:
                         acc[i].append(layer.stats["load"].reshape(1, -1).cpu())
             for i, layer in layers:
@@ -57,8 +61,8 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
                     usage[i].append(torch.cat(use[i]).mean(0))
     out = {}
     for i, layer in layers:
-        entry = {"kind": type(layer).__name__, "domains": domains,
-                 "weights": torch.stack(sums[i]).tolist() if sums[i] else []}
+        entry = {"kind": type(layer).__name__, "measure": "weight" if "routed_weights" in layer.stats else "load",
+                 "domains": domains, "weights": torch.stack(sums[i]).tolist() if sums[i] else []}
         if usage[i]:
             entry["usage"] = torch.stack(usage[i]).tolist()
         out[f"layer{i}"] = entry
@@ -83,7 +87,7 @@ def plot_routing(result: dict, path: Path, title: str) -> Path:
         entry = result[name]
         data = np.array(entry["weights"])
         im = ax.imshow(data, aspect="auto", cmap="viridis")
-        ax.set_title(f"{name} ({'weight' if entry['kind'] == 'LoryMoE' else 'load'})", fontsize=9)
+        ax.set_title(f"{name} ({entry['measure']})", fontsize=9)
         ax.set_yticks(range(len(entry["domains"])), entry["domains"], fontsize=8)
         ax.set_xticks(range(data.shape[1]), [str(e) for e in range(data.shape[1])], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)

@@ -1,4 +1,4 @@
-"""Autoregressive generation with the KV cache; Lory layers route once on the prompt."""
+"""Autoregressive generation with the KV cache; layers with ``prompt`` routing route once on the prompt."""
 
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, lory_routing: str = "prompt",
+def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, routing: str = "prompt",
                     **sampling) -> Iterator[torch.Tensor]:
     """Yield generated tokens [B] one step at a time. prompt [B, P] int64.
 
-    The prompt is processed in one call (prefill) that fills the KV cache; Lory layers in ``prompt``
-    routing merge once on the prompt's mean and then decode as a dense model.
+    The prompt is processed in one call (prefill) that fills the KV cache. ``routing`` is the mode of
+    layers that have routing modes: in ``prompt`` routing they route once on the prompt's mean (a merged
+    expert then decodes as a dense model).
     """
-    with model.inference(lory_routing):
+    with model.inference(routing):
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = model(prompt, cache=cache)[:, -1]
         for step in range(max_new_tokens):

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from ..model import Decoder
-from ..moe import LoryMoE
 
 
-def lory_segment_len(model: Decoder) -> int | None:
-    lory = [layer for _, layer in model.moe_layers() if isinstance(layer, LoryMoE)]
-    return lory[0].segment_len if lory else None
+def prompt_segment_len(model: Decoder) -> int | None:
+    """The segment length of the first layer with ``prompt`` routing (None when no layer has it)."""
+    caps = [ffn.capabilities for ffn in model.ffns()]
+    return next((c.segment_len for c in caps if "prompt" in c.routing_modes), None)
 
 
 @torch.no_grad()
@@ -26,14 +26,15 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     domain (held-out rows are almost all single-domain). Every label position of a row counts once,
     so ``tokens`` = rows x context_len, whatever the batch size. ``max_batches`` limits the rows to
     max_batches * batch_size, evenly spaced over the split (so every domain is represented).
-    routing: Lory layers' mode. ``segment`` and ``prefix`` score every position. ``prompt`` routes each
-    row once on its first ``prompt_len`` positions (default: the Lory segment length) and scores only
-    the positions after them, since positions inside the prompt would see the prompt's later tokens.
+    routing: the routing mode of layers that have modes (:meth:`Decoder.set_routing`). ``segment`` and
+    ``prefix`` score every position. ``prompt`` routes each row once on its first ``prompt_len``
+    positions (default: the routing segment length) and scores only the positions after them, since
+    positions inside the prompt would see the prompt's later tokens.
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
     skip = 0
     if routing == "prompt":
-        skip = prompt_len or lory_segment_len(model) or 0
+        skip = prompt_len or prompt_segment_len(model) or 0
         if not 0 < skip < dataset.context_len:
             raise ValueError(f"prompt_len={skip} must be between 1 and the context length {dataset.context_len} - 1")
     rows = np.arange(len(dataset))

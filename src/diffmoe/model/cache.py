@@ -1,4 +1,4 @@
-"""Key/value cache for incremental decoding, plus the per-layer routing state Lory keeps."""
+"""Key/value cache for incremental decoding, plus the routing state each FFN may keep across calls."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ class KVCache:
 
     k[i], v[i]: [B, n_kv_heads, max_len, head_dim]. ``length`` is the number of positions already
     written (the position of the next token). ``ffn_state[i]`` is a dict the FFN of layer i may keep
-    across calls (Lory's merged weights and segment sums).
+    across calls (e.g. merged expert weights and segment sums).
     """
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -13,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..moe import LoryMoE, MoELayer, RoutingContext, SwiGLU, build_ffn
-from ..moe.experts import default_out_std
+from ..moe import MoELayer, RoutingContext, SwiGLU, build_ffn
 from .cache import KVCache
 
 
@@ -81,7 +81,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = build_ffn(cfg.layer_ffn(layer), cfg)
+        self.ffn = build_ffn(cfg.layer_ffn(layer), cfg.d_model, cfg.d_ff, cfg.moe)
 
     def forward(self, x, rope, start, cache, prompt_len):
         x = x + self.attn(self.attn_norm(x), rope, start, cache, self.layer)
@@ -93,7 +93,8 @@ class Decoder(nn.Module):
     """The language model. ``forward(ids [B, L]) -> logits [B, L, vocab]``.
 
     After a forward, ``aux_loss()`` is the sum of the MoE layers' scaled auxiliary losses (add it to
-    the LM loss) and each layer's ``stats`` hold its routing statistics.
+    the LM loss) and each layer's ``stats`` hold its routing statistics. What a layer can do (routing
+    modes, causality, decoding) is asked of its ``capabilities``, never of its class.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -112,7 +113,7 @@ class Decoder(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual-writing projections get init_std / sqrt(2 n_layers)."""
         std = self.cfg.init_std
-        out_std = default_out_std(std, self.cfg.n_layers)
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # GPT-2 / OLMo scaled init
         router_std = self.cfg.moe.router_init_std or std
         nn.init.normal_(self.embed.weight, std=std)
         if not self.cfg.tie_embeddings:
@@ -121,19 +122,14 @@ class Decoder(nn.Module):
             for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
                 nn.init.normal_(lin.weight, std=std)
             nn.init.normal_(block.attn.wo.weight, std=out_std)
-            ffn = block.ffn
-            if isinstance(ffn, MoELayer):
-                ffn.experts.reset_parameters(std, out_std)
-                nn.init.normal_(ffn.router.weight, std=router_std)
-            else:
-                ffn.reset_parameters(std, out_std)
+            block.ffn.reset_parameters(std, out_std, router_std)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, prompt_len: int | None = None):
         """ids [B, L] int64 -> logits [B, L, V] (float32).
 
         cache: continue the sequence held by the cache (incremental decoding); it is advanced by L.
-        prompt_len: Lory ``prompt`` routing routes on the first ``prompt_len`` positions (default all).
+        prompt_len: layers in ``prompt`` routing route on the first ``prompt_len`` positions (default all).
         """
         B, L = ids.shape
         start = 0 if cache is None else cache.length
@@ -156,36 +152,42 @@ class Decoder(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         return [(b.layer, b.ffn) for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
+    def ffns(self) -> list[nn.Module]:
+        """The FFN of every block, dense or MoE."""
+        return [b.ffn for b in self.blocks]
+
     def aux_loss(self) -> torch.Tensor:
         total = self.embed.weight.new_zeros((), dtype=torch.float32)
         for _, layer in self.moe_layers():
             total = total + layer.aux_loss.to(total.device)
         return total
 
-    def set_lory_routing(self, mode: str) -> None:
-        """Set the routing mode (``segment | prefix | prompt``) of every Lory layer."""
-        for _, layer in self.moe_layers():
-            if isinstance(layer, LoryMoE):
-                layer.routing = mode
+    def set_routing(self, mode: str) -> None:
+        """Set the inference routing mode (e.g. ``segment | prefix | prompt``) of every layer that has
+        routing modes; such a layer rejects a mode it does not know."""
+        for ffn in self.ffns():
+            if ffn.capabilities.routing_modes:
+                ffn.routing = mode
 
     @contextmanager
-    def inference(self, lory_routing: str | None = None):
-        """Eval mode, and optionally a Lory routing mode, inside the block; both restored after."""
+    def inference(self, routing: str | None = None):
+        """Eval mode, and optionally a routing mode (:meth:`set_routing`), inside the block; both
+        restored after."""
         was_training = self.training
-        previous = {layer: layer.routing for _, layer in self.moe_layers() if isinstance(layer, LoryMoE)}
+        previous = {ffn: ffn.routing for ffn in self.ffns() if ffn.capabilities.routing_modes}
         self.eval()
-        if lory_routing is not None:
-            self.set_lory_routing(lory_routing)
+        if routing is not None:
+            self.set_routing(routing)
         try:
             yield self
         finally:
             self.train(was_training)
-            for layer, mode in previous.items():
-                layer.routing = mode
+            for ffn, mode in previous.items():
+                ffn.routing = mode
 
     @torch.no_grad()
     def dense_to_moe(self, dense: "Decoder") -> None:
-        """Lory's dense warm-up switch: copy a dense model of the same shape into this model, every
+        """The dense warm-up's switch: copy a dense model of the same shape into this model, every
         FFN into every expert of the matching MoE layer (routers keep their random init)."""
         own = {k: v for k, v in self.state_dict().items()}
         for name, value in dense.state_dict().items():
@@ -201,7 +203,7 @@ class Decoder(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and active parameters per token (each MoE layer counts
-        ``experts_per_token`` of its experts: Lory 1, the merged expert)."""
+        ``experts_per_token`` of its experts: 1 for a merged expert, k for top-k)."""
         total = sum(p.numel() for p in self.parameters())
         inactive = 0.0
         for _, layer in self.moe_layers():

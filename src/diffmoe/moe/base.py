@@ -1,112 +1,92 @@
-"""What every MoE layer shares: a router, the experts, auxiliary losses and routing statistics.
+"""The MoE layer every routing family builds on: router, experts, and the forward that wires them.
 
-A layer is called as ``layer(x)`` with x [batch, seq, d_model] and returns [batch, seq, d_model].
-After each forward:
+A layer is called as ``layer(x)`` with x [batch, seq, d_model] and returns [batch, seq, d_model]. A
+family implements ``route`` (which experts, with which weights: a :class:`~diffmoe.moe.routing.Routing`);
+the base class runs the experts on it and records, after each forward:
 
-- ``layer.aux_losses``: dict name -> unscaled scalar loss (e.g. ``balance``, ``z``), with graph;
+- ``layer.aux_losses``: dict name -> unscaled scalar loss (``balance``, ``z``), with graph;
 - ``layer.aux_loss``: the scaled sum to add to the LM loss (a zero tensor when there is none);
-- ``layer.stats``: dict name -> detached tensor for logging and analysis (``load`` [E] is the
-  fraction of routing mass or assignments per expert, ``mean_weight`` [E] the mean router
-  probability; each family adds its own, see the layer's docstring).
+- ``layer.stats``: dict name -> detached tensor for logging and analysis
+  (:func:`~diffmoe.moe.routing.routing_stats`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..schema import check, positive_int
 from .experts import Experts
-
-
-@dataclass
-class RoutingContext:
-    """Per-call routing information the decoder passes to every FFN (only Lory reads it).
-
-    prompt_len: Lory ``prompt`` routing routes on the mean of the first ``prompt_len`` positions of
-        the input (default: all of them), so a full forward can reproduce generation's routing.
-    state: a dict owned by the layer that persists across the calls of one incremental decoding
-        (it lives in the KV cache); None for an ordinary forward.
-    """
-
-    prompt_len: int | None = None
-    state: dict | None = None
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """x in at least float32: router inputs and segment means are accumulated in it."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def check_arg(cond: bool, name: str, value, why: str) -> None:
-    """Raise ConfigError naming the argument (layers use the config field names)."""
-    if not cond:
-        raise ConfigError(f"invalid config: {name}={value!r}: {why}")
+from .router import Router
+from .routing import Capabilities, Routing, RoutingContext, auxiliary_losses, routing_stats
 
 
 class MoELayer(nn.Module):
-    """Base class: ``router`` (nn.Linear d_model -> E, no bias) and ``experts`` (stacked SwiGLU)."""
+    """Base class: ``router`` (:class:`Router`, d_model -> E), ``experts`` (:class:`Experts`).
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int):
+    balance_coef, z_loss_coef: weights of the auxiliary losses in ``aux_loss`` (families whose routing
+    sets ``logits``); global_balance: all-reduce the balance loss's counts over the data-parallel ranks;
+    dispatch_impl: how dispatched tokens run (:func:`diffmoe.moe.dispatch.resolve_impl`).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, balance_coef: float = 0.0,
+                 z_loss_coef: float = 0.0, global_balance: bool = False, dispatch_impl: str = "auto"):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
-            check_arg(isinstance(value, int) and value >= 1, name, value, "must be a positive integer")
+            check(positive_int(value), name, value, "must be a positive integer")
         self.d_model, self.d_ff, self.num_experts = d_model, d_ff, num_experts
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.router = Router(d_model, num_experts)
         self.experts = Experts(num_experts, d_model, d_ff)
+        self.balance_coef, self.z_loss_coef, self.global_balance = balance_coef, z_loss_coef, global_balance
+        self.dispatch_impl = dispatch_impl
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: dict[str, torch.Tensor] = {}
         self.experts_per_token = 1.0  # experts whose FLOPs a token costs on average; set by each family
         nn.init.normal_(self.router.weight, std=0.02)
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits in at least float32 (routing math is precision-sensitive). x [..., d] -> [..., E]."""
-        x = upcast(x)
-        return F.linear(x, self.router.weight.to(x.dtype))
+    @classmethod
+    def from_config(cls, d_model: int, d_ff: int, moe, config) -> "MoELayer":
+        """The registry's constructor, from the shared MoE config (``moe``: num_experts, and d_ff when set)
+        and the family's own config, whose fields are this class's keyword arguments. Families that take
+        shared options as well (loss coefficients, dispatch) override it."""
+        options = dataclasses.asdict(config) if config is not None else {}
+        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, **options)
 
-    def _set_aux(self, losses: dict[str, tuple[torch.Tensor, float]], ref: torch.Tensor) -> None:
-        """Record unscaled losses and their coefficient-weighted sum (skipping zero coefficients)."""
-        self.aux_losses = {name: value for name, (value, _) in losses.items()}
-        total = ref.new_zeros((), dtype=torch.float32)
-        for value, coef in losses.values():
-            if coef:
-                total = total + coef * value
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None, router_std: float | None = None) -> None:
+        """Experts ~ N(0, std) (w2: out_std), router ~ N(0, router_std or std)."""
+        self.experts.reset_parameters(std, out_std)
+        nn.init.normal_(self.router.weight, std=router_std or std)
+
+    # ------------------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """Which experts, with which weights, for x [B, L, d]. Implemented by each family."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
+        """x [B, L, d] -> [B, L, d]."""
+        B, L, d = x.shape
+        routing = self.route(x, ctx or RoutingContext())
+        if routing.segment_weights is not None:
+            y = self.experts.forward_merged(routing.inputs, routing.segment_weights)
+        else:
+            y = self.experts(routing.inputs, routing.token_idx, routing.expert_idx, routing.gate, self.dispatch_impl)
+        self.record(routing)
+        return y.reshape(B, -1, d)[:, :L]
+
+    def record(self, routing: Routing) -> None:
+        """Set ``aux_losses``, ``aux_loss`` and ``stats`` from one call's routing."""
+        self.aux_losses = auxiliary_losses(routing, self.global_balance)
+        coefs = {"balance": self.balance_coef, "z": self.z_loss_coef}
+        total = routing.inputs.new_zeros((), dtype=torch.float32)
+        for name, value in self.aux_losses.items():
+            if coefs[name]:
+                total = total + coefs[name] * value
         self.aux_loss = total
-
-
-def balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, global_counts: bool) -> torch.Tensor:
-    """Switch / GShard load-balancing loss ``E * sum_i f_i * P_i`` (unscaled; 1.0 when uniform).
-
-    probs: [N, E] full softmax router probabilities; P_i = probs[:, i].mean().
-    expert_idx: [A] chosen expert of every assignment; f_i = share of assignments to expert i.
-    With ``global_counts`` and an initialised process group, the counts are all-reduced across ranks
-    before f is formed (GRIN's global balance); P and the gradient stay local.
-    Note: transformers' Mixtral loss uses per-slot token fractions, i.e. k times this value for top-k.
-    """
-    E = probs.shape[-1]
-    counts = torch.bincount(expert_idx, minlength=E).to(probs.dtype)
-    if global_counts and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    f = counts / counts.sum().clamp(min=1)
-    return E * (f * probs.mean(0)).sum()
-
-
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(z)^2. logits [N, E] -> scalar."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
-
-
-def token_choice_stats(probs: torch.Tensor, expert_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Detached statistics shared by token-choice families. probs [N, E]; expert_idx [A]."""
-    E = probs.shape[-1]
-    counts = torch.bincount(expert_idx.detach(), minlength=E).float()
-    return {
-        "load": counts / counts.sum().clamp(min=1),
-        "mean_weight": probs.detach().mean(0),
-        "entropy": -(probs.detach() * probs.detach().clamp_min(1e-20).log()).sum(-1).mean(),
-    }
+        self.stats = routing_stats(routing, self.num_experts)

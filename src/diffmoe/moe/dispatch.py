@@ -10,11 +10,15 @@ expert, with a hand-written backward (the CPU path, where working in cache pays)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from .experts import Experts
+if TYPE_CHECKING:
+    from .experts import Experts
 
+DISPATCH_IMPLS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..config import EC_GRANULARITY
-from .base import MoELayer, RoutingContext, check_arg, upcast
-from .dispatch import dispatch
+from ..schema import check, positive_int
+from .base import MoELayer
+from .routing import Capabilities, Routing, RoutingContext, segment_means
+
+GRANULARITY = ("token", "segment")
+
+
+@dataclass
+class ExpertChoiceConfig:
+    """Expert choice routing (Zhou et al. 2022)."""
+
+    capacity_factor: float = 1.0
+    """c: each expert takes n * c / E tokens (or segments). The EC paper uses 2, Lory's comparison 1."""
+    granularity: str = "token"
+    """``token``: each expert picks tokens; ``segment``: each expert picks whole segments."""
+    segment_len: int = 256
+
+    def validate(self, num_experts: int | None = None) -> None:
+        check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, "must be positive")
+        check(self.granularity in GRANULARITY, "granularity", self.granularity,
+              f"choose one of {', '.join(GRANULARITY)}")
+        check(positive_int(self.segment_len), "segment_len", self.segment_len, "must be an integer >= 1")
 
 
 def expert_capacity(n: int, capacity_factor: float, num_experts: int) -> int:
@@ -33,8 +51,8 @@ class ExpertChoiceMoE(MoELayer):
     decode one token at a time as trained; it is provided as the Lory paper's baseline, not as a
     causal layer.
 
-    Stats: ``load`` [E] (share of assignments, uniform by construction), ``mean_weight`` [E],
-    ``unrouted`` (share of tokens, or segments, that no expert chose).
+    Stats: the shared ones (``load`` is uniform by construction) and ``unrouted`` (share of tokens, or
+    segments, that no expert chose).
     """
 
     def __init__(
@@ -47,33 +65,35 @@ class ExpertChoiceMoE(MoELayer):
         segment_len: int = 256,
         dispatch_impl: str = "auto",
     ):
-        super().__init__(d_model, d_ff, num_experts)
-        check_arg(capacity_factor > 0, "capacity_factor", capacity_factor, "must be positive")
-        check_arg(granularity in EC_GRANULARITY, "granularity", granularity,
-                  f"choose one of {', '.join(EC_GRANULARITY)}")
-        check_arg(isinstance(segment_len, int) and segment_len >= 1, "segment_len", segment_len,
-                  "must be an integer >= 1")
+        ExpertChoiceConfig(capacity_factor, granularity, segment_len).validate(num_experts)
+        super().__init__(d_model, d_ff, num_experts, dispatch_impl=dispatch_impl)
         self.capacity_factor, self.granularity, self.segment_len = capacity_factor, granularity, segment_len
-        self.dispatch_impl = dispatch_impl
         self.experts_per_token = capacity_factor
 
-    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
+    @classmethod
+    def from_config(cls, d_model, d_ff, moe, config: ExpertChoiceConfig) -> "ExpertChoiceMoE":
+        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config.capacity_factor, config.granularity,
+                   config.segment_len, moe.dispatch)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        segments = self.granularity == "segment"
+        return Capabilities(causal_from=None, segment_len=self.segment_len if segments else None,
+                            incremental_decoding=False)
+
+    def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         B, L, d = x.shape
         T = self.segment_len if self.granularity == "segment" else 1
-        N = math.ceil(L / T)
-        xp = F.pad(x, (0, 0, 0, N * T - L)).view(B * N, T, d)  # items: tokens (T=1) or segments
-        counts = (L - torch.arange(N, device=x.device) * T).clamp(max=T).repeat(B)  # tokens per item
-        scores = self.router_logits(upcast(xp).sum(1) / counts.unsqueeze(1)).softmax(-1)  # [items, E]
-        cap = expert_capacity(B * N, self.capacity_factor, self.num_experts)
-        gate, item = scores.t().topk(cap, dim=-1)  # [E, cap] each expert's chosen items
+        xp, means = segment_means(x, T)  # items: tokens (T=1) or segments, [B, N, T, d] and [B, N, d]
+        items = B * xp.shape[1]
+        scores = self.router(means.reshape(items, d)).softmax(-1)  # [items, E]
         E = self.num_experts
-        expert_idx = torch.arange(E, device=x.device).repeat_interleave(cap * T)
+        cap = expert_capacity(items, self.capacity_factor, E)
+        gate, item = scores.t().topk(cap, dim=-1)  # [E, cap] each expert's chosen items
+        chosen = torch.arange(E, device=x.device).repeat_interleave(cap)  # the expert of each selection
         token_idx = (item.reshape(-1, 1) * T + torch.arange(T, device=x.device)).reshape(-1)
-        y = dispatch(xp.reshape(-1, d), self.experts, token_idx, expert_idx,
-                     gate.reshape(-1).repeat_interleave(T), self.dispatch_impl)
-        self._set_aux({}, x)
-        chosen = torch.zeros(B * N, dtype=torch.bool, device=x.device)
-        chosen[item.reshape(-1)] = True
-        self.stats = {"load": torch.full((E,), 1.0 / E, device=x.device), "mean_weight": scores.detach().mean(0),
-                      "unrouted": 1.0 - chosen.float().mean()}
-        return y.view(B, N * T, d)[:, :L]
+        selected = torch.zeros(items, dtype=torch.bool, device=x.device)
+        selected[item.reshape(-1)] = True
+        return Routing(inputs=xp.reshape(-1, d), probs=scores, token_idx=token_idx,
+                       expert_idx=chosen.repeat_interleave(T), gate=gate.reshape(-1).repeat_interleave(T),
+                       chosen=chosen, extra_stats={"unrouted": 1.0 - selected.float().mean()})

@@ -7,20 +7,50 @@ on the tokens (see :mod:`diffmoe.moe.merge`).
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..config import LORY_FIRST_SEGMENT, LORY_ROUTING
-from .base import MoELayer, RoutingContext, check_arg, upcast
-from .merge import Merged, merge_experts, merged_swiglu, segment_merged_swiglu
+from ..schema import check, positive_int
+from .base import MoELayer
+from .merge import Merged, merged_swiglu
+from .routing import Capabilities, Routing, RoutingContext, segment_means, upcast
+
+FIRST_SEGMENT = ("uniform", "own_mean")
+ROUTING = ("segment", "prefix", "prompt")
+
+
+@dataclass
+class LoryConfig:
+    """Lory expert merging (arXiv 2405.03133)."""
+
+    segment_len: int = 256
+    """T: tokens per routing segment (paper: 256)."""
+    first_segment: str = "uniform"
+    """Routing of segment 1, which has no predecessor. ``uniform``: weights 1/E (strictly causal,
+    the default; see ``LoryMoE``). ``own_mean``: the paper's rule, the segment's own mean with a
+    stop-gradient on its routing weights (tokens of segment 1 then see later tokens of segment 1)."""
+    routing: str = "segment"
+    """``segment``: causal segment routing (training and evaluation). ``prefix``: route once from
+    segment 1 for the whole sequence (the paper's ablation). ``prompt``: route once on the mean of the
+    prompt and decode as a dense model (generation)."""
+
+    def validate(self, num_experts: int | None = None) -> None:
+        check(positive_int(self.segment_len), "segment_len", self.segment_len,
+              "segment length T must be an integer >= 1")
+        check(self.first_segment in FIRST_SEGMENT, "first_segment", self.first_segment,
+              f"choose one of {', '.join(FIRST_SEGMENT)}")
+        check_routing(self.routing)
+
+
+def check_routing(mode: str) -> None:
+    check(mode in ROUTING, "routing", mode, f"choose one of {', '.join(ROUTING)}")
 
 
 class LoryMoE(MoELayer):
     """Lory MoE layer. x [B, L, d] -> [B, L, d].
 
-    Routing modes (``routing``, settable per call site, e.g. ``model.set_lory_routing``):
+    Routing modes (``routing``, settable per call site, e.g. ``model.set_routing``):
 
     - ``segment`` (training and evaluation): cut each sequence into N = ceil(L / T) segments of
       ``segment_len`` T tokens (the last may be shorter). Segment k > 1 uses the expert merged from
@@ -45,9 +75,9 @@ class LoryMoE(MoELayer):
     ``prefix`` modes with ``own_mean``, segment 1 is routed on the part of it the first call sees (the
     prompt) and keeps those weights, which equals the full forward when the prompt covers segment 1.
 
-    Stats: ``mean_weight`` [E] (= ``load``), ``usage`` [E] (share of routed segments whose weight for
-    the expert exceeds 2/E, the paper's utilisation), ``entropy``, and ``routing_weights`` [B, N, E],
-    the weights each segment was processed with (for analysis per domain).
+    Stats: the shared ones for merged experts (``load`` = ``mean_weight``, ``usage`` [E]: share of
+    routed segments whose weight for the expert exceeds 2/E, the paper's utilisation; ``entropy``;
+    ``routed_weights``) and ``routing_weights`` [B, N, E], the weights each segment was processed with.
     """
 
     def __init__(
@@ -59,11 +89,8 @@ class LoryMoE(MoELayer):
         first_segment: str = "uniform",
         routing: str = "segment",
     ):
+        LoryConfig(segment_len, first_segment, routing).validate(num_experts)
         super().__init__(d_model, d_ff, num_experts)
-        check_arg(isinstance(segment_len, int) and segment_len >= 1, "segment_len", segment_len,
-                  "segment length T must be an integer >= 1")
-        check_arg(first_segment in LORY_FIRST_SEGMENT, "first_segment", first_segment,
-                  f"choose one of {', '.join(LORY_FIRST_SEGMENT)}")
         self.segment_len, self.first_segment = segment_len, first_segment
         self.routing = routing
 
@@ -73,22 +100,37 @@ class LoryMoE(MoELayer):
 
     @routing.setter
     def routing(self, mode: str) -> None:
-        check_arg(mode in LORY_ROUTING, "routing", mode, f"choose one of {', '.join(LORY_ROUTING)}")
+        check_routing(mode)
         self._routing = mode
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(causal_from=self.segment_len if self.first_segment == "own_mean" else 0,
+                            routing_modes=ROUTING, segment_len=self.segment_len)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
-        ctx = ctx or RoutingContext()
-        self._set_aux({}, x)
-        if ctx.state is not None:
+        if ctx is not None and ctx.state is not None:
             return self._forward_cached(x, ctx)
+        return super().forward(x, ctx)
+
+    def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         if self.routing == "prompt":
-            return self._forward_prompt(x, ctx.prompt_len)
-        return self._forward_segments(x)
+            return self._prompt_routing(x, ctx.prompt_len)
+        B, L, d = x.shape
+        E = self.num_experts
+        xp, means = segment_means(x, self.segment_len)  # [B, N, T, d], [B, N, d]
+        N = xp.shape[1]
+        probs = self._probs(means)  # [B, N, E]
+        source = probs[:, :-1] if self.routing == "segment" else probs[:, :1].expand(B, N - 1, E)
+        weights = torch.cat([self._first_weights(probs[:, 0]).unsqueeze(1), source], 1)  # [B, N, E]
+        routed_from = 0 if self.first_segment == "own_mean" else 1
+        return Routing(inputs=xp.reshape(B * N, -1, d), probs=weights[:, routed_from:],
+                       segment_weights=weights.reshape(B * N, E), extra_stats={"routing_weights": weights})
 
     def _probs(self, means: torch.Tensor) -> torch.Tensor:
         """Routing weights softmax(router(means)) in at least float32. means [..., d] -> [..., E]."""
-        return self.router_logits(means).softmax(-1)
+        return self.router(means).softmax(-1)
 
     def _first_weights(self, probs0: torch.Tensor) -> torch.Tensor:
         """Weights of segment 1 given its own routing probabilities [B, E]."""
@@ -96,40 +138,24 @@ class LoryMoE(MoELayer):
             return torch.full_like(probs0, 1.0 / self.num_experts)
         return probs0.detach()
 
-    def _forward_segments(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, d = x.shape
-        T, E = self.segment_len, self.num_experts
-        N = math.ceil(L / T)
-        xp = F.pad(x, (0, 0, 0, N * T - L)).view(B, N, T, d)
-        counts = (L - torch.arange(N, device=x.device) * T).clamp(max=T)  # tokens per segment [N]
-        means = upcast(xp).sum(2) / counts.view(1, N, 1)  # [B, N, d]
-        probs = self._probs(means)  # [B, N, E]
-        source = probs[:, :-1] if self.routing == "segment" else probs[:, :1].expand(B, N - 1, E)
-        weights = torch.cat([self._first_weights(probs[:, 0]).unsqueeze(1), source], 1)  # [B, N, E]
-        y = segment_merged_swiglu(xp.reshape(B * N, T, d), weights.reshape(B * N, E), self.experts)
-        self._record(weights, routed_from=0 if self.first_segment == "own_mean" else 1)
-        return y.view(B, N * T, d)[:, :L]
-
-    def _forward_prompt(self, x: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
-        return merged_swiglu(x, merge_experts(self._prompt_weights(x, prompt_len), self.experts))
-
-    def _prompt_weights(self, x: torch.Tensor, prompt_len: int | None) -> torch.Tensor:
-        """Routing weights [B, E] from the mean of the first ``prompt_len`` positions (default all)."""
+    def _prompt_routing(self, x: torch.Tensor, prompt_len: int | None) -> Routing:
+        """One merged expert per sequence, from the mean of its first ``prompt_len`` positions (default all)."""
         L = x.shape[1]
         P = L if prompt_len is None else prompt_len
-        check_arg(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
-        weights = self._probs(upcast(x[:, :P]).mean(1))
-        self._record(weights.unsqueeze(1), routed_from=0)
-        return weights
+        check(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
+        weights = self._probs(upcast(x[:, :P]).mean(1))  # [B, E]
+        return Routing(inputs=x, probs=weights, segment_weights=weights, extra_stats={"routing_weights": weights[:, None]})
 
     # ------------------------------------------------------------------------------------------
     def _forward_cached(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """Incremental decoding: x [B, L, d] continues the positions seen by earlier calls."""
         st = ctx.state
+        self.aux_losses, self.aux_loss = {}, x.new_zeros((), dtype=torch.float32)
         if self.routing == "prompt":
             if "merged" not in st:
-                weights = self._prompt_weights(x, ctx.prompt_len)
-                st["merged"] = _detach_merged(merge_experts(weights, self.experts))
+                routing = self._prompt_routing(x, ctx.prompt_len)
+                self.record(routing)
+                st["merged"] = _detach_merged(self.experts.merge(routing.segment_weights))
             return merged_swiglu(x, st["merged"])
         T = self.segment_len
         if "pos" not in st:
@@ -143,7 +169,7 @@ class LoryMoE(MoELayer):
                     weights = self._first_weights(self._probs(upcast(piece).mean(1)))
                 else:
                     weights = st["next_weights"]
-                st["merged"] = _detach_merged(merge_experts(weights, self.experts))
+                st["merged"] = _detach_merged(self.experts.merge(weights))
             outs.append(merged_swiglu(piece, st["merged"]))
             st["seg_sum"] += upcast(piece).sum(1)
             st["pos"] += end - start
@@ -156,19 +182,6 @@ class LoryMoE(MoELayer):
                 del st["merged"]
             start = end
         return torch.cat(outs, 1)
-
-    def _record(self, weights: torch.Tensor, routed_from: int) -> None:
-        """Statistics from the weights segments were processed with. weights [B, N, E]."""
-        E = self.num_experts
-        w = weights.detach()
-        routed = w[:, routed_from:].reshape(-1, E)
-        self.stats = {"routing_weights": w}
-        if routed.numel():
-            mean = routed.mean(0)
-            self.stats.update(
-                mean_weight=mean, load=mean, usage=(routed > 2.0 / E).float().mean(0),
-                entropy=-(routed * routed.clamp_min(1e-20).log()).sum(-1).mean(),
-            )
 
 
 def _detach_merged(merged: Merged) -> Merged:

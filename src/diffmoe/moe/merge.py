@@ -8,10 +8,13 @@ backward (e^T G for the experts, G W^T for the weights).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from .experts import Experts
+if TYPE_CHECKING:
+    from .experts import Experts
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -21,12 +21,32 @@ again in the router).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import MoELayer, RoutingContext, balance_loss, check_arg, token_choice_stats, z_loss
-from .dispatch import dispatch
+from ..schema import check, positive_int
+from .base import MoELayer
+from .routing import Capabilities, Routing, RoutingContext
 
 HEUN_P_ONE = 0.25  # probability that s = 1 when the sampled expert is not the band's argmax
+
+
+@dataclass
+class SparseMixerConfig:
+    """SparseMixer-v2 top-2 routing (GRIN, arXiv 2409.12136)."""
+
+    jitter_eps: float = 0.01
+    """Band half-width: expert i stays in the band when (z* - z_i) / max(|z_i|, z*) <= 2 * jitter_eps."""
+    input_jitter_eps: float = 0.01
+    """Training only: the layer input is multiplied by U(1 - eps, 1 + eps). 0 disables it."""
+
+    def validate(self, num_experts: int | None = None) -> None:
+        """Check the fields; given ``num_experts`` (the family is in use), also that there are two."""
+        if positive_int(num_experts):
+            check(num_experts >= 2, "num_experts", num_experts, "SparseMixer-v2 routes to 2 experts and needs at least 2")
+        check(self.jitter_eps >= 0, "jitter_eps", self.jitter_eps, "must be >= 0")
+        check(0 <= self.input_jitter_eps < 1, "input_jitter_eps", self.input_jitter_eps, "must be in [0, 1)")
 
 
 class HeunMultiplier(torch.autograd.Function):
@@ -101,8 +121,8 @@ class SparseMixerMoE(MoELayer):
     Losses: ``balance`` = E * sum_i f_i P_i (f over both slots' assignments, all-reduced across
     data-parallel ranks when ``global_balance``; P from the full softmax) with ``balance_coef``;
     router ``z`` loss with ``z_loss_coef``.
-    Stats: ``load`` [E], ``mean_weight`` [E], ``entropy``, and ``band_multi`` [2]: the share of tokens
-    whose band holds more than one expert, per slot (only those send task gradient to the router).
+    Stats: the shared ones and ``band_multi`` [2]: the share of tokens whose band holds more than one
+    expert, per slot (only those send task gradient to the router).
     """
 
     def __init__(
@@ -117,30 +137,29 @@ class SparseMixerMoE(MoELayer):
         global_balance: bool = True,
         dispatch_impl: str = "auto",
     ):
-        super().__init__(d_model, d_ff, num_experts)
-        check_arg(num_experts >= 2, "num_experts", num_experts, "SparseMixer-v2 is top-2: needs at least 2")
-        check_arg(jitter_eps >= 0, "jitter_eps", jitter_eps, "must be >= 0")
-        check_arg(0 <= input_jitter_eps < 1, "input_jitter_eps", input_jitter_eps, "must be in [0, 1)")
+        SparseMixerConfig(jitter_eps, input_jitter_eps).validate(num_experts)
+        super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
         self.jitter_eps, self.input_jitter_eps = jitter_eps, input_jitter_eps
-        self.balance_coef, self.z_loss_coef, self.global_balance = balance_coef, z_loss_coef, global_balance
-        self.dispatch_impl = dispatch_impl
         self.experts_per_token = 2.0
 
-    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
-        B, L, d = x.shape
-        xf = x.reshape(-1, d)
+    @classmethod
+    def from_config(cls, d_model, d_ff, moe, config: SparseMixerConfig) -> "SparseMixerMoE":
+        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config.jitter_eps, config.input_jitter_eps,
+                   moe.balance_coef, moe.z_loss_coef, moe.global_balance, moe.dispatch)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(global_counts=self.global_balance, dense_gradients=False)
+
+    def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
+        xf = x.reshape(-1, x.shape[-1])  # [N, d]
         if self.training and self.input_jitter_eps > 0:
             noise = torch.empty_like(xf).uniform_(1.0 - self.input_jitter_eps, 1.0 + self.input_jitter_eps)
             xf = xf * noise
-        N = xf.shape[0]
-        logits = self.router_logits(xf)  # [N, E] float32
+        logits = self.router(xf)  # [N, E] float32
         mult, idx, band_size = sparsemixer_route(logits, self.jitter_eps, self.training)
-        token_idx = torch.arange(N, device=x.device).repeat_interleave(2)
+        token_idx = torch.arange(xf.shape[0], device=x.device).repeat_interleave(2)
         expert_idx = idx.reshape(-1)
-        y = dispatch(xf, self.experts, token_idx, expert_idx, mult.reshape(-1), self.dispatch_impl)
-        probs = logits.softmax(-1)
-        self._set_aux({"balance": (balance_loss(probs, expert_idx, self.global_balance), self.balance_coef),
-                       "z": (z_loss(logits), self.z_loss_coef)}, x)
-        self.stats = token_choice_stats(probs, expert_idx)
-        self.stats["band_multi"] = (band_size > 1).float().mean(0)
-        return y.view(B, L, d)
+        return Routing(inputs=xf, probs=logits.softmax(-1), token_idx=token_idx, expert_idx=expert_idx,
+                       gate=mult.reshape(-1), chosen=expert_idx, logits=logits,
+                       extra_stats={"band_multi": (band_size > 1).float().mean(0)})

@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import MoELayer, RoutingContext, balance_loss, check_arg, token_choice_stats, z_loss
-from .dispatch import dispatch
+from ..schema import check, positive_int
+from .base import MoELayer
+from .routing import Capabilities, Routing, RoutingContext
+
+
+@dataclass
+class TopKConfig:
+    """Top-k token choice (Switch k=1, GShard / Mixtral k=2)."""
+
+    top_k: int = 2
+    renormalize: bool = True
+    """Mixtral renormalises the k gates to sum to 1; Switch / GShard keep the raw softmax values."""
+    capacity_factor: float | None = None
+    """None: dropless. A number c: each expert takes at most ceil(c * tokens * k / E) assignments,
+    the overflow is dropped (its slot contributes zero; the residual carries the token)."""
+
+    def validate(self, num_experts: int | None = None) -> None:
+        """Check the fields; given ``num_experts`` (the family is in use), also top_k <= num_experts."""
+        check(positive_int(self.top_k), "top_k", self.top_k, "must be a positive integer")
+        if positive_int(num_experts):
+            check(self.top_k <= num_experts, "top_k", self.top_k, f"must be at most num_experts={num_experts}")
+        if self.capacity_factor is not None:
+            check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
+                  "must be positive or null (dropless)")
 
 
 def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -29,13 +52,13 @@ class TopKMoE(MoELayer):
 
     p = softmax(router(x)); each token goes to its k most probable experts with gates p (Switch /
     GShard, ``renormalize=False``) or p renormalised over the k (Mixtral, ``renormalize=True``).
-    Losses: ``balance`` = E * sum_i f_i P_i (f over assignments; see :func:`balance_loss`) with
-    ``balance_coef``, and the router ``z`` loss with ``z_loss_coef``.
-    ``capacity_factor`` c (optional) caps each expert at ceil(c * N * k / E) assignments, GShard order;
-    dropped slots contribute nothing (the residual carries the token).
+    Losses: ``balance`` = E * sum_i f_i P_i (f over assignments; see
+    :func:`~diffmoe.moe.routing.balance_loss`) with ``balance_coef``, and the router ``z`` loss with
+    ``z_loss_coef``. ``capacity_factor`` c (optional) caps each expert at ceil(c * N * k / E)
+    assignments, GShard order; dropped slots contribute nothing (the residual carries the token).
 
-    Stats: ``load`` [E] (share of assignments, before dropping), ``mean_weight`` [E], ``entropy``,
-    ``dropped`` (share of assignments dropped).
+    Stats: the shared ones (``load`` counts assignments before dropping) and ``dropped`` (share of
+    assignments dropped).
     """
 
     def __init__(
@@ -51,35 +74,37 @@ class TopKMoE(MoELayer):
         global_balance: bool = True,
         dispatch_impl: str = "auto",
     ):
-        super().__init__(d_model, d_ff, num_experts)
-        check_arg(isinstance(top_k, int) and 1 <= top_k <= num_experts, "top_k", top_k,
-                  f"must be between 1 and num_experts={num_experts}")
-        check_arg(capacity_factor is None or capacity_factor > 0, "capacity_factor", capacity_factor,
-                  "must be positive or None (dropless)")
+        TopKConfig(top_k, renormalize, capacity_factor).validate(num_experts)
+        super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
         self.top_k, self.renormalize, self.capacity_factor = top_k, renormalize, capacity_factor
-        self.balance_coef, self.z_loss_coef, self.global_balance = balance_coef, z_loss_coef, global_balance
-        self.dispatch_impl = dispatch_impl
         self.experts_per_token = float(top_k)
 
-    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
-        B, L, d = x.shape
-        xf = x.reshape(-1, d)
+    @classmethod
+    def from_config(cls, d_model, d_ff, moe, config: TopKConfig) -> "TopKMoE":
+        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config.top_k, config.renormalize,
+                   config.capacity_factor, moe.balance_coef, moe.z_loss_coef, moe.global_balance, moe.dispatch)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        dropless = self.capacity_factor is None  # a capacity makes a token's slots depend on the batch
+        return Capabilities(causal_from=0 if dropless else None, global_counts=self.global_balance,
+                            incremental_decoding=dropless, dense_gradients=False)
+
+    def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
+        xf = x.reshape(-1, x.shape[-1])  # [N, d]
         N = xf.shape[0]
-        logits = self.router_logits(xf)  # [N, E] float32
+        logits = self.router(xf)  # [N, E] float32
         probs = logits.softmax(-1)
         gate, idx = probs.topk(self.top_k, dim=-1)  # [N, k]
         if self.renormalize:
             gate = gate / gate.sum(-1, keepdim=True)
         token_idx = torch.arange(N, device=x.device).repeat_interleave(self.top_k)
-        expert_idx, flat_gate = idx.reshape(-1), gate.reshape(-1)
-        stats = token_choice_stats(probs, expert_idx)
+        chosen, flat_gate = idx.reshape(-1), gate.reshape(-1)
+        expert_idx, extra = chosen, {}
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * N * self.top_k / self.num_experts)
             keep = capacity_keep_mask(idx, self.num_experts, capacity).reshape(-1)
-            token_idx, expert_idx, flat_gate = token_idx[keep], expert_idx[keep], flat_gate[keep]
-            stats["dropped"] = 1.0 - keep.float().mean()
-        y = dispatch(xf, self.experts, token_idx, expert_idx, flat_gate, self.dispatch_impl)
-        self._set_aux({"balance": (balance_loss(probs, idx.reshape(-1), self.global_balance), self.balance_coef),
-                       "z": (z_loss(logits), self.z_loss_coef)}, x)
-        self.stats = stats
-        return y.view(B, L, d)
+            token_idx, expert_idx, flat_gate = token_idx[keep], chosen[keep], flat_gate[keep]
+            extra["dropped"] = 1.0 - keep.float().mean()
+        return Routing(inputs=xf, probs=probs, token_idx=token_idx, expert_idx=expert_idx, gate=flat_gate,
+                       chosen=chosen, logits=logits, extra_stats=extra)

@@ -147,11 +147,26 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class Checkpointer:
+    """The checkpoints of one run: rank 0 writes them (every rank holds the same state), keeping the
+    newest ``keep``; any rank reads them."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int, is_main: bool = True):
+        self.run_dir, self.keep, self.is_main = Path(run_dir), keep, is_main
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
+        if self.is_main:
+            save_checkpoint(self.run_dir, step, model, optimizer, trainer_state, self.keep)
+
+
 def load_run(run_dir, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
     """The trained model of a run directory: (RunConfig, Decoder in eval mode, checkpoint path).
 
-    Uses ``checkpoint`` or the run's newest checkpoint; a run stopped during Lory's dense warm-up
-    loads as its dense model.
+    Uses ``checkpoint`` or the run's newest checkpoint; a run stopped during the dense warm-up loads as
+    its dense model.
     """
     import dataclasses
 

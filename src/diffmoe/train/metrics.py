@@ -1,39 +1,36 @@
-"""Run logs: one JSON object per line in ``metrics.jsonl`` (and TensorBoard scalars when available),
-and the per-layer routing metrics read from the MoE layers' ``stats``."""
+"""Run logs: one JSON object per line in ``metrics.jsonl`` (and TensorBoard scalars when available).
+
+:class:`MetricsLogger` is what the trainer logs (train, routing and eval records); :class:`RunLogger`
+writes records; :func:`routing_metrics` reads the MoE layers' ``stats``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
-import torch
-
 from ..atomic import write_text_atomic
-from ..moe import LoryMoE
 
 
 def routing_metrics(model) -> dict[str, float | list[float]]:
     """Per-layer routing statistics of the last forward pass, flattened to ``layer{i}.{name}``.
 
-    load: share of assignments (token choice) or of routing mass (Lory) per expert (a list);
-    entropy: mean routing entropy; experts_in_use: experts above the usage threshold (token choice:
-    load > 1/(2E); Lory: weight > 2/E in at least one segment, the paper's criterion);
-    band_multi_slot1/2 (SparseMixer): share of tokens whose band holds more than one expert.
+    load: share of assignments (discrete routing) or of routing mass (merged experts) per expert (a
+    list); entropy: mean routing entropy; experts_in_use: experts in use by the layer's own criterion
+    (see :func:`diffmoe.moe.routing.routing_stats`); band_multi_slot1/2, where a layer reports
+    ``band_multi``: share of tokens whose band holds more than one expert.
     """
     out: dict[str, float | list[float]] = {}
     for i, layer in model.moe_layers():
-        st, E = layer.stats, layer.num_experts
+        st = layer.stats
         if "load" not in st:
             continue
-        load = st["load"].float().cpu()
-        out[f"layer{i}.load"] = [round(v, 5) for v in load.tolist()]
+        out[f"layer{i}.load"] = [round(v, 5) for v in st["load"].float().cpu().tolist()]
         if "entropy" in st:
             out[f"layer{i}.entropy"] = float(st["entropy"])
-        if isinstance(layer, LoryMoE):
-            out[f"layer{i}.experts_in_use"] = int((st["usage"] > 0).sum())
-        else:
-            out[f"layer{i}.experts_in_use"] = int((load > 1 / (2 * E)).sum())
+        out[f"layer{i}.experts_in_use"] = int(st["experts_in_use"])
         if "band_multi" in st:
             slot1, slot2 = st["band_multi"].tolist()
             out[f"layer{i}.band_multi_slot1"] = slot1
@@ -67,6 +64,52 @@ class RunLogger:
             self._tb.close()
 
 
+class MetricsLogger:
+    """The trainer's records, written by rank 0 only (``enabled``); throughput is measured between
+    train records."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool, enabled: bool):
+        self._out = RunLogger(run_dir, tensorboard) if enabled else None
+        self._t, self._tokens = time.perf_counter(), 0
+
+    def count(self, tokens: int) -> None:
+        """Tokens trained since the last train record."""
+        self._tokens += tokens
+
+    def train(self, step: int, result, lr: float, state: dict, model) -> dict:
+        """Write and return the train record of ``step`` (a :class:`~diffmoe.train.step.StepResult`):
+        loss, scaled and unscaled auxiliary losses, lr, gradient norm, tokens and tokens/s."""
+        now = time.perf_counter()
+        record = {"kind": "train", "step": step, "loss": result.loss, "aux_loss": result.aux_loss, "lr": lr,
+                  "grad_norm": result.grad_norm, "tokens": state["tokens"],
+                  "tokens_per_s": self._tokens / (now - self._t), "skipped_steps": state["skipped_steps"]}
+        for _, layer in model.moe_layers():
+            for name, value in layer.aux_losses.items():
+                record[f"aux_{name}_unscaled"] = record.get(f"aux_{name}_unscaled", 0.0) + float(value.detach())
+        self._t, self._tokens = now, 0
+        self._write(record)
+        return record
+
+    def routing(self, step: int, model) -> None:
+        """The routing statistics of the last forward pass."""
+        if self._out is not None:
+            metrics = routing_metrics(model)
+            if metrics:
+                self._write({"kind": "routing", "step": step, **metrics})
+
+    def eval(self, step: int, result: dict[str, dict]) -> None:
+        self._write({"kind": "eval", "step": step, **{f"{d}.loss": v["loss"] for d, v in result.items()},
+                     **{f"{d}.ppl": v["ppl"] for d, v in result.items()}})
+
+    def _write(self, record: dict) -> None:
+        if self._out is not None:
+            self._out.log(record)
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -80,7 +123,3 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if path.is_file():
         keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
-def is_finite(value: torch.Tensor | float) -> bool:
-    return bool(torch.isfinite(torch.as_tensor(value)).all())

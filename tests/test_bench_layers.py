@@ -24,10 +24,10 @@ ALWAYS = ["dense SwiGLU", "LoryMoE (T=8, segment)", "TopKMoE top-2 [loop]", "Top
           "HF MixtralSparseMoeBlock [eager]", "HF PhimoeSparseMoeBlock [eager]"]
 
 
-def _load_module():
-    from diffmoe.bench import layers
+def _load_module(name: str = "layer_specs"):
+    import importlib
 
-    return layers
+    return importlib.import_module(f"diffmoe.bench.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_numbers_are_finite_and_positive(toy_run):
 
 def test_activation_bytes_of_swiglu_is_exact():
     """SwiGLU saves w1(x), silu(w1 x), w3(x) and their product: 4 [n, d_ff] tensors, plus the output."""
-    module = _load_module()
+    module = _load_module("measure")
     from diffmoe.moe import SwiGLU
 
     n, d, f = 16, 8, 24
@@ -106,10 +106,10 @@ def test_flop_model():
 
 
 def test_cli_bench_layers_without_transformers_lists_the_references_as_skipped(tmp_path, monkeypatch):
-    from diffmoe.bench import layers
+    from diffmoe.bench import layer_specs
     from diffmoe.cli import main
 
-    monkeypatch.setattr(layers, "hf_implementations", lambda: [])
+    monkeypatch.setattr(layer_specs, "hf_implementations", lambda: [])
     assert main(["bench", "layers", *TOY, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_layers_cpu_float32.json").read_text())
     assert [r["name"] for r in result["rows"]][:2] == ["dense SwiGLU", "LoryMoE (T=8, segment)"]

@@ -218,3 +218,32 @@ def test_compiled_training_follows_the_eager_run(tiny_dataset, tmp_path):
     train(run_config(tiny_dataset, "lory", steps=3), tmp_path / "eager", show_progress=False)
     train(run_config(tiny_dataset, "lory", steps=3, compile=True), tmp_path / "compiled", show_progress=False)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_losses(tiny_dataset, tmp_path):
+    """A real crash: the training process is SIGKILLed mid-run (possibly while writing a checkpoint),
+    then ``--resume`` continues from the newest complete checkpoint; the loss curve equals the
+    uninterrupted run's exactly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = run_config(tiny_dataset, "sparsemixer", steps=150, checkpoint_every=7, keep_checkpoints=2, grad_accum=2)
+    save_config(cfg, str(tmp_path / "cfg.yaml"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "diffmoe.cli", "train", str(tmp_path / "cfg.yaml"), "--quiet", "--run-dir"]
+    proc = subprocess.Popen(cmd + [str(tmp_path / "cut")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(losses(tmp_path / "cut")) >= 30:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    killed_at = len(losses(tmp_path / "cut"))
+    assert 30 <= killed_at < 150
+    subprocess.run(cmd + [str(tmp_path / "cut"), "--resume"], env=env, check=True, capture_output=True)
+    train(cfg, tmp_path / "full", show_progress=False)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

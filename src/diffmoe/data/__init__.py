@@ -12,12 +12,14 @@ See docs/data.md for the formats, the ordering algorithm and the built-in corpus
 """
 
 from .builtin import BuiltinCorpusConfig, build_builtin_corpus
+from .config import OrderingConfig, PrepareConfig
+from .dataset import PackedDataset
 from .errors import DataError
 from .order import similarity_walk
-from .prepare import OrderingConfig, PrepareConfig, PrepareResult, prepare
+from .prepare import PrepareResult, prepare
 from .readers import Corpus, Document, ReadOptions
-from .store import PackedDataset, load_tokenizer, read_manifest
-from .tokenizer import TokenizerConfig
+from .store import read_manifest
+from .tokenizer import TokenizerConfig, load_tokenizer
 
 __all__ = [
     "BuiltinCorpusConfig", "Corpus", "DataError", "Document", "OrderingConfig", "PackedDataset",

@@ -11,9 +11,10 @@ import argparse
 
 from ..report import say
 from .builtin import DEFAULT_SOURCES_DIR, DOMAINS, SHAKESPEARE_DOWNLOAD, BuiltinCorpusConfig, build_builtin_corpus
+from .config import BATCHING, OrderingConfig, PrepareConfig
 from .embed import EMBEDDINGS
 from .knn import KNN_BACKENDS
-from .prepare import BATCHING, OrderingConfig, PrepareConfig, PrepareResult, prepare
+from .prepare import PrepareResult, prepare
 from .readers import BAD_INPUT_POLICIES, ReadOptions
 from .tokenizer import TokenizerConfig
 

@@ -1,13 +1,94 @@
-"""Document ordering: near-duplicate removal and the In-Context Pretraining greedy walk.
+"""Dedup and ordering: each document's status, exact and near-duplicate removal, the training order
+(the In-Context Pretraining greedy walk, or a seeded shuffle) and the held-out order.
 
-Both work on a k-nearest-neighbour graph given as edge arrays (``a[e]``, ``b[e]``, ``sim[e]``): the
-pair of documents ``a[e]`` and ``b[e]`` with cosine similarity ``sim[e]``. Edges are undirected here:
-``b`` is a neighbour of ``a`` and ``a`` one of ``b``.
+The graph functions work on a k-nearest-neighbour graph given as edge arrays (``a[e]``, ``b[e]``,
+``sim[e]``): the pair of documents ``a[e]`` and ``b[e]`` with cosine similarity ``sim[e]``. Edges are
+undirected here: ``b`` is a neighbour of ``a`` and ``a`` one of ``b``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Tokenizer
+
+from ..report import say
+from .config import PrepareConfig
+from .embed import MINILM_MAX_TOKENS, Embedding, minilm_embedding, tfidf_embedding
+from .ingest import TokenStore
+from .knn import nearest_neighbours, resolve_backend
+from .tokenizer import vocab_size
+
+# Document status codes (documents.jsonl "split").
+TRAIN, HELDOUT, EXACT_DUP, NEAR_DUP = 0, 1, 2, 3
+STATUS_NAMES = ("train", "heldout", "exact_duplicate", "near_duplicate")
+
+
+def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(status int8 [n], duplicate_of int64 [n]): every copy but the first of a text is a duplicate."""
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    first_of = first[inverse.ravel()]
+    status = np.where(first_of == np.arange(len(keys)), TRAIN, EXACT_DUP).astype(np.int8)
+    return status, np.where(status == EXACT_DUP, first_of, -1)
+
+
+def order_training(store: TokenStore, status: np.ndarray, duplicate_of: np.ndarray, tokenizer: Tokenizer,
+                   config: PrepareConfig, verbose: bool) -> tuple[np.ndarray, str | None]:
+    """Drop near-duplicates (updating ``status`` / ``duplicate_of`` in place) and order the training
+    documents. Returns (train order int64 [n_train], the kNN backend used or None)."""
+    ordering = config.ordering
+    similarity = ordering.batching == "similarity"
+    if not similarity and ordering.dedup_threshold is None:
+        train = np.flatnonzero(status == TRAIN)
+        return _shuffled(train, config.seed), None
+    backend = resolve_backend(ordering.knn_backend)
+    candidates = np.flatnonzero(status != EXACT_DUP)
+    walked = []
+    for start in range(0, len(candidates), ordering.chunk_docs):
+        idx = candidates[start:start + ordering.chunk_docs]
+        embedding = _embed(store, idx, tokenizer, config)
+        neighbours = nearest_neighbours(embedding.vectors, ordering.knn_k, backend)
+        a = np.repeat(np.arange(len(idx)), neighbours.shape[1])
+        b = neighbours.ravel()
+        sim = embedding.pair_similarity(a, b)
+        if ordering.dedup_threshold is not None:
+            groups = near_duplicate_groups(len(idx), a, b, sim, ordering.dedup_threshold)
+            keep = keep_one_per_group(groups, status[idx] == HELDOUT)
+            kept_of_group = np.full(len(idx), -1, dtype=np.int64)
+            kept_of_group[groups[keep]] = np.flatnonzero(keep)
+            status[idx[~keep]] = NEAR_DUP
+            duplicate_of[idx[~keep]] = idx[kept_of_group[groups[~keep]]]
+        if similarity:
+            local = np.flatnonzero(status[idx] == TRAIN)
+            position = np.full(len(idx), -1, dtype=np.int64)
+            position[local] = np.arange(len(local))
+            edge = (position[a] >= 0) & (position[b] >= 0)
+            walk = similarity_walk(len(local), position[a[edge]], position[b[edge]], sim[edge],
+                                   ordering.max_chain_docs)
+            walked.append(idx[local[walk]])
+        say(f"compared documents {start}-{start + len(idx)} of {len(candidates)} with their neighbours", verbose)
+    if similarity:
+        return np.concatenate(walked), backend
+    return _shuffled(np.flatnonzero(status == TRAIN), config.seed), backend
+
+
+def _embed(store: TokenStore, idx: np.ndarray, tokenizer: Tokenizer, config: PrepareConfig) -> Embedding:
+    ordering = config.ordering
+    if ordering.embedding == "tfidf":
+        return tfidf_embedding([store.doc(i) for i in idx], vocab_size(tokenizer), ordering.lsa_dims, config.seed)
+    texts = tokenizer.decode_batch([store.doc(i)[:MINILM_MAX_TOKENS].tolist() for i in idx])
+    return minilm_embedding(texts)
+
+
+def _shuffled(indices: np.ndarray, seed: int) -> np.ndarray:
+    return np.random.default_rng(np.random.SeedSequence([seed, 0])).permutation(indices)
+
+
+def order_heldout(store: TokenStore, status: np.ndarray, seed: int) -> np.ndarray:
+    """Held-out documents grouped by domain (domain id order), shuffled within each domain."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    held = status == HELDOUT
+    parts = [rng.permutation(np.flatnonzero(held & (store.domain_ids == d))) for d in range(len(store.domains))]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def near_duplicate_groups(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray, threshold: float) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""A prepared dataset on disk, and the loader a training loop uses.
+"""The files of a dataset directory: their layout, the atomic writers that write them, the manifest
+reader, and which files of an output directory ``prepare`` may claim and clear.
 
 Layout of a dataset directory (every file written to a temporary name, then ``os.replace``-d; the
 manifest is written last, so a directory without ``manifest.json`` is never a dataset)::
@@ -21,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from tokenizers import Tokenizer
 
-from ..atomic import commit, fsync_dir, tmp_path  # noqa: F401  (fsync_dir: used by prepare)
+from ..atomic import commit, fsync_dir, tmp_path
 from .errors import DataError
 
 FORMAT = "diffmoe-packed"
@@ -137,105 +138,46 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a prepared dataset (``tokenizers.Tokenizer``; ``manifest["tokenizer"]["eod_id"]``
-    is the end-of-document id)."""
-    directory = Path(path)
-    manifest = read_manifest(directory)
-    tokenizer = Tokenizer.from_file(str(directory / manifest["tokenizer"]["file"]))
-    tokenizer.encode_special_tokens = True
-    return tokenizer
+# -------------------------------------------------------------------------------- the output directory
+WORKDIR = ".prepare-tmp"
+_OUR_FILES = re.compile(
+    r"(manifest\.json|tokenizer\.json|documents\.jsonl|sources\.jsonl"
+    r"|(train|heldout)(-\d{5}\.npy|\.(domain_tokens|row_order|docs)\.npy))")
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """The rows of one split of a prepared dataset, memory-mapped.
+def _is_ours(name: str) -> bool:
+    """Names ``prepare`` writes: final files, their temporaries (``.NAME.tmp-PID``), its work directory."""
+    temporary = re.fullmatch(r"\.(.+)\.tmp-\d+", name)
+    return name == WORKDIR or _OUR_FILES.fullmatch(temporary.group(1) if temporary else name) is not None
 
-    ``dataset[i]`` is a dict:
-      - ``input_ids``: int64 [context_len], the row without its last token;
-      - ``labels``: int64 [context_len], the row without its first token (next-token targets);
-      - ``domain``: int64 [] (scalar), index into ``domains`` of the domain with most tokens in the row.
 
-    ``domain_tokens`` (uint32 [rows, num_domains]) gives the full domain mix of each row.
-    Train rows are shuffled; held-out rows are grouped by domain (in ``domains`` order), so all but at
-    most ``num_domains - 1`` of them hold a single domain (see :meth:`rows_of_domain`).
+def claim(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready: new or empty, or a previous (possibly interrupted) run's output.
+
+    A previous complete dataset is replaced only with ``overwrite``; its manifest is deleted first,
+    so from then on the directory never loads as a dataset until the new manifest is written.
     """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name))
+    if foreign:
+        raise DataError(f"output directory {out} is not empty and holds files prepare did not write "
+                        f"({', '.join(foreign[:3])}); choose a new or empty directory")
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{out} already holds a prepared dataset; pass overwrite=True / --overwrite to "
+                            "replace it")
+        (out / MANIFEST).unlink()
+        fsync_dir(out)
+    remove_ours(out)
 
-    def __init__(self, path: str | os.PathLike, split: str = "train", verify: bool = False):
-        if split not in SPLITS:
-            raise DataError(f"invalid split={split!r}: choose one of {', '.join(SPLITS)}")
-        self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        self.split = split
-        info = self.manifest["splits"][split]
-        self.domains: list[str] = self.manifest["domains"]
-        self.context_len: int = self.manifest["context_len"]
-        self.row_len: int = self.manifest["row_len"]
-        self.vocab_size: int = self.manifest["tokenizer"]["vocab_size"]
-        self.eod_id: int = self.manifest["tokenizer"]["eod_id"]
-        if verify:
-            self.verify()
-        self._shards = [self._open_shard(entry) for entry in info["shards"]]
-        self._offsets = np.cumsum([0] + [len(s) for s in self._shards])
-        self.domain_tokens = self._load_array(info["domain_tokens_file"])
-        if len(self.domain_tokens) != len(self):
-            raise DataError(f"{self.path}: {info['domain_tokens_file']} has {len(self.domain_tokens)} rows, "
-                            f"the shards {len(self)}")
 
-    def __getstate__(self) -> dict:
-        # DataLoader workers started by spawn pickle the dataset: send paths, not the mapped arrays.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_shards", "domain_tokens")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        info = self.manifest["splits"][self.split]
-        self._shards = [self._open_shard(entry) for entry in info["shards"]]
-        self.domain_tokens = self._load_array(info["domain_tokens_file"])
-
-    def _open_shard(self, entry: dict) -> np.ndarray:
-        rows = self._load_array(entry["file"], mmap=True)
-        if rows.shape != (entry["rows"], self.row_len):
-            raise DataError(f"{self.path / entry['file']}: shape {rows.shape}, the manifest says "
-                            f"({entry['rows']}, {self.row_len})")
-        return rows
-
-    def _load_array(self, name: str, mmap: bool = False) -> np.ndarray:
-        file = self.path / name
-        try:
-            return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{file}: missing or unreadable ({e})") from None
-
-    def verify(self) -> None:
-        """Check every file against the manifest's sha256; :class:`DataError` names the first mismatch."""
-        for name, digest in self.manifest["files"].items():
-            file = self.path / name
-            if not file.is_file():
-                raise DataError(f"{file}: missing (listed in {MANIFEST})")
-            if sha256_file(file) != digest:
-                raise DataError(f"{file}: checksum differs from {MANIFEST}: the dataset was modified")
-
-    def __len__(self) -> int:
-        return int(self._offsets[-1])
-
-    def row(self, index: int) -> np.ndarray:
-        """Raw tokens of row ``index``: [row_len] in the dataset dtype (a view, no copy)."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"row {index} out of range for {len(self)} rows")
-        index %= len(self)
-        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self._shards[shard][index - self._offsets[shard]]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens = torch.from_numpy(self.row(index).astype(np.int64))
-        return {"input_ids": tokens[:-1], "labels": tokens[1:],
-                "domain": torch.tensor(int(np.argmax(self.domain_tokens[index])))}
-
-    def rows_of_domain(self, domain: str, pure: bool = True) -> np.ndarray:
-        """int64 indices of the rows whose tokens all come from ``domain`` (``pure``), or whose
-        majority domain it is."""
-        if domain not in self.domains:
-            raise DataError(f"unknown domain {domain!r}: this dataset has {', '.join(self.domains)}")
-        d = self.domains.index(domain)
-        if pure:
-            return np.flatnonzero(self.domain_tokens[:, d] == self.domain_tokens.sum(axis=1))
-        return np.flatnonzero(np.argmax(self.domain_tokens, axis=1) == d)
+def remove_ours(out: Path, keep_workdir: bool = False) -> None:
+    for path in out.iterdir():
+        if not _is_ours(path.name) or (keep_workdir and path.name == WORKDIR):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

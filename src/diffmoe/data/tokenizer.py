@@ -4,10 +4,13 @@ Every tokenizer gets an end-of-document token (``eod_token``, GPT-2's ``<|endoft
 registered as a special token; packing puts its id between documents. Text that happens to contain
 the end-of-document string is encoded as ordinary text (``encode_special_tokens``), so the only
 separators in a dataset are the ones packing inserted.
+
+``load_tokenizer`` loads the tokenizer of a prepared dataset.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
+from .store import read_manifest
 
 EOD_TOKEN = "<|endoftext|>"
 MIN_VOCAB_SIZE = 257
@@ -88,6 +92,16 @@ def load_tokenizer_file(path: str | Path, eod_token: str = EOD_TOKEN) -> Tokeniz
     except Exception as e:  # tokenizers raises plain Exception for a malformed file
         raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
     return _with_eod(tokenizer, eod_token)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a prepared dataset (``tokenizers.Tokenizer``; ``manifest["tokenizer"]["eod_id"]``
+    is the end-of-document id)."""
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    tokenizer = Tokenizer.from_file(str(directory / manifest["tokenizer"]["file"]))
+    tokenizer.encode_special_tokens = True
+    return tokenizer
 
 
 def _with_eod(tokenizer: Tokenizer, eod_token: str) -> Tokenizer:

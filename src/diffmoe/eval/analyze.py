@@ -3,7 +3,7 @@
 - Layers that merge experts per segment: the average routing-weight vector per domain per layer (the
   specialisation figure of arXiv 2405.03133) and the share of segments where each expert's weight
   exceeds 2/E.
-- Layers that assign tokens (token choice, expert choice): the expert load (share of assignments) per
+- Layers that assign tokens to experts: the expert load (share of assignments) per
   domain per layer.
 Plots are written as PNG heatmaps (one panel per layer, domains x experts), plus the utilisation
 curves read from the run's metrics.jsonl.

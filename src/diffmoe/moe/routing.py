@@ -47,7 +47,8 @@ class Capabilities:
     """The forward all-reduces routing counts over the data-parallel ranks, so every rank must run
     every forward call of the layer (GRIN's global balance)."""
     incremental_decoding: bool = True
-    """Decoding token by token with the KV cache gives what the full forward gives."""
+    """Decoding token by token with the KV cache (after a prompt that covers the first routing segment)
+    gives what the full forward gives."""
     dense_gradients: bool = True
     """Every parameter gets a gradient in every training step (DDP need not search for unused ones)."""
 

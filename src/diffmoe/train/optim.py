@@ -32,7 +32,7 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 def transfer_state(old: torch.optim.Optimizer, old_model: nn.Module, new: torch.optim.Optimizer,
                    new_model: nn.Module) -> None:
     """Carry optimizer state over to a new model for parameters with the same name and shape
-    (Lory's dense-to-MoE switch keeps attention and embedding moments; experts and routers start fresh)."""
+    (the dense warm-up's switch to MoE keeps attention and embedding moments; experts and routers start fresh)."""
     old_params = dict(old_model.named_parameters())
     for name, p in new_model.named_parameters():
         q = old_params.get(name)

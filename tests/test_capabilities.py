@@ -127,3 +127,14 @@ def test_routing_modes(name):
             layer.routing = "no-such-mode"
     segment_len = layer.capabilities.segment_len
     assert segment_len in (None, T)
+
+
+def test_generation_refuses_layers_that_cannot_decode_token_by_token():
+    from diffmoe import Decoder
+    from diffmoe.eval.generate import generate
+
+    from conftest import tiny_model_config
+
+    model = Decoder(tiny_model_config(ffn=["lory", "expert_choice"]))
+    with pytest.raises(ValueError, match=r"layer 1 \(ExpertChoiceMoE\)"):
+        generate(model, torch.zeros(1, 4, dtype=torch.long), 3)

@@ -39,7 +39,7 @@ def test_an_error_in_the_loader_reaches_the_consumer_at_its_item():
         assert [next(items) for _ in range(3)] == [0, 1, 2]
         with pytest.raises(ValueError, match="row 3 is damaged"):
             next(items)
-        with pytest.raises(StopIteration):
+        with pytest.raises(RuntimeError, match="closed"):
             next(items)
 
 

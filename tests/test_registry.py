@@ -64,6 +64,8 @@ def test_a_registered_family_is_a_kind_with_its_own_config(toy):
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match=r"moe\.toy\.temperature=0"):
         ModelConfig.from_dict({"ffn": "toy", "moe": {"toy": {"temperature": 0}}})
+    with pytest.raises(ConfigError, match=r"model\.moe\.toy\.temperature='hot': expected float"):
+        ModelConfig.from_dict({"ffn": "toy", "moe": {"toy": {"temperature": "hot"}}})
     with pytest.raises(ConfigError, match=r"unknown field model\.moe\.toyy"):
         ModelConfig.from_dict({"moe": {"toyy": {}}})
     with pytest.raises(ConfigError, match="expert_choice, toy"):

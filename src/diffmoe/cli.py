@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .schema import ConfigError
 
 
 def _train(args) -> int:

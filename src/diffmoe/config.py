@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from . import schema
 from .moe import FAMILIES, MoEConfig, MoELayer
+from .moe import ExpertChoiceConfig, LoryConfig, SparseMixerConfig, TopKConfig  # noqa: F401  (also importable here)
 from .schema import ConfigError, check, positive_int
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "RunConfig", "TrainConfig", "load_config",

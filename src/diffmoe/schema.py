@@ -83,7 +83,8 @@ def fields_dict(obj: Any) -> dict:
 def _check_type(f: dataclasses.Field, value: Any, name: str) -> None:
     """Reject a value of the wrong type for a plain ``int | float | bool | str`` field (int is accepted
     for float); fields of other types are checked by the config's ``validate``."""
-    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type))
+    type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(type_name)
     if expected is None:
         return
     if expected is float:

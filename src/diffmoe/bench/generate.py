@@ -78,10 +78,11 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
         model = Decoder(cfg.model).to(device=device, dtype=dtype).eval()
         g = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(0, cfg.model.vocab_size, (args.batch_size, args.prompt_len), generator=g).to(device)
-        routings = ["prompt", "segment"] if cfg.model.ffn == "lory" and args.lory_segment else ["prompt"]
+        routed = any("prompt" in ffn.capabilities.routing_modes for ffn in model.ffns())
+        routings = ["prompt", "segment"] if routed and args.lory_segment else ["prompt"]
         for routing in routings:
-            entries.append(Entry(Path(path).stem, cfg.model.ffn, routing if cfg.model.ffn == "lory" else None,
-                                 model, prompt, args.new_tokens))
+            entries.append(Entry(Path(path).stem, cfg.model.ffn, routing if routed else None, model, prompt,
+                                 args.new_tokens))
     return entries
 
 

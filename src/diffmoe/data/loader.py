@@ -49,8 +49,9 @@ class BatchStream:
 class Prefetcher:
     """Iterates fn(start), fn(start + 1), ... computed by a daemon thread up to ``depth`` items ahead.
 
-    An exception raised by fn reaches the consumer at the item that raised it. :meth:`close` (also on
-    leaving a ``with`` block) stops the thread; items already computed are dropped.
+    The stream is endless: an exception raised by fn reaches the consumer at the item that raised it and
+    closes the prefetcher. :meth:`close` (also on leaving a ``with`` block) stops the thread; items
+    already computed are dropped, and asking for more is an error.
     """
 
     def __init__(self, fn: Callable[[int], Any], start: int, depth: int = 2):
@@ -82,8 +83,14 @@ class Prefetcher:
 
     def __next__(self) -> Any:
         if self._stop.is_set():
-            raise StopIteration
-        value, err = self._queue.get()
+            raise RuntimeError("the prefetcher is closed (after an error in the loader, or by close())")
+        while True:
+            try:
+                value, err = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the prefetching thread stopped without a batch or an error") from None
         if err is not None:
             self.close()
             raise err

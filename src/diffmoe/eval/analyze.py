@@ -27,9 +27,10 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
     """Per layer: {"kind", "measure", "domains", "weights" [D, E], "usage" [D, E]} from up to
     ``max_rows`` single-domain held-out rows per domain, in the model's current routing mode.
 
-    A layer that merges experts reports every routed segment's weights (``stats["routed_weights"]``):
-    "weights" is their mean over the domain's segments ("measure": "weight") and "usage" the share of
-    those segments in which each expert's weight exceeds 2/E. Other layers report their load per batch:
+    A layer that merges experts reports every routed segment's weights
+    (``stats["routed_segment_weights"]``): "weights" is their mean over the domain's segments
+    ("measure": "weight") and "usage" the share of those segments in which each expert's weight
+    exceeds 2/E. Other layers report their load per batch:
     "weights" is its mean over the domain's batches ("measure": "load"; no "usage")."""
     device = next(model.parameters()).device
     layers = model.moe_layers()
@@ -48,8 +49,8 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
                 ids = torch.stack([dataset[int(r)]["input_ids"] for r in rows[start:start + batch_size]])
                 model(ids.to(device))
                 for i, layer in layers:
-                    if "routed_weights" in layer.stats:
-                        routed = layer.stats["routed_weights"]
+                    if "routed_segment_weights" in layer.stats:
+                        routed = layer.stats["routed_segment_weights"]
                         if routed.numel():
                             acc[i].append(routed.cpu())
                             use[i].append((routed > usage_threshold(layer.num_experts)).float().cpu())
@@ -61,8 +62,9 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
                     usage[i].append(torch.cat(use[i]).mean(0))
     out = {}
     for i, layer in layers:
-        entry = {"kind": type(layer).__name__, "measure": "weight" if "routed_weights" in layer.stats else "load",
-                 "domains": domains, "weights": torch.stack(sums[i]).tolist() if sums[i] else []}
+        merged = "routed_segment_weights" in layer.stats
+        entry = {"kind": type(layer).__name__, "measure": "weight" if merged else "load", "domains": domains,
+                 "weights": torch.stack(sums[i]).tolist() if sums[i] else []}
         if usage[i]:
             entry["usage"] = torch.stack(usage[i]).tolist()
         out[f"layer{i}"] = entry

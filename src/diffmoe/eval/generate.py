@@ -34,8 +34,14 @@ def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, r
 
     The prompt is processed in one call (prefill) that fills the KV cache. ``routing`` is the mode of
     layers that have routing modes: in ``prompt`` routing they route once on the prompt's mean (a merged
-    expert then decodes as a dense model).
+    expert then decodes as a dense model). A model with a layer that cannot decode token by token as it
+    was trained (``capabilities.incremental_decoding``) is refused with a ValueError.
     """
+    unable = [f"layer {i} ({type(ffn).__name__})" for i, ffn in enumerate(model.ffns())
+              if not ffn.capabilities.incremental_decoding]
+    if unable:
+        raise ValueError(f"cannot generate token by token: {', '.join(unable)} routes a token on tokens after "
+                         "it or on the rest of the batch, so cached decoding would not compute what was trained")
     with model.inference(routing):
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = model(prompt, cache=cache)[:, -1]

@@ -13,6 +13,7 @@ the base class runs the experts on it and records, after each forward:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -49,10 +50,14 @@ class MoELayer(nn.Module):
 
     @classmethod
     def from_config(cls, d_model: int, d_ff: int, moe, config) -> "MoELayer":
-        """The registry's constructor, from the shared MoE config (``moe``: num_experts, and d_ff when set)
-        and the family's own config, whose fields are this class's keyword arguments. Families that take
-        shared options as well (loss coefficients, dispatch) override it."""
+        """The registry's constructor: ``cls(d_model, moe.d_ff or d_ff, moe.num_experts, **options)``, where
+        the options are the fields of the family's ``config`` and those shared options of ``moe`` that the
+        constructor takes (``balance_coef``, ``z_loss_coef``, ``global_balance``, ``dispatch_impl``)."""
         options = dataclasses.asdict(config) if config is not None else {}
+        shared = {"balance_coef": moe.balance_coef, "z_loss_coef": moe.z_loss_coef,
+                  "global_balance": moe.global_balance, "dispatch_impl": moe.dispatch}
+        accepted = inspect.signature(cls).parameters
+        options.update({name: value for name, value in shared.items() if name in accepted})
         return cls(d_model, moe.d_ff or d_ff, moe.num_experts, **options)
 
     @property

@@ -14,9 +14,14 @@ from .dispatch import DISPATCH_IMPLS
 from .registry import FAMILIES
 
 
-@dataclass
+@dataclass(init=False)
 class MoEConfig:
-    """Shared by every MoE layer kind; each kind also reads its own sub-config ``moe.<kind>``."""
+    """Shared by every MoE layer kind; each kind also reads its own sub-config ``moe.<kind>``.
+
+    ``MoEConfig(num_experts=8, lory=LoryConfig(segment_len=64))``: the shared fields by position or
+    name, a family's sub-config by its kind (or all of them in ``families``); families not given get
+    their defaults.
+    """
 
     num_experts: int = 8
     d_ff: int | None = None
@@ -36,8 +41,27 @@ class MoEConfig:
     """kind -> that family's config; a registered family missing here gets its defaults. Reached as
     attributes (``moe.lory``) and written to YAML as ``moe.<kind>`` sections."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, *args: Any, families: dict[str, Any] | None = None, **options: Any):
+        shared = [f for f in dataclasses.fields(self) if f.name != "families"]
+        if len(args) > len(shared):
+            raise TypeError(f"MoEConfig takes at most {len(shared)} positional arguments, got {len(args)}")
+        given = {f.name: value for f, value in zip(shared, args)}
+        for f in shared:
+            if f.name in options:
+                if f.name in given:
+                    raise TypeError(f"MoEConfig got multiple values for argument {f.name!r}")
+                given[f.name] = options.pop(f.name)
+        unknown = [name for name in options if name not in FAMILIES]
+        if unknown:
+            raise TypeError(f"MoEConfig got unexpected keyword arguments {unknown}; fields: "
+                            f"{', '.join(self._known())}")
+        object.__setattr__(self, "families", {**(families or {}), **options})
+        for f in shared:
+            setattr(self, f.name, given.get(f.name, f.default))
+        taken = {f.name for f in dataclasses.fields(self)}
         for kind in FAMILIES:
+            check(kind not in taken and not hasattr(type(self), kind), "ffn", kind,
+                  "this FFN kind is also the name of a moe field or method; register it under another name")
             getattr(self, kind, None)  # materialise the defaults of every registered family
 
     def __getattr__(self, name: str) -> Any:

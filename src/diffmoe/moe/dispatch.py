@@ -10,13 +10,9 @@ expert, with a hand-written backward (the CPU path, where working in cache pays)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .experts import Experts
+from torch import nn
 
 DISPATCH_IMPLS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,7 +36,7 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
 
 def dispatch(
     x: torch.Tensor,
-    experts: Experts,
+    experts: nn.Module,
     token_idx: torch.Tensor,
     expert_idx: torch.Tensor,
     gate: torch.Tensor,
@@ -50,6 +46,7 @@ def dispatch(
 
     Args:
         x: [N, d_model] tokens.
+        experts: the stacked weights ``w1``, ``w3``, ``w2`` and ``num_experts`` of an ``Experts``.
         token_idx, expert_idx: [A] int64, assignment a sends token ``token_idx[a]`` to expert
             ``expert_idx[a]``; a token may appear any number of times (including zero).
         gate: [A] weight of each assignment (any float dtype; cast to x's).

@@ -70,11 +70,6 @@ class ExpertChoiceMoE(MoELayer):
         self.capacity_factor, self.granularity, self.segment_len = capacity_factor, granularity, segment_len
         self.experts_per_token = capacity_factor
 
-    @classmethod
-    def from_config(cls, d_model, d_ff, moe, config: ExpertChoiceConfig) -> "ExpertChoiceMoE":
-        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config.capacity_factor, config.granularity,
-                   config.segment_len, moe.dispatch)
-
     @property
     def capabilities(self) -> Capabilities:
         segments = self.granularity == "segment"

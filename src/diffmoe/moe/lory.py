@@ -77,7 +77,8 @@ class LoryMoE(MoELayer):
 
     Stats: the shared ones for merged experts (``load`` = ``mean_weight``, ``usage`` [E]: share of
     routed segments whose weight for the expert exceeds 2/E, the paper's utilisation; ``entropy``;
-    ``routed_weights``) and ``routing_weights`` [B, N, E], the weights each segment was processed with.
+    ``routed_segment_weights``) and ``routing_weights`` [B, N, E], the weights each segment was
+    processed with, the first (unrouted under ``uniform``) included.
     """
 
     def __init__(
@@ -110,13 +111,17 @@ class LoryMoE(MoELayer):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
-        if ctx is not None and ctx.state is not None:
+        ctx = ctx or RoutingContext()
+        if ctx.state is not None:
             return self._forward_cached(x, ctx)
+        if self.routing == "prompt":  # one merge per sequence, then a dense FFN: decoding's arithmetic
+            routing = self._prompt_routing(x, ctx.prompt_len)
+            self.record(routing)
+            return merged_swiglu(x, self.experts.merge(routing.segment_weights))
         return super().forward(x, ctx)
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
-        if self.routing == "prompt":
-            return self._prompt_routing(x, ctx.prompt_len)
+        """Segment and prefix routing: one merged expert per segment."""
         B, L, d = x.shape
         E = self.num_experts
         xp, means = segment_means(x, self.segment_len)  # [B, N, T, d], [B, N, d]
@@ -144,7 +149,8 @@ class LoryMoE(MoELayer):
         P = L if prompt_len is None else prompt_len
         check(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
         weights = self._probs(upcast(x[:, :P]).mean(1))  # [B, E]
-        return Routing(inputs=x, probs=weights, segment_weights=weights, extra_stats={"routing_weights": weights[:, None]})
+        return Routing(inputs=x, probs=weights, segment_weights=weights,
+                       extra_stats={"routing_weights": weights[:, None]})
 
     # ------------------------------------------------------------------------------------------
     def _forward_cached(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:

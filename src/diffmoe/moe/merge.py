@@ -8,19 +8,15 @@ backward (e^T G for the experts, G W^T for the weights).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .experts import Experts
+from torch import nn
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def merge_experts(weights: torch.Tensor, experts: Experts) -> Merged:
-    """Merge the experts per row of ``weights``.
+def merge_experts(weights: torch.Tensor, experts: nn.Module) -> Merged:
+    """Merge the experts (the stacked ``w1``, ``w3``, ``w2`` of an ``Experts``) per row of ``weights``.
 
     weights: [S, E] (cast to the experts' dtype).
     Returns (w1 [S, d_ff, d], w3 [S, d_ff, d], w2 [S, d, d_ff]).
@@ -149,7 +145,7 @@ def _merge_chunk(weights: torch.Tensor, w1, w3, w2, dtype) -> Merged:
                  for w in (w1, w3, w2))
 
 
-def segment_merged_swiglu(x: torch.Tensor, weights: torch.Tensor, experts: Experts,
+def segment_merged_swiglu(x: torch.Tensor, weights: torch.Tensor, experts: nn.Module,
                           chunk: int | None = None) -> torch.Tensor:
     """x [S, T, d], weights [S, E] -> [S, T, d] through :class:`SegmentMergedSwiGLU`.
 

@@ -33,6 +33,8 @@ FAMILIES: dict[str, Family] = {}
 
 def register(kind: str, layer: type[nn.Module], config: type | None = None) -> None:
     """Make ``kind`` a valid ``ffn`` value built as ``layer``, configured by ``moe.<kind>`` (``config``)."""
+    if not kind.isidentifier():
+        raise ValueError(f"FFN kind {kind!r} must be a Python identifier (it names the config section moe.{kind})")
     if kind in FAMILIES:
         raise ValueError(f"FFN kind {kind!r} is already registered (to {FAMILIES[kind].layer.__name__})")
     FAMILIES[kind] = Family(layer, config)

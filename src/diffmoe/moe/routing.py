@@ -151,8 +151,9 @@ def routing_stats(routing: Routing, num_experts: int) -> dict[str, torch.Tensor]
     ``mean_weight`` [E] (mean router weight), ``entropy`` (mean routing entropy) and ``experts_in_use``
     (discrete routing: experts with load > 1/(2E); merged experts: experts whose weight exceeds
     :func:`usage_threshold` in at least one segment). Merged experts add ``usage`` [E] (share of routed
-    segments above the threshold) and ``routed_weights`` [n, E] (every routed segment's weights);
-    when no segment was routed, only these last two are set. Then the family's ``extra_stats``.
+    segments above the threshold) and ``routed_segment_weights`` [n, E] (every routed segment's
+    weights; when no segment was routed, the only statistic besides the family's). Then the family's
+    ``extra_stats``.
     """
     E = num_experts
     probs = routing.probs.detach().reshape(-1, E)
@@ -163,7 +164,7 @@ def routing_stats(routing: Routing, num_experts: int) -> dict[str, torch.Tensor]
         stats = {"load": load, "mean_weight": probs.mean(0), "entropy": entropy,
                  "experts_in_use": (load > 1 / (2 * E)).sum()}
     else:
-        stats = {"routed_weights": probs}
+        stats = {"routed_segment_weights": probs}
         if probs.numel():
             mean = probs.mean(0)
             usage = (probs > usage_threshold(E)).float().mean(0)

@@ -142,11 +142,6 @@ class SparseMixerMoE(MoELayer):
         self.jitter_eps, self.input_jitter_eps = jitter_eps, input_jitter_eps
         self.experts_per_token = 2.0
 
-    @classmethod
-    def from_config(cls, d_model, d_ff, moe, config: SparseMixerConfig) -> "SparseMixerMoE":
-        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config.jitter_eps, config.input_jitter_eps,
-                   moe.balance_coef, moe.z_loss_coef, moe.global_balance, moe.dispatch)
-
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(global_counts=self.global_balance, dense_gradients=False)

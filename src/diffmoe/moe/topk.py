@@ -79,11 +79,6 @@ class TopKMoE(MoELayer):
         self.top_k, self.renormalize, self.capacity_factor = top_k, renormalize, capacity_factor
         self.experts_per_token = float(top_k)
 
-    @classmethod
-    def from_config(cls, d_model, d_ff, moe, config: TopKConfig) -> "TopKMoE":
-        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config.top_k, config.renormalize,
-                   config.capacity_factor, moe.balance_coef, moe.z_loss_coef, moe.global_balance, moe.dispatch)
-
     @property
     def capabilities(self) -> Capabilities:
         dropless = self.capacity_factor is None  # a capacity makes a token's slots depend on the batch

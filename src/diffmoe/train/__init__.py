@@ -1,4 +1,5 @@
-"""Training: the loop, optimiser and schedule, checkpoints, distributed set-up, metrics."""
+"""Training: the trainer (loop.py) and its parts: the step, parallelize, checkpoints, evaluation, metrics,
+optimiser and schedule, and the process-group set-up."""
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loop import TrainingError, train

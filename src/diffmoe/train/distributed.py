@@ -14,6 +14,8 @@ class DistEnv:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+    """Whether :func:`setup` created the process group (and :func:`teardown` destroys it)."""
 
     @property
     def is_main(self) -> bool:
@@ -31,9 +33,10 @@ def setup() -> DistEnv:
         device = torch.device("cpu")
     if world == 1:
         return DistEnv(0, 1, device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(dist.get_rank(), world, device)
+    return DistEnv(dist.get_rank(), world, device, owns)
 
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -45,5 +48,6 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def teardown(env: DistEnv) -> None:
-    if env.world > 1 and dist.is_initialized():
+    """Destroy the process group if :func:`setup` created it (a caller's own group stays)."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -54,6 +54,11 @@ class ModelConfig:
     def layer_ffn(self, layer: int) -> str:
         return self.ffn if isinstance(self.ffn, str) else self.ffn[layer]
 
+    @property
+    def kinds(self) -> list[str]:
+        """The FFN kinds in use (as given: ``ffn`` itself, or its list)."""
+        return [self.ffn] if isinstance(self.ffn, str) else list(self.ffn)
+
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
@@ -66,7 +71,7 @@ class ModelConfig:
         check(isinstance(kv, int) and kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", self.n_kv_heads,
               f"must divide n_heads={self.n_heads}")
         check(self.init_std > 0, "init_std", self.init_std, "must be positive")
-        kinds = [self.ffn] if isinstance(self.ffn, str) else list(self.ffn)
+        kinds = self.kinds
         if not isinstance(self.ffn, str):
             check(len(kinds) == self.n_layers, "ffn", self.ffn,
                   f"a list must have one entry per layer (n_layers={self.n_layers})")
@@ -77,8 +82,7 @@ class ModelConfig:
     @property
     def has_moe(self) -> bool:
         """Whether any layer's FFN is an MoE layer (the dense warm-up applies)."""
-        kinds = [self.ffn] if isinstance(self.ffn, str) else self.ffn
-        return any(issubclass(FAMILIES[kind].layer, MoELayer) for kind in kinds)
+        return any(issubclass(FAMILIES[kind].layer, MoELayer) for kind in self.kinds)
 
     def to_dict(self) -> dict:
         return schema.fields_dict(self)

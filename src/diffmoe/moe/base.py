@@ -12,6 +12,7 @@ the base class runs the experts on it and records, after each forward:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import inspect
 
@@ -24,7 +25,7 @@ from .router import Router
 from .routing import Capabilities, Routing, RoutingContext, auxiliary_losses, routing_stats
 
 
-class MoELayer(nn.Module):
+class MoELayer(nn.Module, abc.ABC):
     """Base class: ``router`` (:class:`Router`, d_model -> E), ``experts`` (:class:`Experts`).
 
     balance_coef, z_loss_coef: weights of the auxiliary losses in ``aux_loss`` (families whose routing
@@ -70,9 +71,9 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=router_std or std)
 
     # ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
-        """Which experts, with which weights, for x [B, L, d]. Implemented by each family."""
-        raise NotImplementedError
+        """Which experts, with which weights, for x [B, L, d]: what each family implements."""
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         """x [B, L, d] -> [B, L, d]."""

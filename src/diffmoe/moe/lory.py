@@ -115,9 +115,7 @@ class LoryMoE(MoELayer):
         if ctx.state is not None:
             return self._forward_cached(x, ctx)
         if self.routing == "prompt":  # one merge per sequence, then a dense FFN: decoding's arithmetic
-            routing = self._prompt_routing(x, ctx.prompt_len)
-            self.record(routing)
-            return merged_swiglu(x, self.experts.merge(routing.segment_weights))
+            return merged_swiglu(x, self._prompt_merge(x, ctx.prompt_len))
         return super().forward(x, ctx)
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
@@ -143,14 +141,16 @@ class LoryMoE(MoELayer):
             return torch.full_like(probs0, 1.0 / self.num_experts)
         return probs0.detach()
 
-    def _prompt_routing(self, x: torch.Tensor, prompt_len: int | None) -> Routing:
-        """One merged expert per sequence, from the mean of its first ``prompt_len`` positions (default all)."""
+    def _prompt_merge(self, x: torch.Tensor, prompt_len: int | None) -> Merged:
+        """One merged expert per sequence, routed on the mean of its first ``prompt_len`` positions
+        (default all); records the routing's statistics."""
         L = x.shape[1]
         P = L if prompt_len is None else prompt_len
         check(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
         weights = self._probs(upcast(x[:, :P]).mean(1))  # [B, E]
-        return Routing(inputs=x, probs=weights, segment_weights=weights,
-                       extra_stats={"routing_weights": weights[:, None]})
+        self.record(Routing(inputs=x, probs=weights, segment_weights=weights,
+                            extra_stats={"routing_weights": weights[:, None]}))
+        return self.experts.merge(weights)
 
     # ------------------------------------------------------------------------------------------
     def _forward_cached(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
@@ -159,9 +159,7 @@ class LoryMoE(MoELayer):
         self.aux_losses, self.aux_loss = {}, x.new_zeros((), dtype=torch.float32)
         if self.routing == "prompt":
             if "merged" not in st:
-                routing = self._prompt_routing(x, ctx.prompt_len)
-                self.record(routing)
-                st["merged"] = _detach_merged(self.experts.merge(routing.segment_weights))
+                st["merged"] = _detach_merged(self._prompt_merge(x, ctx.prompt_len))
             return merged_swiglu(x, st["merged"])
         T = self.segment_len
         if "pos" not in st:

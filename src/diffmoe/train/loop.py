@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, save_config
+from ..data.dataset import PackedDataset
 from ..data.loader import BatchStream
 from ..model import Decoder
 from ..report import progress, say
@@ -56,8 +57,6 @@ class Trainer:
     """One run: its data, model phases (dense warm-up, then MoE), and the parts that train it."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, env: distributed.DistEnv, show_progress: bool = True):
-        from ..data import PackedDataset
-
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.verbose = show_progress and env.is_main
         self.train_set = PackedDataset(cfg.data.path, "train")

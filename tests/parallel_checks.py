@@ -1,4 +1,4 @@
-"""Checks of diffmoe.train.parallel on a real process group: run by tests/test_parallel.py under
+"""Checks of diffmoe.parallel.parallelize (DDP) on a real process group: run by tests/test_parallel.py under
 ``torchrun --nproc_per_node 2`` (gloo). Every rank runs every check, so a failure stops all ranks alike."""
 
 import copy
@@ -8,7 +8,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from diffmoe import Decoder, ModelConfig
-from diffmoe.train.parallel import ParallelPlan, data_parallel, gradient_sync, parallelize
+from diffmoe.parallel.layout import Layout
+from diffmoe.parallel.parallelize import ParallelPlan, data_parallel, gradient_sync, parallelize
+
+
+def ddp_plan(world: int, compile: bool = False) -> ParallelPlan:
+    return ParallelPlan(Layout(world, "ddp", dp_replicate=world), compile=compile)
 
 
 def model_config(ffn: str) -> ModelConfig:
@@ -22,7 +27,7 @@ def check_unused_parameter_search(world: int) -> None:
     """DDP searches for unused parameters only where a layer may leave some without gradient."""
     for ffn, dense in (("dense", True), ("lory", True), ("expert_choice", True), ("topk", False),
                        ("sparsemixer", False), (["lory", "topk"], False)):
-        ddp = data_parallel(parallelize(Decoder(model_config(ffn)), ParallelPlan(world=world)))
+        ddp = data_parallel(parallelize(Decoder(model_config(ffn)), ddp_plan(world)))
         assert ddp is not None and ddp.find_unused_parameters == (not dense), ffn
 
 
@@ -32,26 +37,26 @@ def check_accumulation_syncs_once(rank: int, world: int, compile: bool) -> None:
     torch.manual_seed(0)
     model = Decoder(model_config("lory"))
     reference = copy.deepcopy(model)
-    wrapped = parallelize(model, ParallelPlan(world=world, compile=compile))
-    ddp = data_parallel(wrapped)
+    wrapped = parallelize(model, ddp_plan(world, compile))
     reductions = []
+    all_reduce = dist.all_reduce
 
-    def counting_allreduce(state, bucket):
-        reductions.append(bucket.index())
-        fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
+    def counting_allreduce(tensor, *args, **kwargs):  # what parallelize's summing comm hook calls
+        reductions.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
 
-    ddp.register_comm_hook(None, counting_allreduce)
+    dist.all_reduce = counting_allreduce
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (2 * world, 17), generator=g) for _ in range(2)]  # global micro-batches
     for i, ids in enumerate(batches):
         mine = ids[2 * rank:2 * rank + 2]
         with gradient_sync(wrapped, enabled=i == len(batches) - 1):
             logits = wrapped(mine[:, :-1])
-            (F.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten()) / len(batches)).backward()
+            (F.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten()) / (len(batches) * world)).backward()
         if i == 0:
             assert reductions == [], reductions
     assert reductions, "the last micro-batch did not synchronise"
+    dist.all_reduce = all_reduce
     for ids in batches:
         for r in range(world):
             rows = ids[2 * r:2 * r + 2]

@@ -17,7 +17,8 @@ from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_r
 from diffmoe.train.metrics import read_metrics
 
 
-def run_config(data, ffn="dense", steps=20, **train_kw):
+def run_config(data, ffn="dense", steps=20, grad_accum=1, **train_kw):
+    """grad_accum: micro-batches of 4 sequences per step (the global batch is 4 x grad_accum)."""
     model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, ffn=ffn,
                         moe=MoEConfig(num_experts=4, d_ff=None if ffn == "lory" else 32))
     model.moe.lory.segment_len = 8
@@ -25,7 +26,8 @@ def run_config(data, ffn="dense", steps=20, **train_kw):
     kw = dict(steps=steps, lr=3e-3, log_every=1, routing_log_every=5, eval_every=1000, checkpoint_every=1000,
               tensorboard=False)
     kw.update(train_kw)
-    return RunConfig(model=model, data=DataConfig(path=str(data), batch_size=4, eval_batches=2),
+    return RunConfig(model=model, data=DataConfig(path=str(data), batch_size=4 * grad_accum, micro_batch_size=4,
+                                                  eval_batches=2),
                      train=TrainConfig(**kw))
 
 
@@ -151,8 +153,9 @@ def test_damaged_or_missing_checkpoint_is_a_clear_error(trained_run, tmp_path, c
     copy = tmp_path / "run"
     shutil.copytree(trained_run, copy)
     ckpt = latest_checkpoint(copy)
-    (ckpt / "model.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(CheckpointError, match="damaged checkpoint file .*model.safetensors"):
+    shard = sorted((ckpt / "model").glob("*.safetensors"))[0]
+    shard.write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="damaged checkpoint file in .*model"):
         load_run(copy)
     (ckpt / "trainer.json").unlink()
     with pytest.raises(CheckpointError, match="trainer.json is missing"):
@@ -191,14 +194,14 @@ def test_demo_pipeline_at_toy_size(tiny_dataset, tmp_path):
     assert (tmp_path / "demo" / "runs" / "lory" / "routing_by_domain.png").is_file()
 
 
-def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tiny_dataset, tmp_path):
-    """Rank r of 2 takes the batch-size rows right after rank r-1's, so 2 x 4 rows per step are the
-    rows one process with batch 8 sees: the loss curves agree (up to all-reduce rounding)."""
+def test_torchrun_two_processes_equal_one_process_with_the_same_config(tiny_dataset, tmp_path):
+    """data.batch_size is the global batch: 2 ranks x 1 micro-batch of 4 read the rows one process reads
+    in 2 micro-batches of 4, so the loss curves agree (up to all-reduce rounding)."""
     import os
     import subprocess
     import sys
 
-    cfg = run_config(tiny_dataset, "lory", steps=5)
+    cfg = run_config(tiny_dataset, "lory", steps=5, grad_accum=2)
     save_config(cfg, str(tmp_path / "ddp.yaml"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -206,7 +209,6 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(tiny_data
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("run directory:") == 1
-    cfg.data.batch_size = 8
     train(cfg, tmp_path / "single", show_progress=False)
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
 

@@ -29,18 +29,27 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet)
+    summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet, device=args.device)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
         print(json.dumps({k: summary[k] for k in ("step", "loss", "skipped_steps", "tokens")}))
         print(_format_eval(summary["heldout"]))
         print(f"run directory: {run_dir}")
+    if _world() > 1:  # gloo jobs using FSDP2 or functional collectives may abort at interpreter exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _load(args):
     from .train.checkpoint import load_run
+    from .train.distributed import resolve_device
 
-    return load_run(args.run, args.checkpoint)
+    return load_run(args.run, args.checkpoint, resolve_device(args.device))
 
 
 def _eval(args) -> int:
@@ -133,6 +142,11 @@ def _bench(args) -> int:
     return 0
 
 
+def device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun each "
+                                    "rank's LOCAL_RANK)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import register as register_data
 
@@ -147,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    device_arg(p)
     p.set_defaults(func=_train)
 
     def run_args(p):
         p.add_argument("run", help="run directory")
         p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
         p.add_argument("--data", help="prepared dataset (default: the run config's data.path)")
+        device_arg(p)
 
     p = sub.add_parser("eval", help="held-out perplexity per domain")
     run_args(p)
@@ -211,11 +227,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}", 2)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _report("interrupted", 130)
         return 130
+    except Exception as err:
+        if _world() == 1:
+            raise
+        _report(f"error: {type(err).__name__}: {err}", 1)
+        return 1
+
+
+def _report(message: str, code: int) -> None:
+    """Print an error; under torchrun name the rank and leave at once, without waiting for the other
+    ranks at exit (torchrun then stops them)."""
+    if _world() == 1:
+        print(message, file=sys.stderr)
+        return
+    print(f"rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

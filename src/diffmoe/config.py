@@ -14,8 +14,8 @@ from .moe import FAMILIES, MoEConfig, MoELayer
 from .moe import ExpertChoiceConfig, LoryConfig, SparseMixerConfig, TopKConfig  # noqa: F401  (also importable here)
 from .schema import ConfigError, check, positive_int
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "RunConfig", "TrainConfig", "load_config",
-           "save_config"]
+__all__ = ["ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
+           "load_config", "save_config"]
 
 
 @dataclass
@@ -98,14 +98,97 @@ class DataConfig:
 
     path: str = "data"
     batch_size: int = 8
-    """Sequences per micro-batch (per process under torchrun)."""
+    """The global batch: sequences per optimizer step, summed over all ranks and micro-batches. The same
+    config means the same training on 1 or 64 ranks; gradient accumulation is derived from it."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass on one rank (None: batch_size / data-parallel ranks). Gradient
+    accumulation = batch_size / (micro_batch_size x ranks), which must be a whole number."""
     eval_batches: int | None = 8
     """Held-out batches per periodic evaluation (None: the whole held-out split)."""
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks share the work (``train.parallel``); any layout trains the same model on the same data.
+
+    Every rank reads distinct data; the ranks of ``ep``/``etp`` groups are data-parallel ranks too.
+    """
+
+    mode: str = "ddp"
+    """``ddp`` (every rank holds everything; small models) or ``fsdp`` (FSDP2: parameters, gradients
+    and optimizer state sharded over ``dp_shard`` ranks). A single process runs unwrapped under ``ddp``."""
+    dp_replicate: int = 1
+    """fsdp: replicas of the sharded model (HSDP: shard within a replica, all-reduce across them)."""
+    dp_shard: int = -1
+    """fsdp: ranks one replica is sharded over (-1: world / dp_replicate)."""
+    ep: int = 1
+    """Expert parallelism (fsdp; families whose layers have ``expert_sharding == "ep"``: top-k,
+    SparseMixer-v2): experts split over ``ep`` ranks, tokens exchanged all-to-all; the experts are
+    FSDP-sharded over the remaining dp_shard / ep ranks."""
+    etp: int = 1
+    """Lory's sharded experts (fsdp; ``expert_sharding == "etp"``): ``etp`` ranks each hold the same d_ff
+    slice of every expert and exchange activations; experts FSDP-sharded over dp_shard / etp."""
+    activation_checkpointing: str = "none"
+    """``none`` or ``block`` (recompute each transformer block in backward)."""
+    param_dtype: str | None = None
+    """fsdp: the dtype blocks compute in (None: bfloat16 with train.bf16, else float32)."""
+    reduce_dtype: str | None = None
+    """fsdp: the dtype gradients are reduced in (None: float32)."""
+    timeout_s: float = 600.0
+    """Process-group timeout: a collective that waits longer (a hung rank) ends the job."""
+
+    def validate(self, model: ModelConfig) -> None:
+        check(self.mode in ("ddp", "fsdp"), "mode", self.mode, "must be ddp or fsdp")
+        for name in ("dp_replicate", "ep", "etp"):
+            value = getattr(self, name)
+            check(positive_int(value), name, value, "must be a positive integer")
+        check(self.dp_shard == -1 or positive_int(self.dp_shard), "dp_shard", self.dp_shard,
+              "must be a positive integer or -1 (the ranks left over)")
+        check(self.activation_checkpointing in ("none", "block"), "activation_checkpointing",
+              self.activation_checkpointing, "must be none or block")
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            check(value is None or value in DTYPES, name, value, f"must be one of {', '.join(DTYPES)} or null")
+        check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be positive")
+        if self.mode == "ddp":
+            for name in ("dp_replicate", "dp_shard", "ep", "etp"):
+                value = getattr(self, name)
+                check(value in (1, -1) if name == "dp_shard" else value == 1, name, value,
+                      "needs mode=fsdp (ddp replicates everything over every rank)")
+            check(self.param_dtype is None and self.reduce_dtype is None,
+                  "param_dtype" if self.param_dtype is not None else "reduce_dtype",
+                  self.param_dtype or self.reduce_dtype, "is an FSDP mixed-precision setting: needs mode=fsdp "
+                  "(ddp uses train.bf16 autocast)")
+        check(self.ep == 1 or self.etp == 1, "etp", self.etp, f"cannot combine with ep={self.ep}")
+        moe = [(kind, FAMILIES[kind].layer) for kind in model.kinds if issubclass(FAMILIES[kind].layer, MoELayer)]
+        for name in ("ep", "etp"):
+            size = getattr(self, name)
+            if size == 1:
+                continue
+            check(bool(moe), name, size, "the model has no MoE layer")
+            for kind, layer in moe:
+                check(layer.expert_sharding == name, name, size,
+                      f"layers of kind {kind!r} cannot shard their experts this way"
+                      + (f" (they support {layer.expert_sharding})" if layer.expert_sharding else
+                         " (they stay data parallel)"))
+        if self.ep > 1:
+            check(model.moe.num_experts % self.ep == 0, "ep", self.ep,
+                  f"must divide model.moe.num_experts={model.moe.num_experts}")
+        if self.etp > 1:
+            d_ff = model.moe.d_ff or model.d_ff
+            check(d_ff % self.etp == 0, "etp", self.etp, f"must divide the experts' d_ff={d_ff}")
+
+    def dtypes(self, bf16: bool) -> tuple[str, str]:
+        """(param_dtype, reduce_dtype) with the defaults resolved."""
+        return self.param_dtype or ("bfloat16" if bf16 else "float32"), self.reduce_dtype or "float32"
+
+
 @dataclass
 class TrainConfig:
-    """The optimisation loop. Steps count optimizer updates; one step is ``grad_accum`` micro-batches."""
+    """The optimisation loop. Steps count optimizer updates (one global batch each)."""
 
     steps: int = 1000
     lr: float = 1e-3
@@ -117,9 +200,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW decay on matrices (embeddings, projections, experts, routers); none on norms."""
     grad_clip: float = 1.0
-    grad_accum: int = 1
     bf16: bool = False
-    """bfloat16 autocast for the forward pass (master weights stay float32)."""
+    """bfloat16 compute (master weights stay float32): autocast, or FSDP2's mixed precision under
+    ``parallel.mode=fsdp``."""
     compile: bool = False
     """Run the model's forward under ``torch.compile`` (``diffmoe bench model`` measures whether it pays;
     the first steps compile, which takes tens of seconds on CPU)."""
@@ -135,6 +218,7 @@ class TrainConfig:
     max_bad_steps: int = 10
     """A step whose loss or gradient is not finite is skipped; this many in a row stop the run."""
     tensorboard: bool = True
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass
@@ -151,11 +235,15 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         d, t = self.data, self.train
-        check(isinstance(d.batch_size, int) and d.batch_size >= 1, "data.batch_size", d.batch_size,
-              "must be a positive integer")
+        check(positive_int(d.batch_size), "data.batch_size", d.batch_size, "must be a positive integer")
+        check(d.micro_batch_size is None or positive_int(d.micro_batch_size), "data.micro_batch_size",
+              d.micro_batch_size, "must be a positive integer or null")
+        if d.micro_batch_size is not None:
+            check(d.batch_size % d.micro_batch_size == 0, "data.micro_batch_size", d.micro_batch_size,
+                  f"must divide data.batch_size={d.batch_size}")
         check(d.eval_batches is None or d.eval_batches >= 1, "data.eval_batches", d.eval_batches,
               "must be a positive integer or null")
-        for name in ("steps", "grad_accum", "log_every", "routing_log_every", "eval_every", "checkpoint_every",
+        for name in ("steps", "log_every", "routing_log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "max_bad_steps"):
             value = getattr(t, name)
             check(isinstance(value, int) and value >= 1, f"train.{name}", value, "must be a positive integer")
@@ -168,6 +256,10 @@ class RunConfig:
         check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
         check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
         m = self.model
+        try:
+            t.parallel.validate(m)
+        except ConfigError as err:
+            raise err.within("train.parallel") from None
         if t.dense_warmup_frac > 0:
             check(m.moe.d_ff in (None, m.d_ff), "model.moe.d_ff", m.moe.d_ff,
                   f"the dense warm-up copies the dense FFN into every expert, so experts need d_ff={m.d_ff} "
@@ -178,6 +270,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and "grad_accum" in train:
+            raise ConfigError(f"invalid config: train.grad_accum={train['grad_accum']!r}: removed; data.batch_size is "
+                              "now the global batch (sequences per optimizer step) and accumulation is derived "
+                              "from it: set data.batch_size to the old batch_size x grad_accum x ranks")
         cfg = schema.build(cls, data, "")
         cfg.train.betas = tuple(cfg.train.betas)
         cfg.validate()

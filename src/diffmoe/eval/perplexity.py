@@ -19,7 +19,8 @@ def prompt_segment_len(model: Decoder) -> int | None:
 
 @torch.no_grad()
 def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | None = None,
-             routing: str = "segment", prompt_len: int | None = None) -> dict[str, dict]:
+             routing: str = "segment", prompt_len: int | None = None, rank: int = 0, world: int = 1,
+             ) -> dict[str, dict]:
     """Mean next-token loss (nats) and perplexity per domain and over all rows.
 
     dataset: a :class:`diffmoe.data.PackedDataset` split; each row is attributed to its majority
@@ -30,6 +31,8 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     ``prefix`` score every position. ``prompt`` routes each row once on its first ``prompt_len``
     positions (default: the routing segment length) and scores only the positions after them, since
     positions inside the prompt would see the prompt's later tokens.
+    rank, world: under torchrun, rank r scores batches r, r + world, ... and the sums are all-reduced
+    (every rank runs the same number of forward passes, as FSDP and expert sharding need).
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
     skip = 0
@@ -45,22 +48,39 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     sums = np.zeros(len(dataset.domains))
     counts = np.zeros(len(dataset.domains), dtype=np.int64)
     device = next(model.parameters()).device
+    starts = list(range(0, len(rows), batch_size))
+    rounds = -(-len(starts) // world)
     with model.inference(routing):
-        for start in range(0, len(rows), batch_size):
+        for k in range(rounds):
+            index = k * world + rank
+            mine = index < len(starts)  # the last round: ranks without a batch repeat the first one
+            start = starts[index] if mine else 0
             items = [dataset[int(i)] for i in rows[start:start + batch_size]]
             ids = torch.stack([it["input_ids"] for it in items]).to(device)
             labels = torch.stack([it["labels"] for it in items]).to(device)
             logits = model(ids, prompt_len=skip or None)
+            if not mine:
+                continue
             loss = F.cross_entropy(logits[:, skip:].flatten(0, 1), labels[:, skip:].flatten(), reduction="none")
             per_row = loss.view(len(items), -1).double().sum(1).cpu().numpy()
             np.add.at(sums, majority[start:start + len(items)], per_row)
             np.add.at(counts, majority[start:start + len(items)], labels.shape[1] - skip)
+    if world > 1:
+        sums, counts = _all_reduce(sums, device), _all_reduce(counts, device)
     out = {}
     for d, name in enumerate(dataset.domains):
         if counts[d]:
             out[name] = _summary(sums[d], counts[d])
     out["all"] = _summary(sums.sum(), counts.sum())
     return out
+
+
+def _all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
+    import torch.distributed as dist
+
+    tensor = torch.from_numpy(values).to(device)
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
 
 
 def _summary(total: float, tokens: int) -> dict:

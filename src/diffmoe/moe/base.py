@@ -33,6 +33,13 @@ class MoELayer(nn.Module, abc.ABC):
     dispatch_impl: how dispatched tokens run (:func:`diffmoe.moe.dispatch.resolve_impl`).
     """
 
+    expert_sharding: str | None = None
+    """How the experts of this family may be sharded across ranks besides FSDP (read by
+    ``train.parallel`` validation and :func:`diffmoe.parallel.parallelize`): ``"ep"`` (whole experts
+    per rank, tokens exchanged: families that dispatch tokens independently of the batch), ``"etp"``
+    (every rank holds a d_ff slice of every expert, activations exchanged: families that merge
+    experts) or None (data parallel only)."""
+
     def __init__(self, d_model: int, d_ff: int, num_experts: int, balance_coef: float = 0.0,
                  z_loss_coef: float = 0.0, global_balance: bool = False, dispatch_impl: str = "auto"):
         super().__init__()

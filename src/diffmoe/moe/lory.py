@@ -81,6 +81,8 @@ class LoryMoE(MoELayer):
     processed with, the first (unrouted under ``uniform``) included.
     """
 
+    expert_sharding = "etp"
+
     def __init__(
         self,
         d_model: int,

@@ -125,6 +125,8 @@ class SparseMixerMoE(MoELayer):
     expert, per slot (only those send task gradient to the router).
     """
 
+    expert_sharding = "ep"
+
     def __init__(
         self,
         d_model: int,

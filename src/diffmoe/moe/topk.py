@@ -61,6 +61,8 @@ class TopKMoE(MoELayer):
     assignments dropped).
     """
 
+    expert_sharding = "ep"
+
     def __init__(
         self,
         d_model: int,

@@ -1,13 +1,17 @@
-"""Checkpoints: a directory per step, written atomically, loaded without pickle.
+"""Checkpoints: a directory per step, written atomically, independent of the world size; no pickle.
 
     RUN/checkpoints/step-00000100/
-        model.safetensors      the model's weights (state_dict names)
-        optimizer.safetensors  AdamW state tensors, named "<param index>.<key>" (exp_avg, exp_avg_sq, step)
-        trainer.json           step, phase (dense | moe), data position, counters, optimizer
-                               param_groups, the run config, and a format version
+        model/                 the model's tensors by parameter name, as safetensors shards written by
+                               every rank (torch.distributed.checkpoint; :mod:`diffmoe.parallel.dcp`)
+        optimizer/             AdamW state per parameter name (exp_avg, exp_avg_sq, step), likewise
+        trainer.json           step, phase (dense | moe), counters, the layout that wrote it, the run
+                               config, and a format version
 
-The directory is assembled under a temporary name and renamed into place, so a crash never leaves a
-directory named ``step-*`` that is incomplete; older checkpoints beyond ``keep`` are then deleted.
+A checkpoint written by N ranks in any layout (ddp, fsdp, ep, etp) loads into M ranks in any layout,
+or into one process without a process group (evaluation, generation). The directory is assembled
+under a temporary name and renamed into place by rank 0 after every rank has written its shards, so
+a crash never leaves a directory named ``step-*`` that is incomplete; older checkpoints beyond
+``keep`` are then deleted. ``consolidate`` writes one ``model.safetensors`` on demand.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-FORMAT_VERSION = 1
-FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+from ..parallel import dcp
+
+FORMAT_VERSION = 2
+ENTRIES = ("model", "optimizer", "trainer.json")
 
 
 class CheckpointError(ValueError):
@@ -34,30 +41,35 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep: int) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune to the newest ``keep``. Returns its path."""
+                    trainer_state: dict, keep: int, rank: int = 0) -> Path:
+    """Write the checkpoint of ``step`` atomically and prune to the newest ``keep``; every rank of the
+    run calls this (rank 0 arranges the directories). Returns its path."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in _unique_state(model).items()},
-              tmp / "model.safetensors")
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
-               for i, state in opt["state"].items() for k, v in state.items()}
-    save_file(tensors, tmp / "optimizer.safetensors")
-    meta = dict(trainer_state, format_version=FORMAT_VERSION, step=step, param_groups=opt["param_groups"])
-    with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save_model_and_optimizer(model, optimizer, tmp)
+    _barrier()  # every rank's shards are written
+    if rank == 0:
+        meta = dict(trainer_state, format_version=FORMAT_VERSION, step=step)
+        with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -78,8 +90,8 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
-    for name in FILES:
-        if not (path / name).is_file():
+    for name in ENTRIES:
+        if not (path / name).exists():
             raise CheckpointError(f"incomplete checkpoint {path}: {name} is missing")
     try:
         meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
@@ -91,75 +103,69 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def check_model_entry(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """The stored tensors of a checkpoint's ``model`` folder match ``model``'s names and full shapes."""
+    folder = Path(path) / "model"
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"damaged checkpoint file {file}: {err}") from None
+        stored = dcp.stored_shapes(folder)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"damaged checkpoint file in {folder}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in dcp.model_state(model).items()}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise CheckpointError(f"{folder}: {name} has shape {stored[name]}, the model expects {shape}")
 
 
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load model.safetensors of a checkpoint directory into ``model`` (strict: names and shapes)."""
-    file = Path(path) / "model.safetensors"
-    if not file.is_file():
-        raise CheckpointError(f"checkpoint weights not found: {file}")
-    state = load_tensors(file)
-    expected = _unique_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{file} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, value in state.items():
-        if value.shape != expected[name].shape:
-            raise CheckpointError(f"{file}: {name} has shape {tuple(value.shape)}, "
-                                  f"the model expects {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)  # tied weights are stored once
+    """Load the weights of a checkpoint directory into ``model`` (any layout; strict names and shapes)."""
+    check_model_entry(model, path)
+    try:
+        dcp.load_model(model, Path(path) / "model")
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"damaged checkpoint file in {Path(path) / 'model'}: {err}") from None
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore weights and optimizer state from a checkpoint directory; returns trainer.json. (The
-    trainer reseeds every step from (seed, rank, step), so no generator state needs saving.)"""
+    """Restore weights and optimizer state from a checkpoint directory into a model of any layout;
+    returns trainer.json. (The trainer reseeds every step from (seed, rank, step), so no generator
+    state needs saving.)"""
     path = Path(path)
     meta = read_trainer_state(path)
     load_model_weights(model, path)
     if optimizer is not None:
-        flat = load_tensors(path / "optimizer.safetensors")
-        state: dict[int, dict] = {}
-        for key, value in flat.items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
         try:
-            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path / 'optimizer.safetensors'} does not match the model: {err}") from None
+            dcp.load_optimizer(model, optimizer, path / "optimizer")
+        except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path / 'optimizer'} does not match the model or is damaged: {err}") from None
     return meta
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without the second name of tied tensors (safetensors refuses shared storage)."""
-    seen, out = set(), {}
-    for name, value in model.state_dict().items():
-        key = (value.data_ptr(), value.shape)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = value
+def consolidate(path: str | os.PathLike, model: torch.nn.Module, out: str | os.PathLike) -> Path:
+    """Write the weights of checkpoint ``path`` as one ``model.safetensors``-style file ``out`` (tied
+    duplicates stored once); ``model`` is a plain model of the checkpoint's shape. Returns ``out``."""
+    load_model_weights(model, path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in dcp.model_state(model).items()}, str(tmp))
+    os.replace(tmp, out)
     return out
 
 
 class Checkpointer:
-    """The checkpoints of one run: rank 0 writes them (every rank holds the same state), keeping the
-    newest ``keep``; any rank reads them."""
+    """The checkpoints of one run: every rank writes its shards, keeping the newest ``keep``."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, is_main: bool = True):
-        self.run_dir, self.keep, self.is_main = Path(run_dir), keep, is_main
+    def __init__(self, run_dir: str | os.PathLike, keep: int, rank: int = 0):
+        self.run_dir, self.keep, self.rank = Path(run_dir), keep, rank
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
-        if self.is_main:
-            save_checkpoint(self.run_dir, step, model, optimizer, trainer_state, self.keep)
+        save_checkpoint(self.run_dir, step, model, optimizer, trainer_state, self.keep, self.rank)
 
 
 def load_run(run_dir, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):

@@ -1,7 +1,14 @@
-"""Process-group set-up for torchrun (gloo on CPU, nccl on CUDA); a no-op for a single process."""
+"""Process-group set-up for torchrun (gloo on CPU, nccl on CUDA) and its teardown.
+
+Hygiene (scale-out.md, torchtitan #1342): the group gets the config's timeout, so a hung rank ends the
+job at the timeout; on success the ranks meet at a barrier before the group is destroyed; after an
+exception the group is left alone (destroying it would wait for ranks that never come), and the
+launcher (``torchrun``) stops the other ranks.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -22,21 +29,37 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup() -> DistEnv:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and initialise the process group."""
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` (``cpu``, ``cuda``, ``cuda:1``), or CUDA when available; under torchrun the CUDA
+    device of a rank is its LOCAL_RANK unless an index is given."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def setup(device: str | torch.device | None = None, timeout_s: float = 600.0, need_group: bool = False) -> DistEnv:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and initialise the process group with
+    ``timeout_s``. A single process gets a group only when ``need_group`` (FSDP2 on one device)."""
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world == 1:
+    if world == 1 and not need_group:
         return DistEnv(0, 1, device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(dist.get_rank(), world, device, owns)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # one process outside torchrun
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -47,7 +70,9 @@ def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return value
 
 
-def teardown(env: DistEnv) -> None:
-    """Destroy the process group if :func:`setup` created it (a caller's own group stays)."""
-    if env.owns_group and dist.is_initialized():
+def teardown(env: DistEnv, ok: bool = True) -> None:
+    """After success: barrier, then destroy the group if :func:`setup` created it (a caller's own group
+    stays). After a failure: nothing (the other ranks may never reach a barrier)."""
+    if ok and env.owns_group and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -3,10 +3,13 @@
 evaluator (:mod:`.evaluator`), the metrics logger (:mod:`.metrics`) and ``parallelize``
 (:mod:`.parallel`).
 
-One step = ``grad_accum`` micro-batches -> clip -> AdamW update. The data order is a pure function of
-(seed, micro-batch index, rank), checkpoints hold weights, optimizer state and the data position, and
-the random state of step s on rank r is seeded from (seed, r, s), so a resumed run reproduces the
-uninterrupted run's losses exactly, under torchrun too.
+One step = one global batch of ``data.batch_size`` sequences = ``accum`` micro-batches of
+``data.micro_batch_size`` on each of the ranks -> clip -> AdamW update. Step s reads the sequences at
+positions s*G .. (s+1)*G - 1 of the seeded data order (G the global batch) whatever the world size, so
+a config means the same training on any number of ranks. Checkpoints hold weights, optimizer state and
+the data position and load into any layout; the random state of step s on rank r is seeded from
+(seed, r, s), so a resumed run reproduces the uninterrupted run's losses exactly (under torchrun too,
+and across world sizes for layers without sampling).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from ..data.loader import BatchStream
 from ..model import Decoder
 from ..report import progress, say
 from . import distributed
+from ..parallel.dcp import model_state
+from ..parallel.parallelize import ParallelPlan, parallelize
 from .checkpoint import Checkpointer, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import build_optimizer, lr_at, transfer_state
-from .parallel import ParallelPlan, parallelize
 from .step import train_step
 
 
@@ -36,16 +40,34 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train ``cfg`` into ``run_dir`` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/).
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
+          device: str | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir`` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/) on
+    ``device`` (default: CUDA when available), as one process or one rank of a torchrun job.
 
     Returns a summary: final step, last training loss, held-out evaluation, skipped steps, tokens, seconds.
     """
-    env = distributed.setup()
+    pc = cfg.train.parallel
+    env = distributed.setup(device, pc.timeout_s, need_group=pc.mode == "fsdp")
+    ok = False
     try:
-        return Trainer(cfg, Path(run_dir), env, show_progress).run(resume)
+        summary = Trainer(cfg, Path(run_dir), env, show_progress).run(resume)
+        ok = True
+        return summary
     finally:
-        distributed.teardown(env)
+        distributed.teardown(env, ok)
+
+
+def batch_split(cfg: RunConfig, ranks: int) -> tuple[int, int]:
+    """(micro-batch size per rank, micro-batches per step) for the global batch over ``ranks``."""
+    d = cfg.data
+    micro = d.micro_batch_size or d.batch_size // ranks
+    if micro < 1 or d.batch_size % (micro * ranks):
+        field, value = ("data.micro_batch_size", d.micro_batch_size) if d.micro_batch_size else \
+            ("data.batch_size", d.batch_size)
+        raise ConfigError.invalid(field, value, f"the global batch data.batch_size={d.batch_size} must be a "
+                                  f"multiple of micro_batch_size={max(micro, 1)} x {ranks} ranks")
+    return micro, d.batch_size // (micro * ranks)
 
 
 def build_model(cfg: RunConfig, dense: bool) -> Decoder:
@@ -61,13 +83,15 @@ class Trainer:
         self.verbose = show_progress and env.is_main
         self.train_set = PackedDataset(cfg.data.path, "train")
         _check_data(cfg, self.train_set)
-        self.stream = BatchStream(self.train_set, cfg.data.batch_size, cfg.train.seed, env.rank, env.world)
-        self.evaluator = Evaluator(PackedDataset(cfg.data.path, "heldout"), cfg.data.batch_size, cfg.data.eval_batches)
-        self.checkpointer = Checkpointer(run_dir, cfg.train.keep_checkpoints, env.is_main)
-        self.plan = ParallelPlan(world=env.world, compile=cfg.train.compile)
         tc = cfg.train
+        self.micro, self.accum = batch_split(cfg, env.world)
+        self.stream = BatchStream(self.train_set, self.micro, tc.seed, env.rank, env.world)
+        self.evaluator = Evaluator(PackedDataset(cfg.data.path, "heldout"), self.micro, cfg.data.eval_batches,
+                                   env.rank, env.world)
+        self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank)
+        self.plan = ParallelPlan.build(tc.parallel, env.world, env.device.type, tc.compile, tc.bf16)
         self.switch_step = int(round(tc.dense_warmup_frac * tc.steps)) if cfg.model.has_moe else 0
-        self.tokens_per_step = cfg.data.batch_size * self.train_set.context_len * tc.grad_accum * env.world
+        self.tokens_per_step = cfg.data.batch_size * self.train_set.context_len
 
     # ------------------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict:
@@ -75,12 +99,13 @@ class Trainer:
         start_step, state = self._restore(resume)
         counts = self.model.parameter_counts()
         say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
-            f"{len(self.train_set)} training sequences of {self.train_set.context_len} tokens",
+            f"{len(self.train_set)} training sequences of {self.train_set.context_len} tokens; "
+            f"{self.plan.layout.describe()}, {self.accum} micro-batch(es) of {self.micro} per rank and step",
             self.verbose and start_step == 0)
         logger = MetricsLogger(self.run_dir, tc.tensorboard, env.is_main)
         bar = progress(tc.steps, f"train {self.run_dir.name}", self.verbose, initial=start_step)
         t_start, last_loss, final = time.perf_counter(), float("nan"), None
-        with self.stream.prefetch(start_step * tc.grad_accum) as batches:
+        with self.stream.prefetch(start_step * self.accum) as batches:
             for step in range(start_step, tc.steps):
                 torch.manual_seed(_step_seed(tc.seed, env.rank, step))  # all randomness of step s: (seed, rank, s)
                 if state["phase"] == "dense" and step >= self.switch_step:
@@ -89,7 +114,8 @@ class Trainer:
                 lr = lr_at(step, tc)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                result = train_step(self.model, self.wrapped, self.optimizer, batches, tc, env)
+                result = train_step(self.model, self.wrapped, self.optimizer, batches, self.accum, tc.grad_clip,
+                                    tc.bf16, self.plan, env)
                 self._count(step, result, state)
                 state["tokens"] += self.tokens_per_step
                 logger.count(self.tokens_per_step)
@@ -124,7 +150,7 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or choose "
                               "a new run directory")
         state = {"phase": "dense" if self.switch_step > 0 else "moe", "skipped_steps": 0, "bad_in_a_row": 0,
-                 "tokens": 0}
+                 "tokens": 0, "world": self.env.world, "layout": self.plan.layout.describe()}
         if ckpt is not None:
             state["phase"] = read_trainer_state(ckpt)["phase"]
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
@@ -141,19 +167,24 @@ class Trainer:
             truncate_metrics(self.run_dir, start_step)
         return start_step, state
 
-    def _set_model(self, model: Decoder, optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.model = model.to(self.env.device)
-        self.optimizer = optimizer or build_optimizer(self.model, self.cfg.train)
+    def _set_model(self, model: Decoder) -> None:
+        """Parallelize ``model`` for the run's layout (its parameters then live on the device, sharded
+        under fsdp) and build its optimizer."""
+        self.model = model.to(self.env.device) if self.plan.layout.mode == "ddp" else model
         self.wrapped = parallelize(self.model, self.plan)
+        self.model.to(self.env.device)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def _switch_to_moe(self, step: int) -> None:
         """The dense warm-up ends: copy the dense FFN into every expert; shared weights keep their
         optimizer state."""
-        moe = build_model(self.cfg, dense=False).to(self.env.device)
-        moe.dense_to_moe(self.model)
-        optimizer = build_optimizer(moe, self.cfg.train)
-        transfer_state(self.optimizer, self.model, optimizer, moe)
-        self._set_model(moe, optimizer)
+        dense = build_model(self.cfg, dense=True)
+        dense.load_state_dict(full_state(self.model), strict=False)  # tied names are absent
+        moe = build_model(self.cfg, dense=False)
+        moe.dense_to_moe(dense)
+        old_model, old_optimizer = self.model, self.optimizer
+        self._set_model(moe)
+        transfer_state(old_optimizer, old_model, self.optimizer, self.model)
         say(f"step {step}: dense warm-up done, FFN copied into every expert", self.verbose)
 
     def _count(self, step: int, result, state: dict) -> None:
@@ -169,6 +200,13 @@ class Trainer:
             raise TrainingError(f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
                                 f"stopped. The last usable weights are in {self.checkpointer.latest()}. Lower "
                                 "train.lr or enable train.grad_clip.")
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full tensors on the CPU of every rank, gathered from their shards."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model_state(model).items()}
 
 
 def _check_data(cfg: RunConfig, dataset) -> None:

@@ -1,5 +1,11 @@
-"""One optimizer step: ``grad_accum`` micro-batches forward and backward, clipping, AdamW update
-(skipped, and reported, when the loss or the gradient is not finite)."""
+"""One optimizer step: ``accum`` micro-batches forward and backward, clipping, AdamW update (skipped,
+and reported, when the loss or the gradient is not finite).
+
+Scaling (the same for every layout, see :mod:`diffmoe.parallel.parallelize`): each rank's LM loss is
+its token sum over the global token count of the step (all-reduced once, before the first forward),
+its auxiliary losses are divided by micro-batches x ranks, and gradients are summed over the ranks,
+so the update is that of one process on the whole global batch.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrainConfig
+from ..parallel.grads import clip_grad_norm_
+from ..parallel.parallelize import ParallelPlan, gradient_sync
 from . import distributed
-from .parallel import gradient_sync
 
 
 @dataclass
 class StepResult:
     loss: float
-    """LM loss (nats per token), the mean over micro-batches and ranks."""
+    """LM loss (nats per token) of the global batch."""
     aux_loss: float
-    """The scaled auxiliary losses of this rank, mean over micro-batches."""
+    """The scaled auxiliary losses, mean over micro-batches and ranks."""
     grad_norm: float
     """Total gradient norm before clipping."""
     applied: bool
@@ -28,29 +35,42 @@ class StepResult:
 
 
 def train_step(model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: Iterator[tuple[torch.Tensor, torch.Tensor]], tc: TrainConfig, env: distributed.DistEnv,
-               ) -> StepResult:
-    """Run ``tc.grad_accum`` micro-batches from ``batches`` through ``wrapped`` (``model`` parallelized),
-    clip and update ``optimizer``; gradients are zeroed afterwards either way."""
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=tc.bf16)
-    lm_total, aux_total = torch.zeros(()), torch.zeros(())
-    for micro in range(tc.grad_accum):
-        ids, labels = (t.to(env.device) for t in next(batches))
-        with gradient_sync(wrapped, enabled=micro == tc.grad_accum - 1):
+               batches: Iterator[tuple[torch.Tensor, torch.Tensor]], accum: int, grad_clip: float, bf16: bool,
+               plan: ParallelPlan, env: distributed.DistEnv) -> StepResult:
+    """Run ``accum`` micro-batches from ``batches`` through ``wrapped`` (``model`` parallelized by
+    ``plan``), clip at ``grad_clip`` (0: no clipping) and update ``optimizer``; gradients are zeroed
+    afterwards either way."""
+    micro_batches = [next(batches) for _ in range(accum)]
+    tokens = _all_reduce_sum(torch.tensor([float(sum(labels.numel() for _, labels in micro_batches))]), env)[0]
+    ranks = env.world
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16 and plan.autocast)
+    sums = torch.zeros(2, dtype=torch.float64)  # LM token sum, scaled auxiliary losses
+    for i, (ids, labels) in enumerate(micro_batches):
+        ids, labels = ids.to(env.device), labels.to(env.device)
+        with gradient_sync(wrapped, enabled=i == accum - 1):
             with autocast:
                 logits = wrapped(ids)
-            lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-            aux = model.aux_loss()
-            ((lm + aux) / tc.grad_accum).backward()
-        lm_total += lm.detach().cpu() / tc.grad_accum
-        aux_total += aux.detach().cpu() / tc.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-    loss = distributed.all_reduce_mean(lm_total.to(env.device), env).item()
+            lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            aux = model.aux_loss() / (accum * ranks)
+            (lm / tokens + aux).backward()
+        sums += torch.stack([lm.detach(), aux.detach()]).double().cpu()
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    sums = _all_reduce_sum(sums, env)
+    loss = float(sums[0] / tokens)
     applied = is_finite(loss) and is_finite(grad_norm)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, aux_total.item(), float(grad_norm), applied)
+    return StepResult(loss, float(sums[1]), grad_norm, applied)
+
+
+def _all_reduce_sum(values: torch.Tensor, env: distributed.DistEnv) -> torch.Tensor:
+    """Sum a small CPU tensor over the ranks (through the device for nccl)."""
+    if env.world == 1:
+        return values
+    out = values.to(env.device)
+    dist.all_reduce(out)
+    return out.cpu()
 
 
 def is_finite(value: torch.Tensor | float) -> bool:

@@ -90,8 +90,8 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
     entries = []
     for path in args.configs:
         cfg = load_config(str(path), args.set)
-        if args.batch_size:
-            cfg.data.batch_size = args.batch_size
+        cfg.data.batch_size = args.batch_size or cfg.data.micro_batch_size or cfg.data.batch_size  # one micro-batch
+        cfg.data.micro_batch_size = None
         seq = args.seq_len or cfg.model.max_seq_len
         if seq > cfg.model.max_seq_len:
             raise ConfigError(f"--seq-len {seq} exceeds model.max_seq_len={cfg.model.max_seq_len} of {path}")
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: each config's data.batch_size")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: each config's data.micro_batch_size, else data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="default: each config's model.max_seq_len")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

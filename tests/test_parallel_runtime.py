@@ -2,12 +2,16 @@
 ranks resumes on 1 process and on 4 ranks and continues the uninterrupted loss curve; a rank that
 raises or hangs ends the whole job quickly, naming the rank."""
 
+import json
 import shutil
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from conftest import run_torchrun
 
+from diffmoe.cli import main
 from diffmoe.config import save_config
 from diffmoe.train import train
 from diffmoe.train.checkpoint import list_checkpoints, load_run
@@ -49,7 +53,21 @@ def test_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four(tiny_dataset, t
     for name in ("one", "four"):
         assert losses(tmp_path / name) == pytest.approx(full, rel=1e-5), name
     _, model, path = load_run(tmp_path / "full")  # evaluation reads the sharded checkpoint in one process
-    assert path.name == "step-00000006" and not any(p.is_meta for p in model.parameters())
+    assert path.name == "step-00000006"
+    assert main(["consolidate", str(tmp_path / "full"), "--out", str(tmp_path / "w.safetensors")]) == 0
+    weights = load_file(tmp_path / "w.safetensors")
+    state = model.state_dict()
+    assert set(weights) == set(state) - {"lm_head.weight"} or set(weights) == set(state)
+    for name, value in weights.items():
+        assert torch.equal(value, state[name]), name
+    # held-out evaluation shared out over 2 ranks equals one process
+    assert main(["eval", str(tmp_path / "full"), "--batch-size", "3", "--json", str(tmp_path / "one.json")]) == 0
+    run_torchrun_module(2, ["-m", "diffmoe.cli", "eval", str(tmp_path / "full"), "--batch-size", "3",
+                            "--json", str(tmp_path / "two.json")])
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.keys() == two.keys() and one["all"]["tokens"] == two["all"]["tokens"]
+    for name in one:
+        assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-6), name
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])

@@ -3,13 +3,15 @@
     diffmoe prepare  --corpus DIR --batching similarity --out data/
     diffmoe corpus   builtin --out corpus/
     diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
-    diffmoe eval     RUN [--routing segment|prompt|prefix]
+    diffmoe eval     RUN [--routing segment|prompt|prefix] [--device cuda]   (also under torchrun)
+    diffmoe consolidate RUN [--checkpoint C] [--out model.safetensors]
     diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     diffmoe analyze  RUN
     diffmoe demo     [--out runs/demo]
     diffmoe bench    layers [--device cuda --dtype bfloat16 --sweep all ...]
     diffmoe bench    model [CONFIG.yaml ...] [--compile both|off|on ...]
     diffmoe bench    generate [CONFIG.yaml ...] [--prompt-len P --new-tokens G ...]
+    diffmoe plan     CONFIG.yaml --gpus N --gpu-mem GB [--gpus-per-node 8] [--json [PATH]] [section.field=value ...]
 """
 
 from __future__ import annotations
@@ -45,24 +47,39 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _load(args):
+def _load(args, device=None):
     from .train.checkpoint import load_run
     from .train.distributed import resolve_device
 
-    return load_run(args.run, args.checkpoint, resolve_device(args.device))
+    return load_run(args.run, args.checkpoint, device or resolve_device(args.device))
 
 
 def _eval(args) -> int:
+    """Under torchrun, every rank holds the model and scores its share of the held-out batches."""
     from .data import PackedDataset
     from .eval.perplexity import evaluate
+    from .train import distributed
 
-    cfg, model, path = _load(args)
+    env = distributed.setup(args.device)
+    cfg, model, path = _load(args, env.device)
     data = PackedDataset(args.data or cfg.data.path, "heldout")
-    result = evaluate(model, data, args.batch_size, args.max_batches, args.routing, args.prompt_len)
-    print(f"{path} ({args.routing} routing)")
-    print(_format_eval(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    result = evaluate(model, data, args.batch_size, args.max_batches, args.routing, args.prompt_len,
+                      rank=env.rank, world=env.world)
+    if env.is_main:
+        print(f"{path} ({args.routing} routing)")
+        print(_format_eval(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    distributed.teardown(env)
+    return 0
+
+
+def _consolidate(args) -> int:
+    from .train.checkpoint import consolidate, load_run
+
+    _, model, path = load_run(args.run, args.checkpoint)
+    out = Path(args.out) if args.out else path / "model.safetensors"
+    print(consolidate(model, out))
     return 0
 
 
@@ -147,6 +164,21 @@ def device_arg(p: argparse.ArgumentParser) -> None:
                                     "rank's LOCAL_RANK)")
 
 
+def _plan(args) -> int:
+    from .config import load_config
+    from .parallel.plan import Cluster, format_plan, make_plan, plan_json
+
+    cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve)
+    plan = make_plan(load_config(args.config, args.overrides), cluster, args.seq_len, config_name=args.config)
+    if args.json == "-":
+        print(plan_json(plan))
+        return 0
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(plan_json(plan), encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.cli import register as register_data
 
@@ -180,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
+    p.set_defaults(func=_consolidate)
+
     p = sub.add_parser("generate", help="generate text with the KV cache (Lory: prompt-only routing)")
     run_args(p)
     p.add_argument("--prompt", required=True)
@@ -204,6 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (e.g. --device cuda)")
     p.set_defaults(func=_bench)
 
+    from .parallel.plan import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, DEFAULT_RESERVE_GIB
+
+    p = sub.add_parser("plan", help="per-GPU memory and communication of each parallel layout for a config, "
+                                    "and the one to use (no GPU needed; docs/scaling.md)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB (e.g. 80)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--intra-bw", type=float, default=DEFAULT_INTRA_GBPS, help="GB/s per GPU inside a node "
+                   f"(default {DEFAULT_INTRA_GBPS:g})")
+    p.add_argument("--inter-bw", type=float, default=DEFAULT_INTER_GBPS, help="GB/s per GPU across nodes "
+                   f"(default {DEFAULT_INTER_GBPS:g})")
+    p.add_argument("--reserve", type=float, default=DEFAULT_RESERVE_GIB, help="GiB per GPU kept for the CUDA "
+                   f"context, NCCL and fragmentation (default {DEFAULT_RESERVE_GIB:g})")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the dataset's, else model.max_seq_len)")
+    p.add_argument("--json", nargs="?", const="-", help="print JSON instead of the table, or with PATH also "
+                   "write it there")
+    p.set_defaults(func=_plan)
+
     p = sub.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs")
@@ -217,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # overrides may also follow the options
+    if args.command in ("train", "plan"):  # overrides may also follow the options
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if e not in args.overrides]
     if extra:

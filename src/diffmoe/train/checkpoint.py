@@ -143,10 +143,9 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return meta
 
 
-def consolidate(path: str | os.PathLike, model: torch.nn.Module, out: str | os.PathLike) -> Path:
-    """Write the weights of checkpoint ``path`` as one ``model.safetensors``-style file ``out`` (tied
-    duplicates stored once); ``model`` is a plain model of the checkpoint's shape. Returns ``out``."""
-    load_model_weights(model, path)
+def consolidate(model: torch.nn.Module, out: str | os.PathLike) -> Path:
+    """Write the weights of a plain (unsharded) model, e.g. from :func:`load_run`, as one safetensors
+    file ``out``, atomically (tied duplicates stored once). Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -33,10 +33,20 @@ def test_bench_model_writes_a_row_per_config(tmp_path):
         for key in ("step_ms", "tokens_per_s", "gflop_per_token", "achieved_tflops", "matmul_share", "time_vs_dense"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["config"], key)
         assert r["mfu"] is None  # no GPU peak on CPU
-        assert f"| {r['config']} | eager |" in table
+        assert f"| {r['config']} | eager | ddp | off |" in table
     assert rows[0]["time_vs_dense"] == 1.0
     assert result["settings"]["overrides"] == TOY_SET[1:]
     assert result["machine"]["threads"] == 1
+
+
+def test_bench_model_under_fsdp_with_and_without_activation_checkpointing(tmp_path):
+    """The GPU check's layout (FSDP2 on a one-process group, AC on and off) runs at toy size on CPU."""
+    assert main(["bench", "model", *TINY[1:2], *TOY_SET, "--compile", "off", "--layout", "fsdp", "--ac", "both",
+                 "--batch-size", "2", "--seq-len", "32", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--matmul-size", "64", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_model_cpu_float32_fsdp.json").read_text())["rows"]
+    assert [(r["layout"], r["activation_checkpointing"]) for r in rows] == [("fsdp", False), ("fsdp", True)]
+    assert all(math.isfinite(r["step_ms"]) and r["peak_mem_gb"] is None for r in rows)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -1,10 +1,13 @@
 """Model benchmark: training tokens/s of configs, eager and under ``torch.compile``, with FLOP utilisation.
 
-Each config is built as ``diffmoe train`` builds it (the same ``Decoder``, AdamW from
-``build_optimizer``, bf16 autocast when the dtype is bfloat16). One training step = forward,
-cross-entropy + auxiliary losses, backward, gradient clipping, AdamW step, zero_grad, on random token
-ids of ``data.batch_size`` x ``model.max_seq_len`` (overridable). Random ids do the same work as text,
-except that a token-choice router sees a different balance.
+Each config is built and stepped as ``diffmoe train`` does it (the same ``Decoder``, ``parallelize``,
+AdamW from ``build_optimizer`` and the trainer's ``train_step``: forward, cross-entropy + auxiliary
+losses, backward, gradient clipping, AdamW step, zero_grad), on random token ids of one micro-batch
+(``data.micro_batch_size``, else ``data.batch_size``) x ``model.max_seq_len`` (overridable). Random
+ids do the same work as text, except that a token-choice router sees a different balance.
+``--layout fsdp`` runs the model under FSDP2 on a one-process group (bf16 compute through FSDP2's
+mixed precision, as ``train.parallel.mode=fsdp``); ``--ac`` with per-block activation checkpointing.
+On CUDA each entry also reports its peak allocated memory.
 
 Every (config, mode) is one entry; entries run round-robin, one step each per round (see
 :mod:`diffmoe.bench.common`); the first ``--warmup`` rounds (which include compilation) are discarded.
@@ -16,7 +19,8 @@ model FLOPs. Utilisation = achieved FLOP/s / peak: on CUDA the GPU's dense bf16 
 or a table of known GPUs): model FLOP utilisation (MFU); on every device also the share of the
 measured matmul rate (an n^3 matmul in the same dtype).
 
-Usage: diffmoe bench model [CONFIG.yaml ...] [--compile both|off|on] [--set section.field=value ...].
+Usage: diffmoe bench model [CONFIG.yaml ...] [--compile both|off|on] [--layout ddp|fsdp] [--ac off|on|both]
+[--set section.field=value ...].
 Default configs: configs/0*-tiny-*.yaml on CPU, configs/1*-paper-*.yaml on CUDA (from the working
 directory). Writes bench_model_<device>_<dtype>.md and .json under --out (default results/model/).
 """
@@ -24,6 +28,8 @@ directory). Writes bench_model_<device>_<dtype>.md and .json under --out (defaul
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
 import statistics
 import time
@@ -31,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
+from ..parallel.parallelize import ParallelPlan, parallelize
+from ..train import distributed
 from ..train.optim import build_optimizer
+from ..train.step import train_step
 from .common import (config_files, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,
                      median_ratio, round_robin, start, sync, write_results)
 
@@ -45,10 +53,12 @@ class Entry:
     config: str
     cfg: RunConfig
     mode: str  # eager | compile
+    ac: bool
     model: Decoder
     step_fn: object
     times_s: list[float] = field(default_factory=list)
     first_step_s: float = 0.0
+    peak_bytes: int = 0
 
 
 def model_flops_per_token(model: Decoder, seq_len: int) -> float:
@@ -60,33 +70,38 @@ def model_flops_per_token(model: Decoder, seq_len: int) -> float:
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
-def make_step(model: Decoder, cfg: RunConfig, mode: str, ids: torch.Tensor, dtype: torch.dtype):
-    """A callable running one training step of ``model`` and returning its wall time (s)."""
-    optimizer = build_optimizer(model, cfg.train)
-    forward = torch.compile(model) if mode == "compile" else model
-    device = ids.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    labels = ids.roll(-1, 1)
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
+    """A callable running one training step of ``entry.model`` (as the trainer does, in ``layout``)
+    and returning its wall time (s); on CUDA it records the entry's peak allocated memory."""
+    cfg, device = entry.cfg, ids.device
+    pc = dataclasses.replace(cfg.train.parallel, mode=layout, activation_checkpointing="block" if entry.ac else "none",
+                             dp_replicate=1, dp_shard=-1, ep=1, etp=1)
+    bf16 = dtype == torch.bfloat16
+    plan = ParallelPlan.build(pc, 1, device.type, compile=entry.mode == "compile", bf16=bf16)
+    wrapped = parallelize(entry.model, plan)
+    entry.model.to(device)
+    optimizer = build_optimizer(entry.model, cfg.train)
+    batches = itertools.repeat((ids, ids.roll(-1, 1)))
+    env = distributed.DistEnv(0, 1, device)
 
     def step() -> float:
         sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        with autocast:
-            logits = forward(ids)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) + model.aux_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(entry.model, wrapped, optimizer, batches, 1, cfg.train.grad_clip, bf16, plan, env)
         sync(device)
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if device.type == "cuda":
+            entry.peak_bytes = max(entry.peak_bytes, torch.cuda.max_memory_allocated(device))
+        return elapsed
 
     return step
 
 
 def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]:
     modes = {"both": ["eager", "compile"], "off": ["eager"], "on": ["compile"]}[args.compile]
+    checkpointing = {"both": [False, True], "off": [False], "on": [True]}[args.ac]
     entries = []
     for path in args.configs:
         cfg = load_config(str(path), args.set)
@@ -97,15 +112,17 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
             raise ConfigError(f"--seq-len {seq} exceeds model.max_seq_len={cfg.model.max_seq_len} of {path}")
         g = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, seq), generator=g).to(device)
-        for mode in modes:
+        for mode, ac in itertools.product(modes, checkpointing):
             torch.manual_seed(args.seed)
-            model = Decoder(cfg.model).to(device).train()  # float32 master weights, as in training
-            entries.append(Entry(Path(path).stem, cfg, mode, model, make_step(model, cfg, mode, ids, dtype)))
+            model = Decoder(cfg.model).train()  # float32 master weights, as in training
+            entry = Entry(Path(path).stem, cfg, mode, ac, model, None)
+            entry.step_fn = make_step(entry, ids, dtype, args.layout)
+            entries.append(entry)
     return entries
 
 
 def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> list[dict]:
-    dense = {e.mode: e for e in entries if e.cfg.model.ffn == "dense"}
+    dense = {(e.mode, e.ac): e for e in entries if e.cfg.model.ffn == "dense"}
     rows = []
     for e in entries:
         tokens = e.cfg.data.batch_size * (args.seq_len or e.cfg.model.max_seq_len)
@@ -114,9 +131,10 @@ def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> 
         flops_tok = model_flops_per_token(e.model, args.seq_len or e.cfg.model.max_seq_len)
         achieved = flops_tok * tps
         counts = e.model.parameter_counts()
-        ref = dense.get(e.mode)
+        ref = dense.get((e.mode, e.ac))
         rows.append({
-            "config": e.config, "mode": e.mode, "ffn": e.cfg.model.ffn,
+            "config": e.config, "mode": e.mode, "layout": args.layout, "activation_checkpointing": e.ac,
+            "ffn": e.cfg.model.ffn, "peak_mem_gb": e.peak_bytes / 2**30 if e.peak_bytes else None,
             "params": counts["total"], "active_params": counts["active"],
             "batch": e.cfg.data.batch_size, "seq_len": args.seq_len or e.cfg.model.max_seq_len,
             "step_ms": 1e3 * step, "steps_ms": [1e3 * t for t in e.times_s], "tokens_per_s": tps,
@@ -138,18 +156,20 @@ def markdown(result: dict) -> str:
         f"per token. Measured {m['dtype']} matmul rate: {result['matmul_tflops']:.3g} TFLOP/s"
         + (f"; peak used for MFU: {peak:g} TFLOP/s." if peak else "; no GPU peak known: MFU n/a."),
         "",
-        "| config | mode | params (active) | batch x seq | step ms | tokens/s | time / dense | GFLOP/token "
-        "| TFLOP/s | share of matmul rate | MFU | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | mode | layout | AC | params (active) | batch x seq | step ms | tokens/s | time / dense | "
+        "GFLOP/token | TFLOP/s | share of matmul rate | MFU | peak GB | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         vs = "n/a" if r["time_vs_dense"] is None else f"{r['time_vs_dense']:.2f}"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        peak_gb = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         lines.append(
-            f"| {r['config']} | {r['mode']} | {r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M) | "
+            f"| {r['config']} | {r['mode']} | {r['layout']} | {'on' if r['activation_checkpointing'] else 'off'} | "
+            f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M) | "
             f"{r['batch']} x {r['seq_len']} | {fmt_ms(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {vs} | "
             f"{r['gflop_per_token']:.4g} | {r['achieved_tflops']:.3g} | {100 * r['matmul_share']:.1f} % | {mfu} | "
-            f"{r['first_step_s']:.1f} |")
+            f"{peak_gb} | {r['first_step_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,10 +179,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
                    help="overrides applied to every config (e.g. model.n_layers=2)")
     p.add_argument("--compile", choices=["both", "off", "on"], default="both", help="eager, compiled or both")
+    p.add_argument("--layout", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: the plain model (one process); fsdp: FSDP2 on a one-process group")
+    p.add_argument("--ac", choices=["off", "on", "both"], default="off", help="per-block activation checkpointing")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: each config's data.micro_batch_size, else data.batch_size)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step (default: each config's data.micro_batch_size, else data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="default: each config's model.max_seq_len")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -182,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = start(args)
     args.configs = config_files(args.configs, device, "0*-tiny-*.yaml", "1*-paper-*.yaml")
     load_start = os.getloadavg()[0]
+    env = distributed.setup(device, need_group=args.layout == "fsdp")
     entries = build_entries(args, device, dtype)
     firsts = [e.step_fn() for e in entries]  # first step: compilation for compiled entries
     for e, t in zip(entries, firsts):
@@ -199,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_per_round": load,
         "rows": summarize(entries, args, matmul, peak),
     }
-    write_results(args.out, f"bench_model_{device.type}_{dtype_name(dtype)}", markdown(result), result)
+    write_results(args.out, f"bench_model_{device.type}_{dtype_name(dtype)}" + ("_fsdp" if args.layout == "fsdp" else ""), markdown(result), result)
+    distributed.teardown(env)
     return result
 
 

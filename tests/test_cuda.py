@@ -75,3 +75,32 @@ def test_kv_cache_decoding_on_cuda():
         inc = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache)
                                                             for t in range(5, 24)], 1)
     torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_on_one_gpu_trains_like_the_plain_model():
+    """FSDP2 on a one-process NCCL group (the GPU benchmark's layout) gives the plain model's losses."""
+    import itertools
+
+    from diffmoe.config import ParallelConfig, TrainConfig
+    from diffmoe.parallel.parallelize import ParallelPlan, parallelize
+    from diffmoe.train import distributed
+    from diffmoe.train.optim import build_optimizer
+    from diffmoe.train.step import train_step
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    env = distributed.setup("cuda", need_group=True)
+    cfg = tiny_model_config(ffn="lory")
+    ids = torch.randint(0, cfg.vocab_size, (4, 33), device="cuda")
+    losses = {}
+    for mode in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        model = Decoder(cfg)
+        plan = ParallelPlan.build(ParallelConfig(mode=mode), 1, "cuda")
+        wrapped = parallelize(model.cuda() if mode == "ddp" else model, plan)
+        model.cuda()
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
+        batches = itertools.repeat((ids[:, :-1], ids[:, 1:]))
+        losses[mode] = [train_step(model, wrapped, optimizer, batches, 1, 1.0, False, plan, env).loss
+                        for _ in range(3)]
+    distributed.teardown(env)
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)

@@ -21,7 +21,7 @@ def merge_experts(weights: torch.Tensor, experts: nn.Module) -> Merged:
     weights: [S, E] (cast to the experts' dtype).
     Returns (w1 [S, d_ff, d], w3 [S, d_ff, d], w2 [S, d, d_ff]).
     """
-    return _merge_chunk(weights, experts.w1, experts.w3, experts.w2, experts.w1.dtype)
+    return merge_stacks(weights, experts.w1, experts.w3, experts.w2, experts.w1.dtype)
 
 
 def merged_swiglu(x: torch.Tensor, merged: Merged) -> torch.Tensor:
@@ -138,7 +138,7 @@ def _merge_into(weights: torch.Tensor, experts, m13: torch.Tensor, m2: torch.Ten
     return c13, c2
 
 
-def _merge_chunk(weights: torch.Tensor, w1, w3, w2, dtype) -> Merged:
+def merge_stacks(weights: torch.Tensor, w1, w3, w2, dtype) -> Merged:
     """Merged (w1, w3, w2) for rows of ``weights`` [c, E], in ``dtype``: one GEMM per stack."""
     c, E = weights.shape
     return tuple((weights.to(w.dtype) @ w.reshape(E, -1)).view(c, *w.shape[1:]).to(dtype)  # type: ignore

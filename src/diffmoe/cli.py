@@ -11,7 +11,7 @@
     diffmoe bench    layers [--device cuda --dtype bfloat16 --sweep all ...]
     diffmoe bench    model [CONFIG.yaml ...] [--compile both|off|on ...]
     diffmoe bench    generate [CONFIG.yaml ...] [--prompt-len P --new-tokens G ...]
-    diffmoe plan     CONFIG.yaml --gpus N --gpu-mem GB [--gpus-per-node 8] [--json [PATH]] [section.field=value ...]
+    diffmoe plan     CONFIG.yaml --gpus N --gpu-mem GB [--gpus-per-node 8] [--json] [section.field=value ...]
 """
 
 from __future__ import annotations
@@ -170,12 +170,7 @@ def _plan(args) -> int:
 
     cluster = Cluster(args.gpus, args.gpu_mem, args.gpus_per_node, args.intra_bw, args.inter_bw, args.reserve)
     plan = make_plan(load_config(args.config, args.overrides), cluster, args.seq_len, config_name=args.config)
-    if args.json == "-":
-        print(plan_json(plan))
-        return 0
-    print(format_plan(plan))
-    if args.json:
-        Path(args.json).write_text(plan_json(plan), encoding="utf-8")
+    print(plan_json(plan) if args.json else format_plan(plan))
     return 0
 
 
@@ -258,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", type=float, default=DEFAULT_RESERVE_GIB, help="GiB per GPU kept for the CUDA "
                    f"context, NCCL and fragmentation (default {DEFAULT_RESERVE_GIB:g})")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the dataset's, else model.max_seq_len)")
-    p.add_argument("--json", nargs="?", const="-", help="print JSON instead of the table, or with PATH also "
-                   "write it there")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")

@@ -1,5 +1,6 @@
-"""Distributed runs end to end (``diffmoe train`` under torchrun, gloo): a checkpoint written by 2 FSDP2
-ranks resumes on 1 process and on 4 ranks and continues the uninterrupted loss curve; a rank that
+"""Distributed runs end to end (``diffmoe train`` under torchrun, gloo): 2 FSDP2 ranks train like one
+process across the dense warm-up's switch, their checkpoint resumes on 1 process and on 4 ranks and
+continues the uninterrupted loss curve; a rank that
 raises or hangs ends the whole job quickly, naming the rank."""
 
 import json
@@ -37,7 +38,8 @@ def run_torchrun_module(nproc, args):
 
 
 def test_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four(tiny_dataset, tmp_path):
-    cfg = run_config(tiny_dataset, "lory", steps=6, grad_accum=2, checkpoint_every=3, keep_checkpoints=5)
+    cfg = run_config(tiny_dataset, "lory", steps=6, grad_accum=2, checkpoint_every=3, keep_checkpoints=5,
+                     dense_warmup_frac=0.34)  # the dense-to-MoE switch at step 2, under FSDP2
     cfg.data.micro_batch_size = None  # 8 sequences per step: 4 per rank on 2 ranks, 2 on 4, 8 on 1
     cfg.train.parallel.mode = "fsdp"
     save_config(cfg, str(tmp_path / "cfg.yaml"))
@@ -49,6 +51,8 @@ def test_checkpoint_of_two_fsdp_ranks_resumes_on_one_and_on_four(tiny_dataset, t
         shutil.rmtree(list_checkpoints(tmp_path / name)[-1])  # "crash" after the checkpoint of step 3
     cfg.train.parallel.mode = "ddp"  # the layout may change on resume
     train(cfg, tmp_path / "one", resume=True, show_progress=False)
+    train(cfg, tmp_path / "single", show_progress=False)
+    assert losses(tmp_path / "single") == pytest.approx(full, rel=1e-5)  # 2 FSDP2 ranks = 1 process
     torchrun_train(4, tmp_path / "cfg.yaml", tmp_path / "four", resume=True)
     for name in ("one", "four"):
         assert losses(tmp_path / name) == pytest.approx(full, rel=1e-5), name

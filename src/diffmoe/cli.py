@@ -11,6 +11,7 @@
     diffmoe bench    layers [--device cuda --dtype bfloat16 --sweep all ...]
     diffmoe bench    model [CONFIG.yaml ...] [--compile both|off|on ...]
     diffmoe bench    generate [CONFIG.yaml ...] [--prompt-len P --new-tokens G ...]
+    diffmoe bench    scale [CONFIG.yaml ...] [--procs 1 2 4]
     diffmoe plan     CONFIG.yaml --gpus N --gpu-mem GB [--gpus-per-node 8] [--json] [section.field=value ...]
 """
 
@@ -231,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("bench", help="benchmarks that write markdown and JSON tables (see --help of each)")
-    p.add_argument("which", choices=("layers", "model", "generate"),
+    p.add_argument("which", choices=("layers", "model", "generate", "scale"),
                    help="layers: every MoE layer vs the dense FFN (and sweeps); model: training tokens/s of "
-                        "configs, eager and compiled; generate: decoding time per token with the KV cache")
+                        "configs, eager and compiled; generate: decoding time per token with the KV cache; "
+                        "scale: each parallel layout on 1, 2 and 4 processes against diffmoe plan")
     p.add_argument("options", nargs=argparse.REMAINDER, help="options of the benchmark (e.g. --device cuda)")
     p.set_defaults(func=_bench)
 

@@ -634,7 +634,8 @@ def _activation_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Clus
     if layout.etp > 1:
         layers = sum(1 for i in range(mc.n_layers) if ffn_class(mc.layer_ffn(i)) == "merged")
         segments = w.micro_batch * math.ceil(w.seq_len / mc.moe.lory.segment_len)
-        x_bytes, wt_bytes = (X - 1) * b * d * a, (X - 1) * segments * E * 4
+        padded = segments * mc.moe.lory.segment_len  # the last segment of a sequence is padded to T tokens
+        x_bytes, wt_bytes = (X - 1) * padded * d * a, (X - 1) * segments * E * 4
         items += [
             _collective("etp all-gather of segments (fwd) and dy (bwd)", "all_gather", group, A * layers * (fwd + 1),
                         x_bytes, gpn),

@@ -180,7 +180,7 @@ def main() -> None:
         print("comm count checks passed", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # torch 2.13 may abort at interpreter exit after FSDP2 (docs/scale-out.md, section 3)
+    os._exit(0)  # torch 2.13 may abort at interpreter exit after FSDP2 (docs/scaling.md, "Failures and exit")
 
 
 if __name__ == "__main__":

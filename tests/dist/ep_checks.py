@@ -250,7 +250,7 @@ def main() -> None:
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
-    os._exit(0)  # torch 2.13 sometimes aborts at exit after functional collectives (docs/scale-out.md §3)
+    os._exit(0)  # torch 2.13 sometimes aborts at exit after functional collectives (docs/scaling.md, "Failures and exit")
 
 
 if __name__ == "__main__":

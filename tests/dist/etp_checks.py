@@ -232,7 +232,7 @@ def main() -> None:
     print("etp checks passed", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # skips an occasional abort at interpreter exit after gloo collectives (scale-out.md §3)
+    os._exit(0)  # skips an occasional abort at interpreter exit after gloo collectives (docs/scaling.md, "Failures and exit")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def layouts(world: int) -> list[tuple[str, dict]]:
     out += [(f"fsdp+etp{n}", {"mode": "fsdp", "etp": n}) for n in (2, 4) if world % n == 0]
     if world == 4:
         out.append(("hsdp 2x2", {"mode": "fsdp", "dp_replicate": 2}))
+        out += [(f"hsdp 2x2+{x}2", {"mode": "fsdp", "dp_replicate": 2, x: 2}) for x in ("ep", "etp")]
     else:  # FSDP2 mixed precision: bf16 compute, fp32 reduction (compared loosely)
         out.append(("fsdp bf16", {"mode": "fsdp", "param_dtype": "bfloat16"}))
     return out
@@ -161,7 +162,7 @@ def main() -> None:
         print(f"train equivalence passed on rank {rank}: {compared} (kind, layout) pairs", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0 if flag.item() == 0 else 1)  # gloo + FSDP2 may abort at interpreter exit (scale-out.md)
+    os._exit(0 if flag.item() == 0 else 1)  # gloo + FSDP2 may abort at interpreter exit (docs/scaling.md, "Failures and exit")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ Sharding d_ff therefore beats plain FSDP2 when
 
     (t-1) * b < 9/4 * E * d_ff        (3/2 * E * d_ff with recompute)
 
-about 203k tokens for the paper's 0.3B/32E (d 1024, d_ff 2816; ``docs/scale-out.md`` section 2).
+about 203k tokens for the paper's 0.3B/32E (d 1024, d_ff 2816; docs/scaling.md).
 The paper's world-wide t loses at that scale (203 GB per rank and step against 39 GB, 64 ranks of
 16k tokens); a 2-D mesh, t = 4..8 ranks inside a node and FSDP2 over ``efsdp`` across nodes, wins
 (t=4 x FSDP2/16: 19 GB).

@@ -1,6 +1,6 @@
 """Process-group set-up for torchrun (gloo on CPU, nccl on CUDA) and its teardown.
 
-Hygiene (scale-out.md, torchtitan #1342): the group gets the config's timeout, so a hung rank ends the
+Hygiene (torchtitan #1342): the group gets the config's timeout, so a hung rank ends the
 job at the timeout; on success the ranks meet at a barrier before the group is destroyed; after an
 exception the group is left alone (destroying it would wait for ranks that never come), and the
 launcher (``torchrun``) stops the other ranks.

@@ -106,7 +106,7 @@ def _generate(args) -> int:
     if args.max_new_tokens > limit:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens}: the prompt leaves room for {limit} "
                          f"(max_seq_len={cfg.model.max_seq_len})")
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     out: list[int] = []
     shown = ""

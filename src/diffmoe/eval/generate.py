@@ -30,7 +30,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.no_grad()
 def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, routing: str = "prompt",
                     **sampling) -> Iterator[torch.Tensor]:
-    """Yield generated tokens [B] one step at a time. prompt [B, P] int64.
+    """Yield generated tokens [B] one step at a time (on the model's device). prompt [B, P] int64, on any
+    device. A sampling ``generator`` must be on the model's device.
 
     The prompt is processed in one call (prefill) that fills the KV cache. ``routing`` is the mode of
     layers that have routing modes: in ``prompt`` routing they route once on the prompt's mean (a merged
@@ -42,6 +43,7 @@ def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, r
     if unable:
         raise ValueError(f"cannot generate token by token: {', '.join(unable)} routes a token on tokens after "
                          "it or on the rest of the batch, so cached decoding would not compute what was trained")
+    prompt = prompt.to(next(model.parameters()).device)
     with model.inference(routing):
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = model(prompt, cache=cache)[:, -1]
@@ -55,4 +57,4 @@ def generate_stream(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, r
 def generate(model: Decoder, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """prompt [B, P] -> prompt followed by the generated tokens [B, P + max_new_tokens]."""
     new = list(generate_stream(model, prompt, max_new_tokens, **kwargs))
-    return torch.cat([prompt] + [t.unsqueeze(1) for t in new], 1)
+    return torch.cat([prompt.to(new[0].device) if new else prompt] + [t.unsqueeze(1) for t in new], 1)

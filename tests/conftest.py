@@ -49,19 +49,25 @@ def tiny_dataset(tmp_path_factory):
     return base / "data"
 
 
-def run_torchrun(script, nproc: int, *args, timeout: float = 240, expect_rc: int | None = 0):
-    """Run ``tests/dist/<script>`` under ``torchrun --standalone --nproc_per_node nproc`` with one
-    thread per rank; returns the CompletedProcess (asserting its exit code when ``expect_rc`` is set)."""
+def torchrun(nproc: int, argv, timeout: float = 240, expect_rc: int | None = 0):
+    """Run ``torchrun --standalone --nproc_per_node nproc ARGV`` (a script and its arguments, or
+    ``-m module ...``) with one thread per rank; returns the CompletedProcess (asserting its exit code
+    when ``expect_rc`` is set)."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    here = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(here / "dist" / script), *map(str, args)]
+           *map(str, argv)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_rc is not None:
         assert proc.returncode == expect_rc, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
+
+
+def run_torchrun(script, nproc: int, *args, timeout: float = 240, expect_rc: int | None = 0):
+    """Run the worker ``tests/dist/<script>`` with ``args`` under :func:`torchrun`."""
+    from pathlib import Path
+
+    return torchrun(nproc, [Path(__file__).resolve().parent / "dist" / script, *args], timeout, expect_rc)

@@ -83,7 +83,7 @@ def test_fsdp_on_one_gpu_trains_like_the_plain_model():
 
     from diffmoe.config import ParallelConfig, TrainConfig
     from diffmoe.parallel.parallelize import ParallelPlan, parallelize
-    from diffmoe.train import distributed
+    from diffmoe.parallel import distributed
     from diffmoe.train.optim import build_optimizer
     from diffmoe.train.step import train_step
 

@@ -50,7 +50,7 @@ def _world() -> int:
 
 def _load(args, device=None):
     from .train.checkpoint import load_run
-    from .train.distributed import resolve_device
+    from .parallel.distributed import resolve_device
 
     return load_run(args.run, args.checkpoint, device or resolve_device(args.device))
 
@@ -59,7 +59,7 @@ def _eval(args) -> int:
     """Under torchrun, every rank holds the model and scores its share of the held-out batches."""
     from .data import PackedDataset
     from .eval.perplexity import evaluate
-    from .train import distributed
+    from .parallel import distributed
 
     env = distributed.setup(args.device)
     cfg, model, path = _load(args, env.device)

@@ -104,10 +104,12 @@ class DataConfig:
     """Sequences per forward pass on one rank (None: batch_size / data-parallel ranks). Gradient
     accumulation = batch_size / (micro_batch_size x ranks), which must be a whole number."""
     eval_batches: int | None = 8
-    """Held-out batches per periodic evaluation (None: the whole held-out split)."""
+    """Periodic evaluation scores eval_batches x (micro_batch_size, else batch_size) evenly spaced
+    held-out rows, whatever the number of ranks (None: the whole held-out split)."""
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")
+"""FSDP2 mixed-precision dtypes (float16 would need a gradient scaler, which diffmoe does not have)."""
 
 
 @dataclass

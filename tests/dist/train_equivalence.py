@@ -14,6 +14,7 @@ and all-reduced so that all ranks fail alike.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import traceback
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from diffmoe import Decoder, ModelConfig
 from diffmoe.config import ParallelConfig, TrainConfig
 from diffmoe.parallel.parallelize import ParallelPlan, parallelize
-from diffmoe.train.distributed import DistEnv
+from diffmoe.parallel.distributed import DistEnv
 from diffmoe.train.loop import full_state
 from diffmoe.train.optim import build_optimizer
 from diffmoe.train.step import train_step
@@ -95,6 +96,9 @@ def run(kind: str, world: int, rank: int, micro: int, fields: dict) -> dict[str,
     pc.validate(model.cfg)
     plan = ParallelPlan.build(pc, world, "cpu") if world > 1 else ParallelPlan.build(ParallelConfig(), 1, "cpu")
     wrapped = parallelize(model, plan)
+    router_dtypes = []
+    for _, layer in model.moe_layers():  # the dtype routers compute in (float32 under any mixed precision)
+        layer.router.register_forward_pre_hook(lambda m, args: router_dtypes.append(m.weight.dtype))
     tc = TrainConfig(lr=1e-2, grad_clip=0.5)
     optimizer = build_optimizer(model, tc)
     env = DistEnv(rank, world, torch.device("cpu"))
@@ -108,6 +112,7 @@ def run(kind: str, world: int, rank: int, micro: int, fields: dict) -> dict[str,
         out[f"aux.{s}"] = torch.tensor(result.aux_loss)
         out[f"grad_norm.{s}"] = torch.tensor(result.grad_norm)
     out.update({f"param.{k}": v for k, v in full_state(model).items()})
+    assert all(dtype == torch.float32 for dtype in router_dtypes), set(router_dtypes)
     return out
 
 
@@ -152,7 +157,7 @@ def main() -> None:
         reference(out)
         print("reference written", flush=True)
         return
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a one-sided failure ends soon
     rank = dist.get_rank()
     compared, failures = check(out, world, rank)
     flag = torch.tensor([len(failures)])

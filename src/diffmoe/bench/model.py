@@ -41,7 +41,7 @@ import torch
 from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
 from ..parallel.parallelize import ParallelPlan, parallelize
-from ..train import distributed
+from ..parallel import distributed
 from ..train.optim import build_optimizer
 from ..train.step import train_step
 from .common import (config_files, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,

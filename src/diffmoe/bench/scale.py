@@ -75,7 +75,7 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     from ..model import Decoder
     from ..parallel.comm_count import CommCounter
     from ..parallel.parallelize import ParallelPlan, parallelize
-    from ..train import distributed
+    from ..parallel import distributed
     from ..train.loop import batch_split
     from ..train.optim import build_optimizer
     from ..train.step import train_step

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import Decoder
+from ..parallel.distributed import DistEnv, all_reduce_sum
 
 
 def prompt_segment_len(model: Decoder) -> int | None:
@@ -31,8 +32,10 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     ``prefix`` score every position. ``prompt`` routes each row once on its first ``prompt_len``
     positions (default: the routing segment length) and scores only the positions after them, since
     positions inside the prompt would see the prompt's later tokens.
-    rank, world: under torchrun, rank r scores batches r, r + world, ... and the sums are all-reduced
-    (every rank runs the same number of forward passes, as FSDP and expert sharding need).
+    rank, world: under torchrun, rank r scores batches r, r + world, ... and the sums are all-reduced;
+    every rank runs the same number of forward passes of ``batch_size`` rows (a short last batch is
+    padded with repeated rows, a rank without a batch repeats the first one; neither is scored), as
+    FSDP and expert sharding need.
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
     skip = 0
@@ -56,31 +59,29 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
             mine = index < len(starts)  # the last round: ranks without a batch repeat the first one
             start = starts[index] if mine else 0
             items = [dataset[int(i)] for i in rows[start:start + batch_size]]
+            n = len(items)
+            if world > 1:  # same shapes on every rank
+                items += items[:1] * (batch_size - n)
             ids = torch.stack([it["input_ids"] for it in items]).to(device)
             labels = torch.stack([it["labels"] for it in items]).to(device)
-            logits = model(ids, prompt_len=skip or None)
+            logits = model(ids, prompt_len=skip or None)[:n]
             if not mine:
                 continue
+            labels = labels[:n]
             loss = F.cross_entropy(logits[:, skip:].flatten(0, 1), labels[:, skip:].flatten(), reduction="none")
-            per_row = loss.view(len(items), -1).double().sum(1).cpu().numpy()
-            np.add.at(sums, majority[start:start + len(items)], per_row)
-            np.add.at(counts, majority[start:start + len(items)], labels.shape[1] - skip)
+            per_row = loss.view(n, -1).double().sum(1).cpu().numpy()
+            np.add.at(sums, majority[start:start + n], per_row)
+            np.add.at(counts, majority[start:start + n], labels.shape[1] - skip)
     if world > 1:
-        sums, counts = _all_reduce(sums, device), _all_reduce(counts, device)
+        env = DistEnv(rank, world, device)
+        sums = all_reduce_sum(torch.from_numpy(sums), env).numpy()
+        counts = all_reduce_sum(torch.from_numpy(counts), env).numpy()
     out = {}
     for d, name in enumerate(dataset.domains):
         if counts[d]:
             out[name] = _summary(sums[d], counts[d])
     out["all"] = _summary(sums.sum(), counts.sum())
     return out
-
-
-def _all_reduce(values: np.ndarray, device: torch.device) -> np.ndarray:
-    import torch.distributed as dist
-
-    tensor = torch.from_numpy(values).to(device)
-    dist.all_reduce(tensor)
-    return tensor.cpu().numpy()
 
 
 def _summary(total: float, tokens: int) -> dict:

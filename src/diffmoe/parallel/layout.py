@@ -75,12 +75,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class Meshes:
-    """The world mesh and its views (see module docstring); ``expert`` is the (efsdp, ep|etp) part of
-    the world mesh without the replicate dimension, ``dense`` the flattened (dp_replicate, dp_shard)."""
+    """The world mesh and its views (see module docstring): ``dense`` is (dp_replicate, dp_shard) with
+    dp_shard the flattened (efsdp, ep|etp); the expert views are properties."""
 
     world: DeviceMesh
     dense: DeviceMesh
-    expert: DeviceMesh
     layout: Layout
 
     @property
@@ -103,4 +102,4 @@ def build_meshes(layout: Layout, device_type: str) -> Meshes:
                              mesh_dim_names=("dp_replicate", "efsdp", x))
     shard = world["efsdp", x]._flatten("dp_shard")
     dense = world["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else shard
-    return Meshes(world, dense, world["efsdp", x], layout)
+    return Meshes(world, dense, layout)

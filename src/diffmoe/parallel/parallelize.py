@@ -90,17 +90,22 @@ def shard_experts(model: nn.Module, meshes: Meshes) -> None:
 
 
 def apply_fsdp(model: nn.Module, plan: ParallelPlan) -> None:
-    """FSDP2 per block (experts of MoE blocks first, on their own mesh when sharded across ranks), then
-    the root; sum reductions everywhere."""
+    """FSDP2 per block (experts of MoE blocks first, on their own mesh when sharded across ranks; with a
+    low-precision param_dtype, routers as their own float32 units, so routing sees float32 weights as
+    under autocast), then the root; sum reductions everywhere."""
     meshes = plan.meshes
     mp = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=plan.reduce_dtype)
     sparse = not all(ffn.capabilities.dense_gradients for ffn in model.ffns())
+    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=plan.reduce_dtype)
     for block in model.blocks:
         experts = getattr(block.ffn, "experts", None)
         if experts is not None and plan.layout.expert_size > 1:
             fully_shard(experts, mesh=meshes.expert_fsdp, mp_policy=mp)
             for method in ("forward_merged", "merge"):
                 register_fsdp_forward_method(experts, method)
+        router = getattr(block.ffn, "router", None)
+        if router is not None and plan.param_dtype != torch.float32:  # routers compute in float32 weights
+            fully_shard(router, mesh=meshes.dense, mp_policy=router_mp)
         fully_shard(block, mesh=meshes.dense, mp_policy=mp)
     fully_shard(model, mesh=meshes.dense, mp_policy=mp)
     for module in model.modules():

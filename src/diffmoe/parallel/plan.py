@@ -86,7 +86,7 @@ collective on them). These are exactly what :class:`~diffmoe.parallel.comm_count
   routing weights ((t-1)·S·E float32, S = segments per rank), reduce-scatter of the output
   ((t-1)·b·d·a); backward all-gather of dy, reduce-scatter of dx and of d(weights). About 4(t-1)·b·d·a,
   +50 % with checkpointing (the forward's three run again).
-- Small, listed but negligible: the global token count (one float32 all-reduce per step), the loss
+- Small, listed but negligible: the global token count (one float64 all-reduce per step), the loss
   sums (float64 x2 per step), balance-loss expert counts (E float32 all-reduced over the world per
   top-k/SparseMixer layer per forward, with moe.global_balance), and the gradient norm (a float32
   all-reduce per sharded mesh dimension of the gradients, FSDP only).
@@ -655,7 +655,7 @@ def _small_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Cluster, 
     fwd = 2 if mode == "block" else 1
     balance = sum(1 for i in range(mc.n_layers) if mc.layer_ffn(i) in ("topk", "sparsemixer")) \
         if mc.moe.global_balance else 0
-    items = [_collective("global token count", "all_reduce", world, 1, ring_bytes("all_reduce", 4, world.size), gpn,
+    items = [_collective("global token count", "all_reduce", world, 1, ring_bytes("all_reduce", 8, world.size), gpn,
                          small=True),
              _collective("loss sums (logging)", "all_reduce", world, 1, ring_bytes("all_reduce", 16, world.size), gpn,
                          small=True),

@@ -58,11 +58,14 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        old = final.parent / f".old-{final.name}"
+        if final.exists():  # the same step again (a run stopping on bad steps): never without a copy
             shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 

@@ -1,7 +1,7 @@
 """The training loop behind ``diffmoe train``, composed of parts with one job each: the data loader
 (:mod:`diffmoe.data.loader`), the step (:mod:`.step`), the checkpointer (:mod:`.checkpoint`), the
 evaluator (:mod:`.evaluator`), the metrics logger (:mod:`.metrics`) and ``parallelize``
-(:mod:`.parallel`).
+(:mod:`diffmoe.parallel.parallelize`).
 
 One step = one global batch of ``data.batch_size`` sequences = ``accum`` micro-batches of
 ``data.micro_batch_size`` on each of the ranks -> clip -> AdamW update. Step s reads the sequences at
@@ -26,7 +26,7 @@ from ..data.dataset import PackedDataset
 from ..data.loader import BatchStream
 from ..model import Decoder
 from ..report import progress, say
-from . import distributed
+from ..parallel import distributed
 from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
 from .checkpoint import Checkpointer, load_checkpoint, read_trainer_state
@@ -86,8 +86,8 @@ class Trainer:
         tc = cfg.train
         self.micro, self.accum = batch_split(cfg, env.world)
         self.stream = BatchStream(self.train_set, self.micro, tc.seed, env.rank, env.world)
-        self.evaluator = Evaluator(PackedDataset(cfg.data.path, "heldout"), self.micro, cfg.data.eval_batches,
-                                   env.rank, env.world)
+        self.evaluator = Evaluator(PackedDataset(cfg.data.path, "heldout"), self.micro,
+                                   eval_batches(cfg, self.micro), env.rank, env.world)
         self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank)
         self.plan = ParallelPlan.build(tc.parallel, env.world, env.device.type, tc.compile, tc.bf16)
         self.switch_step = int(round(tc.dense_warmup_frac * tc.steps)) if cfg.model.has_moe else 0
@@ -179,7 +179,9 @@ class Trainer:
         optimizer state."""
         dense = build_model(self.cfg, dense=True)
         dense.load_state_dict(full_state(self.model), strict=False)  # tied names are absent
-        moe = build_model(self.cfg, dense=False)
+        with torch.random.fork_rng(devices=[]):  # the routers' new weights: the same on every rank
+            torch.manual_seed(_step_seed(self.cfg.train.seed, -1, step))
+            moe = build_model(self.cfg, dense=False)
         moe.dense_to_moe(dense)
         old_model, old_optimizer = self.model, self.optimizer
         self._set_model(moe)
@@ -199,6 +201,15 @@ class Trainer:
             raise TrainingError(f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
                                 f"stopped. The last usable weights are in {self.checkpointer.latest()}. Lower "
                                 "train.lr or enable train.grad_clip.")
+
+
+def eval_batches(cfg: RunConfig, micro: int) -> int | None:
+    """Held-out batches of ``micro`` rows that score ``data.eval_batches`` x (micro_batch_size, else
+    batch_size) rows: the same held-out rows whatever the number of ranks."""
+    d = cfg.data
+    if d.eval_batches is None:
+        return None
+    return d.eval_batches * (d.micro_batch_size or d.batch_size) // micro
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -223,4 +234,5 @@ def _due(done: int, every: int, last: int) -> bool:
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    """Seed of step ``step`` on ``rank`` (rank -1: draws that must agree on every rank)."""
+    return int(np.random.SeedSequence([seed, rank + 1, step]).generate_state(1)[0])

@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..parallel.grads import clip_grad_norm_
 from ..parallel.parallelize import ParallelPlan, gradient_sync
-from . import distributed
+from ..parallel import distributed
 
 
 @dataclass
@@ -41,10 +40,11 @@ def train_step(model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Opti
     ``plan``), clip at ``grad_clip`` (0: no clipping) and update ``optimizer``; gradients are zeroed
     afterwards either way."""
     micro_batches = [next(batches) for _ in range(accum)]
-    tokens = _all_reduce_sum(torch.tensor([float(sum(labels.numel() for _, labels in micro_batches))]), env)[0]
+    local_tokens = torch.tensor([float(sum(labels.numel() for _, labels in micro_batches))], dtype=torch.float64)
+    tokens = float(distributed.all_reduce_sum(local_tokens, env)[0])
     ranks = env.world
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16 and plan.autocast)
-    sums = torch.zeros(2, dtype=torch.float64)  # LM token sum, scaled auxiliary losses
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # LM token sum, scaled auxiliary losses
     for i, (ids, labels) in enumerate(micro_batches):
         ids, labels = ids.to(env.device), labels.to(env.device)
         with gradient_sync(wrapped, enabled=i == accum - 1):
@@ -53,24 +53,15 @@ def train_step(model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Opti
             lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
             aux = model.aux_loss() / (accum * ranks)
             (lm / tokens + aux).backward()
-        sums += torch.stack([lm.detach(), aux.detach()]).double().cpu()
+        sums += torch.stack([lm.detach(), aux.detach()]).double()  # stays on the device: no sync
     grad_norm = clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    sums = _all_reduce_sum(sums, env)
+    sums = distributed.all_reduce_sum(sums, env)
     loss = float(sums[0] / tokens)
     applied = is_finite(loss) and is_finite(grad_norm)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, float(sums[1]), grad_norm, applied)
-
-
-def _all_reduce_sum(values: torch.Tensor, env: distributed.DistEnv) -> torch.Tensor:
-    """Sum a small CPU tensor over the ranks (through the device for nccl)."""
-    if env.world == 1:
-        return values
-    out = values.to(env.device)
-    dist.all_reduce(out)
-    return out.cpu()
 
 
 def is_finite(value: torch.Tensor | float) -> bool:

@@ -38,6 +38,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"--device {device}: under torchrun give --device cuda; each rank uses the GPU of its "
+                             "LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -62,12 +65,14 @@ def setup(device: str | torch.device | None = None, timeout_s: float = 600.0, ne
     return DistEnv(dist.get_rank(), dist.get_world_size(), device, owns)
 
 
-def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= env.world
-    return value
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The sum over the ranks of a small tensor (any device; sent through ``env.device``, as NCCL
+    needs), on the CPU."""
+    if env.world == 1:
+        return values.cpu()
+    out = values.to(env.device)
+    dist.all_reduce(out)
+    return out.cpu()
 
 
 def teardown(env: DistEnv, ok: bool = True) -> None:

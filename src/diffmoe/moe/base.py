@@ -40,6 +40,13 @@ class MoELayer(nn.Module, abc.ABC):
     (every rank holds a d_ff slice of every expert, activations exchanged: families that merge
     experts) or None (data parallel only)."""
 
+    merges_experts: bool = False
+    """True for a family whose ``route`` returns ``segment_weights``: each routing segment runs one
+    expert merged in parameter space from all E (no token leaves its rank, the experts' gradients are
+    dense); False (the default) for one that dispatches tokens to experts (``token_idx`` /
+    ``expert_idx``). Read by generic code that models a layer's cost without running it (the planner,
+    :mod:`diffmoe.parallel.plan`)."""
+
     def __init__(self, d_model: int, d_ff: int, num_experts: int, balance_coef: float = 0.0,
                  z_loss_coef: float = 0.0, global_balance: bool = False, dispatch_impl: str = "auto"):
         super().__init__()

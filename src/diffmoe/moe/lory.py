@@ -82,6 +82,7 @@ class LoryMoE(MoELayer):
     """
 
     expert_sharding = "etp"
+    merges_experts = True
 
     def __init__(
         self,

@@ -34,11 +34,12 @@ before forward, which is what :meth:`ExpertParallelExperts.forward` checks and r
 
 Under autocast the tokens travel and the experts run in the autocast dtype, as in ``dispatch``.
 
-Only token choice (``topk``, ``sparsemixer``) is expert-parallel. Expert choice stays data-parallel:
-each expert selects its tokens within one rank's micro-batch (its semantics are per micro-batch), so
-each rank runs every expert on its own selection and no token needs to move. Lory merges all E experts
-per segment, which needs every expert on each rank: ``forward_merged`` and ``merge`` raise here (Lory
-shards d_ff instead, ``etp``).
+Only layers whose family declares ``expert_sharding == "ep"`` (token choice, whose routing of a token
+does not depend on the other tokens of the batch) are expert-parallel. Families that select tokens per
+expert within a micro-batch stay data-parallel: each rank runs every expert on its own selection and
+no token needs to move. Layers that merge all E experts per segment
+need every expert on each rank: ``forward_merged`` and ``merge`` raise here (those layers shard d_ff
+instead, ``etp``).
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class ExpertParallelExperts(Experts):
 def _needs_every_expert(method: str) -> NotImplementedError:
     return NotImplementedError(
         f"ExpertParallelExperts.{method}: each rank holds only E/ep experts, and this needs all of them; "
-        "expert parallelism serves token choice (topk, sparsemixer) only — Lory shards d_ff instead (etp)")
+        "expert parallelism serves layers that dispatch tokens only; layers that merge experts shard d_ff "
+        "instead (etp)")
 
 
 def expert_parallel(experts: Experts, ep_mesh: DeviceMesh) -> ExpertParallelExperts:

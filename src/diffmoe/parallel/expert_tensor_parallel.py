@@ -1,4 +1,5 @@
-"""Lory's sharded experts (the Lory paper's section 6): expert tensor parallelism, ``etp``.
+"""Sharded merged experts (arXiv 2405.03133, section 6): expert tensor parallelism, ``etp``, for layers
+that merge experts per segment (``merges_experts``, ``expert_sharding == "etp"``).
 
 In a group of t ranks (a 1-D ``etp_mesh``), every rank holds the same d_ff slice of **every** expert:
 
@@ -92,7 +93,7 @@ class ShardedFFNExperts(Experts):
 
     @torch.no_grad()
     def copy_from_dense(self, dense: nn.Module) -> None:
-        """Set every expert to the weights of a dense SwiGLU (Lory's dense warm-up)."""
+        """Set every expert to the weights of a dense SwiGLU (the dense warm-up's switch)."""
         for name in SHARD_DIMS:
             p = getattr(self, name)
             _assign(p, getattr(dense, name).weight.expand(p.shape))
@@ -106,9 +107,8 @@ class ShardedFFNExperts(Experts):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError(
-            "ShardedFFNExperts (etp) shards every expert's d_ff and only runs merged experts (Lory's "
-            "forward_merged and merge); token-choice families dispatch tokens and use expert parallelism "
-            "(ep) instead of etp")
+            "ShardedFFNExperts (etp) shards every expert's d_ff and only runs merged experts "
+            "(forward_merged and merge); layers that dispatch tokens use expert parallelism (ep) instead")
 
     def forward_merged(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [S, T, d], weights [S, E] -> [S, T, d]; every rank of the etp group has the same S and T.
@@ -170,6 +170,6 @@ def _assign(p: DTensor, full: torch.Tensor) -> None:
 
 def shard_experts_ffn(experts: Experts, etp_mesh: DeviceMesh) -> ShardedFFNExperts:
     """``experts`` with every expert's d_ff sharded over the 1-D ``etp_mesh`` (same values), for
-    ``layer.experts = shard_experts_ffn(layer.experts, mesh["etp"])`` on a Lory layer. Every rank of
+    ``layer.experts = shard_experts_ffn(layer.experts, mesh["etp"])`` on a layer that merges experts. Every rank of
     ``etp_mesh`` must call it (rank 0 of the group scatters the slices)."""
     return ShardedFFNExperts(experts, etp_mesh)

@@ -8,7 +8,8 @@ then times ``--repeats`` steps (median), and counts the bytes every rank sends t
 in one more step (:class:`~diffmoe.parallel.comm_count.CommCounter`; a separate step because counting
 slows every op). Reported per rank (rank 0; all ranks in the JSON): ms per step, bytes per step, the
 plan's bytes for the same layout and their ratio, and peak memory: on CUDA the allocator's peak, on
-CPU the process's peak resident set (it includes Python and torch, ~0.3-0.5 GB). Layouts: ddp, fsdp,
+CPU how much the process's peak resident set grew from before the model was built (model, optimizer,
+activations, and whatever the allocator keeps). Layouts: ddp, fsdp,
 and fsdp+ep{2,4} or fsdp+etp{2,4} where the config's MoE layers allow them and the processes divide.
 Each job is a separate process, so memory is per layout.
 
@@ -84,6 +85,7 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     cfg.train.parallel = dataclasses.replace(cfg.train.parallel, **fields)
     cfg.validate()
     env = distributed.setup(need_group=fields["mode"] == "fsdp")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # imports, torch, the group
     seq = seq_len or cfg.model.max_seq_len
     micro, accum = batch_split(cfg, env.world)
     plan = ParallelPlan.build(cfg.train.parallel, env.world, env.device.type, bf16=cfg.train.bf16)
@@ -112,7 +114,7 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     with CommCounter() as counter:
         step()
     peak = (torch.cuda.max_memory_allocated() if env.device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
     record = {"rank": env.rank, "world": env.world, "step_ms": [1e3 * t for t in times], "bytes": counter.total_bytes,
               "comm": counter.as_dict(), "peak_bytes": peak, "micro": micro, "accum": accum, "seq_len": seq,
               "device": str(env.device)}
@@ -176,8 +178,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Scale benchmark ({m['device']})", "", machine_line(m),
              f"Median of {result['settings']['repeats']} steps after {result['settings']['warmup']} warm-up steps; "
              "bytes = what rank 0 sends through collectives in one step (ring convention, see diffmoe.parallel.plan); "
-             "plan = `diffmoe plan`'s model of the same layout; peak = CUDA allocator peak, or the process's peak "
-             "RSS on CPU (includes Python and torch).", "",
+             "plan = `diffmoe plan`'s model of the same layout; peak = CUDA allocator peak, or on CPU the growth "
+             "of the process's peak RSS from before the model was built.", "",
              "| config | processes | layout | micro x accum | ms / step | MB sent / step | plan MB | measured / plan "
              "| peak MB | plan memory MB (no reserve) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -52,7 +52,8 @@ def layouts(world: int) -> list[tuple[str, dict]]:
     """(name, train.parallel fields) for this world size; each applies to the kinds that allow it."""
     out = [("ddp", {}), ("fsdp", {"mode": "fsdp"}), ("fsdp+ac", {"mode": "fsdp", "activation_checkpointing": "block"}),
            ("fsdp accum 2", {"mode": "fsdp", "micro": GLOBAL // (2 * world)}),
-           ("ddp accum 2", {"mode": "ddp", "micro": GLOBAL // (2 * world)})]
+           ("ddp accum 2", {"mode": "ddp", "micro": GLOBAL // (2 * world)}),
+           ("ddp+ac", {"mode": "ddp", "activation_checkpointing": "block"})]
     out += [(f"fsdp+ep{n}", {"mode": "fsdp", "ep": n}) for n in (2, 4) if world % n == 0]
     out += [(f"fsdp+etp{n}", {"mode": "fsdp", "etp": n}) for n in (2, 4) if world % n == 0]
     if world == 4:

@@ -96,7 +96,7 @@ def test_fsdp_on_one_gpu_trains_like_the_plain_model():
         torch.manual_seed(0)
         model = Decoder(cfg)
         plan = ParallelPlan.build(ParallelConfig(mode=mode), 1, "cuda")
-        wrapped = parallelize(model.cuda(), plan)
+        wrapped = parallelize(model, plan, "cuda")
         optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
         batches = itertools.repeat((ids[:, :-1], ids[:, 1:]))
         losses[mode] = [train_step(model, wrapped, optimizer, batches, 1, 1.0, False, plan, env).loss

@@ -78,7 +78,7 @@ def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
                              dp_replicate=1, dp_shard=-1, ep=1, etp=1)
     bf16 = dtype == torch.bfloat16
     plan = ParallelPlan.build(pc, 1, device.type, compile=entry.mode == "compile", bf16=bf16)
-    wrapped = parallelize(entry.model.to(device), plan)
+    wrapped = parallelize(entry.model, plan, device)
     optimizer = build_optimizer(entry.model, cfg.train)
     batches = itertools.repeat((ids, ids.roll(-1, 1)))
     env = distributed.DistEnv(0, 1, device)

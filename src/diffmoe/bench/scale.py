@@ -91,7 +91,7 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     plan = ParallelPlan.build(cfg.train.parallel, env.world, env.device.type, bf16=cfg.train.bf16)
     torch.manual_seed(cfg.train.seed)
     model = Decoder(cfg.model)
-    wrapped = parallelize(model.to(env.device), plan)
+    wrapped = parallelize(model, plan, env.device)
     optimizer = build_optimizer(model, cfg.train)
     g = torch.Generator().manual_seed(env.rank)
     ids = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=g)

@@ -54,8 +54,23 @@ class ParallelPlan:
         return self.layout.mode == "ddp"
 
 
-def parallelize(model: nn.Module, plan: ParallelPlan) -> nn.Module:
-    """The module to call for training steps (``model`` keeps its parameters, as DTensors under fsdp)."""
+def parallelize(model: nn.Module, plan: ParallelPlan, device: torch.device | str | None = None) -> nn.Module:
+    """The module to call for training steps (``model`` keeps its parameters, as DTensors under fsdp).
+
+    device: where the model runs (None: leave it where it is). Under ddp the whole model moves there
+    first; under fsdp the model is sharded where it was built (the CPU) and FSDP2 / ``distribute_tensor``
+    move each unit's tensors to the device as they shard them, so a device never holds more than one
+    unit unsharded (the host holds the whole model until then).
+    """
+    if device is not None and plan.layout.mode == "ddp":
+        model.to(device)
+    wrapped = _parallelize(model, plan)
+    if device is not None:
+        model.to(device)  # anything no FSDP unit moved (a no-op when all were)
+    return wrapped
+
+
+def _parallelize(model: nn.Module, plan: ParallelPlan) -> nn.Module:
     if plan.layout.expert_size > 1:
         shard_experts(model, plan.meshes)
     if plan.activation_checkpointing:

@@ -168,10 +168,10 @@ class Trainer:
         return start_step, state
 
     def _set_model(self, model: Decoder) -> None:
-        """Move ``model`` to the device, parallelize it for the run's layout (sharded under fsdp) and
-        build its optimizer."""
-        self.model = model.to(self.env.device)  # whole on each device first; FSDP2 then keeps a shard
-        self.wrapped = parallelize(self.model, self.plan)
+        """Parallelize ``model`` for the run's layout on the device (sharded under fsdp) and build its
+        optimizer."""
+        self.model = model
+        self.wrapped = parallelize(model, self.plan, self.env.device)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
 
     def _switch_to_moe(self, step: int) -> None:

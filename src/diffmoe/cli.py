@@ -5,6 +5,8 @@
     diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
     diffmoe eval     RUN [--routing segment|prompt|prefix] [--device cuda]   (also under torchrun)
     diffmoe consolidate RUN [--checkpoint C] [--out model.safetensors]
+    diffmoe export   RUN --hf OUT [--checkpoint C]          (native transformers classes)
+    diffmoe import   HF_DIR --out RUN
     diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     diffmoe analyze  RUN
     diffmoe demo     [--out runs/demo]
@@ -72,6 +74,20 @@ def _eval(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     distributed.teardown(env)
+    return 0
+
+
+def _export(args) -> int:
+    from .hf.export import export_run
+
+    print(export_run(args.run, args.hf, args.checkpoint))
+    return 0
+
+
+def _import(args) -> int:
+    from .hf.importer import import_hf
+
+    print(import_hf(args.hf_dir, args.out))
     return 0
 
 
@@ -213,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
     p.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
     p.set_defaults(func=_consolidate)
+
+    p = sub.add_parser("export", help="write a run as a transformers model directory (native classes: "
+                                      "dense -> Llama, top-k -> Mixtral / Qwen2-MoE)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--hf", required=True, help="output directory (AutoModelForCausalLM.from_pretrained reads it)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="a transformers llama / mixtral / qwen2_moe directory as a diffmoe run")
+    p.add_argument("hf_dir", help="directory with config.json and safetensors weights")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("generate", help="generate text with the KV cache (Lory: prompt-only routing)")
     run_args(p)

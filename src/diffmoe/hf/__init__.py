@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: diffmoe models to and from transformers' native classes."""

@@ -1,0 +1,196 @@
+"""Export a diffmoe ``Decoder`` to a transformers checkpoint that loads with a *native* class (no remote code).
+
+    dense in every layer                                 -> LlamaForCausalLM   (``llama``)
+    topk in every layer, renormalize, dropless           -> MixtralForCausalLM (``mixtral``)
+    topk (either renormalize, dropless), maybe mixed     -> Qwen2MoeForCausalLM (``qwen2_moe``)
+    with dense layers
+
+Anything else (a capacity factor, sparsemixer, lory, expert choice) has no exact native class:
+:func:`native_arch` returns None and :func:`export_native` raises a ValueError naming the reason.
+
+The directory holds ``config.json`` (every field that changes a logit written explicitly, so no class
+default and no transformers version changes the model), ``model.safetensors`` (legacy per-expert
+names, read by transformers 4.57 and 5.x), ``generation_config.json`` and, given a tokenizer, its
+``tokenizer.json`` plus a hand-written ``tokenizer_config.json`` (``PreTrainedTokenizerFast``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from . import mapping
+
+_CLASSES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+
+
+def _why_not_native(cfg: ModelConfig) -> tuple[str | None, str]:
+    """(arch, reason): the native architecture, or None and why there is none."""
+    kinds = [cfg.layer_ffn(i) for i in range(cfg.n_layers)]
+    if all(k == "dense" for k in kinds):
+        return "llama", ""
+    other = sorted({k for k in kinds if k not in ("dense", "topk")})
+    if other:
+        return None, (f"FFN kind(s) {', '.join(other)} have no native transformers class "
+                      "(needs the custom-code export)")
+    topk = cfg.moe.topk
+    if topk.capacity_factor is not None:
+        return None, (f"moe.topk.capacity_factor={topk.capacity_factor} drops tokens, but the native "
+                      "transformers MoE classes are dropless (needs the custom-code export)")
+    if all(k == "topk" for k in kinds) and topk.renormalize:
+        return "mixtral", ""
+    return "qwen2_moe", ""
+
+
+def native_arch(cfg: ModelConfig) -> str | None:
+    """``llama``, ``mixtral`` or ``qwen2_moe`` when a native transformers class computes exactly this
+    model; None otherwise."""
+    return _why_not_native(cfg)[0]
+
+
+def hf_config(cfg: ModelConfig, arch: str, eod_id: int) -> dict:
+    """The ``config.json`` of ``cfg`` exported as ``arch``, every logit-relevant field explicit."""
+    if arch not in _CLASSES:
+        raise ValueError(f"unknown native architecture {arch!r}; choose one of {', '.join(_CLASSES)}")
+    out = {
+        "architectures": [_CLASSES[arch]],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": float(cfg.rope_theta),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "sliding_window": None,
+        "use_cache": True,
+        "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "bos_token_id": eod_id,
+        "eos_token_id": eod_id,
+        "pad_token_id": eod_id,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+    if arch == "llama":
+        out["pretraining_tp"] = 1
+        return out
+    moe = cfg.moe
+    k = moe.topk.top_k
+    expert_ff = moe.d_ff or cfg.d_ff
+    out.update(num_experts_per_tok=k, router_aux_loss_coef=moe.balance_coef / k, output_router_logits=False)
+    if arch == "mixtral":
+        out.update(num_local_experts=moe.num_experts, intermediate_size=expert_ff, router_jitter_noise=0.0)
+    else:  # qwen2_moe
+        out.update(num_experts=moe.num_experts, norm_topk_prob=bool(moe.topk.renormalize),
+                   mlp_only_layers=[i for i in range(cfg.n_layers) if cfg.layer_ffn(i) == "dense"],
+                   decoder_sparse_step=1, moe_intermediate_size=expert_ff, shared_expert_intermediate_size=0,
+                   use_sliding_window=False, max_window_layers=cfg.n_layers, qkv_bias=False)
+    return out
+
+
+def _tokenizer_files(tokenizer_dir: Path, eod_id: int) -> tuple[Path, dict]:
+    """(tokenizer.json path, tokenizer_config.json content) for a tokenizer dir (a prepared dataset or
+    any directory holding a tokenizer.json)."""
+    from tokenizers import Tokenizer
+
+    path = tokenizer_dir / "tokenizer.json" if tokenizer_dir.is_dir() else tokenizer_dir
+    if not path.is_file():
+        raise ValueError(f"no tokenizer.json in {tokenizer_dir}")
+    eod = Tokenizer.from_file(str(path)).id_to_token(eod_id)
+    if eod is None:
+        raise ValueError(f"{path}: the end-of-document id {eod_id} is not in the vocabulary")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eod, "eos_token": eod,
+              "pad_token": eod, "unk_token": eod, "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
+    return path, config
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` (a :class:`~diffmoe.model.Decoder`) to the directory ``out`` as a native transformers
+    checkpoint. ``eod_id``: the end-of-document id (bos = eos = pad). ``tokenizer_dir``: a directory
+    holding the tokenizer.json (e.g. the prepared dataset) to ship along. The directory appears
+    complete or not at all (written next to ``out``, then renamed); an existing ``out`` is replaced.
+    Raises ValueError when no native class computes the model exactly."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    arch, why = _why_not_native(cfg)
+    if arch is None:
+        raise ValueError(f"cannot export natively: {why}")
+    if not 0 <= eod_id < cfg.vocab_size:
+        raise ValueError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
+    out = Path(out)
+    tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    moe_layers = {i for i in range(cfg.n_layers) if cfg.layer_ffn(i) != "dense"}
+    tensors = mapping.to_hf(state, arch, cfg.n_layers, moe_layers, cfg.tie_embeddings)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_json(tmp / "config.json", hf_config(cfg, arch, eod_id))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "generation_config.json", {"bos_token_id": eod_id, "eos_token_id": eod_id,
+                                                     "pad_token_id": eod_id, "do_sample": False})
+        if tok is not None:
+            shutil.copyfile(tok[0], tmp / "tokenizer.json")
+            _write_json(tmp / "tokenizer_config.json", tok[1])
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+               eod_id: int | None = None) -> Path:
+    """Export a training run's checkpoint (the newest unless ``checkpoint``) with its dataset's tokenizer.
+    The eod id comes from the dataset manifest (``data.path``); pass ``eod_id`` when the dataset is gone."""
+    from ..data.errors import DataError
+    from ..data.store import read_manifest
+    from ..train.checkpoint import load_run
+
+    cfg, model, _ = load_run(run_dir, checkpoint)
+    data = Path(cfg.data.path)
+    if not data.is_absolute() and not data.exists() and (Path(run_dir) / data).exists():
+        data = Path(run_dir) / data
+    tokenizer_dir = None
+    try:
+        manifest = read_manifest(data)
+    except DataError:  # no dataset there any more: the caller may pass eod_id
+        manifest = None
+    if manifest is not None:
+        tokenizer_dir = data / manifest["tokenizer"]["file"]
+        if eod_id is None:
+            eod_id = int(manifest["tokenizer"]["eod_id"])
+    if eod_id is None:
+        raise ValueError(f"the end-of-document id is unknown: no prepared dataset at {data} "
+                         "(data.path of the run); pass eod_id")
+    return export_native(model, out, eod_id, tokenizer_dir)

@@ -212,6 +212,10 @@ class TrainConfig:
     dense_warmup_frac: float = 0.0
     """Lory's dense warm-up: train a dense model for this fraction of the steps, then copy its FFN into
     every expert and continue as MoE (paper: 0.05). 0 disables it."""
+    init_from: str | None = None
+    """Start from the weights of a diffmoe run, checkpoint or ``diffmoe import`` directory (not its
+    optimizer or step): the same model shape as it is, or a dense source into a model with MoE layers,
+    copying each dense FFN into every expert (sparse upcycling). See :mod:`diffmoe.train.init`."""
     log_every: int = 10
     routing_log_every: int = 50
     eval_every: int = 200

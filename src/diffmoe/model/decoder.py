@@ -187,8 +187,9 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def dense_to_moe(self, dense: "Decoder") -> None:
-        """The dense warm-up's switch: copy a dense model of the same shape into this model, every
-        FFN into every expert of the matching MoE layer (routers keep their random init)."""
+        """The dense warm-up's switch (and upcycling): copy a dense model of the same shape into this
+        model, every FFN into every expert of the matching MoE layer (routers keep their random init)
+        and into the matching dense layer."""
         own = {k: v for k, v in self.state_dict().items()}
         for name, value in dense.state_dict().items():
             if ".ffn." not in name and name in own:

@@ -14,7 +14,6 @@ and across world sizes for layers without sampling).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
 from .checkpoint import Checkpointer, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
+from .init import build_model, initial_model
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import build_optimizer, lr_at, transfer_state
 from .step import train_step
@@ -68,11 +68,6 @@ def batch_split(cfg: RunConfig, ranks: int) -> tuple[int, int]:
         raise ConfigError.invalid(field, value, f"the global batch data.batch_size={d.batch_size} must be a "
                                   f"multiple of micro_batch_size={max(micro, 1)} x {ranks} ranks")
     return micro, d.batch_size // (micro * ranks)
-
-
-def build_model(cfg: RunConfig, dense: bool) -> Decoder:
-    """The run's model, or its all-dense twin for the dense warm-up phase."""
-    return Decoder(dataclasses.replace(cfg.model, ffn="dense") if dense else cfg.model)
 
 
 class Trainer:
@@ -154,7 +149,8 @@ class Trainer:
         if ckpt is not None:
             state["phase"] = read_trainer_state(ckpt)["phase"]
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
-        self._set_model(build_model(self.cfg, dense=state["phase"] == "dense"))
+        dense = state["phase"] == "dense"
+        self._set_model(build_model(self.cfg, dense) if ckpt is not None else initial_model(self.cfg, dense))
         start_step = 0
         if ckpt is not None:
             meta = load_checkpoint(ckpt, self.model, self.optimizer)

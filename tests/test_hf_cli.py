@@ -35,7 +35,7 @@ def test_export_then_import_round_trip(tiny_dataset, tmp_path, monkeypatch):
         torch.testing.assert_close(hf(ids).logits, want, rtol=0, atol=1e-5)
 
 
-def test_export_of_a_layer_without_a_native_class_is_a_clear_error(tiny_dataset, tmp_path, capsys):
+def test_native_export_of_a_layer_without_a_native_class_is_a_clear_error(tiny_dataset, tmp_path, capsys):
     train(run_config(tiny_dataset, "lory", steps=1), tmp_path / "run", show_progress=False)
-    assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 2
+    assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--format", "native"]) == 2
     assert "cannot export natively" in capsys.readouterr().err and not (tmp_path / "hf").exists()

@@ -5,7 +5,7 @@
     diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
     diffmoe eval     RUN [--routing segment|prompt|prefix] [--device cuda]   (also under torchrun)
     diffmoe consolidate RUN [--checkpoint C] [--out model.safetensors]
-    diffmoe export   RUN --hf OUT [--checkpoint C]          (native transformers classes)
+    diffmoe export   RUN --hf OUT [--checkpoint C] [--format native|custom|auto]
     diffmoe import   HF_DIR --out RUN
     diffmoe generate RUN --prompt "def fib(n):" [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     diffmoe analyze  RUN
@@ -80,7 +80,7 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from .hf.export import export_run
 
-    print(export_run(args.run, args.hf, args.checkpoint))
+    print(export_run(args.run, args.hf, args.checkpoint, format=args.format))
     return 0
 
 
@@ -230,11 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
     p.set_defaults(func=_consolidate)
 
-    p = sub.add_parser("export", help="write a run as a transformers model directory (native classes: "
-                                      "dense -> Llama, top-k -> Mixtral / Qwen2-MoE)")
+    p = sub.add_parser("export", help="write a run as a transformers model directory (native classes where "
+                                      "exact: dense -> Llama, top-k -> Mixtral / Qwen2-MoE; else custom code)")
     p.add_argument("run", help="run directory")
     p.add_argument("--hf", required=True, help="output directory (AutoModelForCausalLM.from_pretrained reads it)")
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    p.add_argument("--format", choices=("auto", "native", "custom"), default="auto",
+                   help="auto (default): native transformers classes where exact, else custom code; native "
+                        "(refuses lory, expert choice, ...); custom (trust_remote_code, any model)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("import", help="a transformers llama / mixtral / qwen2_moe directory as a diffmoe run")

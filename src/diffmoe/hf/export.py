@@ -7,6 +7,8 @@
 
 Anything else (a capacity factor, sparsemixer, lory, expert choice) has no exact native class:
 :func:`native_arch` returns None and :func:`export_native` raises a ValueError naming the reason.
+:func:`export_custom` writes any model, with the custom code of ``diffmoe/hf/remote`` (loaded with
+``trust_remote_code=True``) and diffmoe's own state dict; :func:`export_run` picks between the two.
 
 The directory holds ``config.json`` (every field that changes a logit written explicitly, so no class
 default and no transformers version changes the model), ``model.safetensors`` (legacy per-expert
@@ -27,6 +29,7 @@ import torch
 from ..config import ModelConfig
 from . import mapping
 
+FORMATS = ("auto", "native", "custom")
 _CLASSES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
@@ -125,6 +128,36 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _write_generation_and_tokenizer(directory: Path, eod_id: int, tok: tuple[Path, dict] | None) -> None:
+    """generation_config.json (greedy, bos = eos = pad = eod) and, given one, the tokenizer files."""
+    _write_json(directory / "generation_config.json", {"bos_token_id": eod_id, "eos_token_id": eod_id,
+                                                       "pad_token_id": eod_id, "do_sample": False})
+    if tok is not None:
+        shutil.copyfile(tok[0], directory / "tokenizer.json")
+        _write_json(directory / "tokenizer_config.json", tok[1])
+
+
+def _write_dir(out: Path, fill) -> Path:
+    """Create the directory ``out`` complete or not at all: ``fill(tmp)`` writes it next to ``out``, then
+    it is renamed (an existing ``out`` is replaced)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (a :class:`~diffmoe.model.Decoder`) to the directory ``out`` as a native transformers
     checkpoint. ``eod_id``: the end-of-document id (bos = eos = pad). ``tokenizer_dir``: a directory
@@ -145,34 +178,84 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     moe_layers = {i for i in range(cfg.n_layers) if cfg.layer_ffn(i) != "dense"}
     tensors = mapping.to_hf(state, arch, cfg.n_layers, moe_layers, cfg.tie_embeddings)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         _write_json(tmp / "config.json", hf_config(cfg, arch, eod_id))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "generation_config.json", {"bos_token_id": eod_id, "eos_token_id": eod_id,
-                                                     "pad_token_id": eod_id, "do_sample": False})
-        if tok is not None:
-            shutil.copyfile(tok[0], tmp / "tokenizer.json")
-            _write_json(tmp / "tokenizer_config.json", tok[1])
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_generation_and_tokenizer(tmp, eod_id, tok)
+
+    return _write_dir(Path(out), fill)
+
+
+REMOTE_DIR = Path(__file__).parent / "remote"
+REMOTE_FILES = ("configuration_diffmoe.py", "modeling_diffmoe.py")
+EC_NOTE = ("expert_choice layers select tokens over the whole batch, future tokens included: the scores leak "
+           "future tokens and depend on the batch, and the model cannot generate token by token")
+
+
+def custom_config(cfg: ModelConfig, eod_id: int, dtype: torch.dtype = torch.float32) -> dict:
+    """The ``config.json`` of ``cfg`` exported with custom code: diffmoe's config dict under ``diffmoe``
+    plus the mirrored transformers fields and the ``auto_map`` to the shipped files."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    out = {
+        "architectures": ["DiffMoEForCausalLM"],
+        "model_type": "diffmoe",
+        "auto_map": {"AutoConfig": "configuration_diffmoe.DiffMoEConfig",
+                     "AutoModelForCausalLM": "modeling_diffmoe.DiffMoEForCausalLM"},
+        "diffmoe": cfg.to_dict(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "bos_token_id": eod_id,
+        "eos_token_id": eod_id,
+        "pad_token_id": eod_id,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+    if "expert_choice" in cfg.kinds:
+        out["note"] = EC_NOTE
     return out
 
 
+def export_custom(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` (a :class:`~diffmoe.model.Decoder`, any FFN kinds) to the directory ``out`` as a
+    transformers checkpoint with custom code (load with ``trust_remote_code=True``): ``config.json``
+    (:func:`custom_config`), the two files of ``diffmoe/hf/remote``, diffmoe's own state dict as
+    ``model.safetensors`` (tied weights stored once), ``generation_config.json`` and the tokenizer
+    files. Written complete or not at all, as :func:`export_native`."""
+    from safetensors.torch import save_file
+
+    from ..parallel.dcp import model_state
+
+    cfg = model.cfg
+    if not 0 <= eod_id < cfg.vocab_size:
+        raise ValueError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
+    tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state(model).items()}
+    dtype = model.embed.weight.dtype
+
+    def fill(tmp: Path) -> None:
+        _write_json(tmp / "config.json", custom_config(cfg, eod_id, dtype))
+        for name in REMOTE_FILES:
+            shutil.copyfile(REMOTE_DIR / name, tmp / name)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_generation_and_tokenizer(tmp, eod_id, tok)
+
+    return _write_dir(Path(out), fill)
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-               eod_id: int | None = None) -> Path:
+               eod_id: int | None = None, format: str = "auto") -> Path:
     """Export a training run's checkpoint (the newest unless ``checkpoint``) with its dataset's tokenizer.
-    The eod id comes from the dataset manifest (``data.path``); pass ``eod_id`` when the dataset is gone."""
+    The eod id comes from the dataset manifest (``data.path``); pass ``eod_id`` when the dataset is gone.
+    ``format``: ``native`` (:func:`export_native`; raises when no native class fits), ``custom``
+    (:func:`export_custom`) or ``auto`` (native when :func:`native_arch` finds a class, else custom)."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     from ..data.errors import DataError
     from ..data.store import read_manifest
     from ..train.checkpoint import load_run
@@ -193,4 +276,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
     if eod_id is None:
         raise ValueError(f"the end-of-document id is unknown: no prepared dataset at {data} "
                          "(data.path of the run); pass eod_id")
+    if format == "custom" or (format == "auto" and native_arch(model.cfg) is None):
+        return export_custom(model, out, eod_id, tokenizer_dir)
     return export_native(model, out, eod_id, tokenizer_dir)

@@ -6,7 +6,7 @@ made by ``diffmoe import``. Only weights are taken (not the optimizer state, ste
 A model of the same shape loads them as they are; a dense source into a model with MoE layers copies
 each dense FFN into every expert of the matching layer (routers keep their seeded random init), so
 the upcycled model computes what the source computed at step 0 when its layers reduce to the dense
-FFN with identical experts (Lory; top-k with renormalised gates).
+FFN with identical experts (merged experts; top-k with renormalised gates).
 """
 
 from __future__ import annotations

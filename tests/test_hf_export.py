@@ -124,7 +124,7 @@ def test_config_fields():
     (dict(ffn="topk", capacity_factor=1.25), "capacity_factor"),
     (dict(ffn="lory"), "lory"),
     (dict(ffn="expert_choice"), "expert_choice"),
-    (dict(ffn="sparsemixer"), "sparsemixer"),
+    (dict(ffn=["sparsemixer", "dense", "sparsemixer"]), "sparsemixer"),  # all-sparsemixer: phimoe
     (dict(ffn=["dense", "lory", "topk"]), "lory"),
 ])
 def test_unsupported_raise(kwargs, reason, tmp_path):

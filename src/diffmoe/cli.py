@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
     p.add_argument("--format", choices=("auto", "native", "custom"), default="auto",
                    help="auto (default): native transformers classes where exact, else custom code; native "
-                        "(refuses lory, expert choice, ...); custom (trust_remote_code, any model)")
+                        "(refuses lory, expert choice, ...; all-SparseMixer models become PhiMoE, loadable on transformers "
+                        ">= 5); custom (trust_remote_code, any model)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("import", help="a transformers llama / mixtral / qwen2_moe directory as a diffmoe run")

@@ -4,16 +4,20 @@
     topk in every layer, renormalize, dropless           -> MixtralForCausalLM (``mixtral``)
     topk (either renormalize, dropless), maybe mixed     -> Qwen2MoeForCausalLM (``qwen2_moe``)
     with dense layers
+    sparsemixer in every layer                           -> PhimoeForCausalLM  (``phimoe``), in the
+                                                            widened residual stream of :mod:`.phimoe`
+                                                            (needs transformers >= 5 to load)
 
-Anything else (a capacity factor, sparsemixer, lory, expert choice) has no exact native class:
+Anything else (a capacity factor, sparsemixer mixed with other kinds, lory, expert choice) has no
+exact native class:
 :func:`native_arch` returns None and :func:`export_native` raises a ValueError naming the reason.
 :func:`export_custom` writes any model, with the custom code of ``diffmoe/hf/remote`` (loaded with
 ``trust_remote_code=True``) and diffmoe's own state dict; :func:`export_run` picks between the two.
 
 The directory holds ``config.json`` (every field that changes a logit written explicitly, so no class
 default and no transformers version changes the model), ``model.safetensors`` (legacy per-expert
-names, read by transformers 4.57 and 5.x), ``generation_config.json`` and, given a tokenizer, its
-``tokenizer.json`` plus a hand-written ``tokenizer_config.json`` (``PreTrainedTokenizerFast``).
+names, read by transformers 4.57 and 5.x; the widened PhiMoE export needs 5.x),
+``generation_config.json`` and, given a tokenizer, its ``tokenizer.json`` plus a hand-written ``tokenizer_config.json`` (``PreTrainedTokenizerFast``).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from . import mapping
+from . import mapping, phimoe
 
 FORMATS = ("auto", "native", "custom")
-_CLASSES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+_CLASSES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "phimoe": "PhimoeForCausalLM"}
 
 
 def _why_not_native(cfg: ModelConfig) -> tuple[str | None, str]:
@@ -38,6 +43,11 @@ def _why_not_native(cfg: ModelConfig) -> tuple[str | None, str]:
     kinds = [cfg.layer_ffn(i) for i in range(cfg.n_layers)]
     if all(k == "dense" for k in kinds):
         return "llama", ""
+    if all(k == "sparsemixer" for k in kinds):
+        return "phimoe", ""
+    if "sparsemixer" in kinds and not {"lory", "expert_choice"} & set(kinds):
+        return None, ("FFN kind sparsemixer mixed with other kinds has no native transformers class: "
+                      "PhiMoE has SparseMixer-v2 in every layer (needs the custom-code export)")
     other = sorted({k for k in kinds if k not in ("dense", "topk")})
     if other:
         return None, (f"FFN kind(s) {', '.join(other)} have no native transformers class "
@@ -52,8 +62,8 @@ def _why_not_native(cfg: ModelConfig) -> tuple[str | None, str]:
 
 
 def native_arch(cfg: ModelConfig) -> str | None:
-    """``llama``, ``mixtral`` or ``qwen2_moe`` when a native transformers class computes exactly this
-    model; None otherwise."""
+    """``llama``, ``mixtral``, ``qwen2_moe`` or ``phimoe`` when a native transformers class computes exactly
+    this model (``phimoe``: transformers >= 5); None otherwise."""
     return _why_not_native(cfg)[0]
 
 
@@ -92,6 +102,10 @@ def hf_config(cfg: ModelConfig, arch: str, eod_id: int) -> dict:
     }
     if arch == "llama":
         out["pretraining_tp"] = 1
+        return out
+    if arch == "phimoe":
+        out.pop("mlp_bias")
+        out.update(phimoe.config_fields(cfg))
         return out
     moe = cfg.moe
     k = moe.topk.top_k
@@ -176,7 +190,10 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     moe_layers = {i for i in range(cfg.n_layers) if cfg.layer_ffn(i) != "dense"}
-    tensors = mapping.to_hf(state, arch, cfg.n_layers, moe_layers, cfg.tie_embeddings)
+    if arch == "phimoe":
+        tensors = phimoe.to_phimoe(state, cfg)
+    else:
+        tensors = mapping.to_hf(state, arch, cfg.n_layers, moe_layers, cfg.tie_embeddings)
 
     def fill(tmp: Path) -> None:
         _write_json(tmp / "config.json", hf_config(cfg, arch, eod_id))

@@ -4,6 +4,8 @@
     diffmoe corpus   builtin --out corpus/
     diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
     diffmoe eval     RUN [--routing segment|prompt|prefix] [--device cuda]   (also under torchrun)
+    diffmoe eval     RUN --tasks NAMES [--include-path DIR] [--limit N] [--routing prompt|segment]
+    diffmoe tasks    build --out DIR [--seed S] [-n N]
     diffmoe consolidate RUN [--checkpoint C] [--out model.safetensors]
     diffmoe export   RUN --hf OUT [--checkpoint C] [--format native|custom|auto]
     diffmoe import   HF_DIR --out RUN
@@ -58,11 +60,15 @@ def _load(args, device=None):
 
 
 def _eval(args) -> int:
-    """Under torchrun, every rank holds the model and scores its share of the held-out batches."""
+    """Under torchrun, every rank holds the model and scores its share of the held-out batches.
+    With ``--tasks``: lm-eval tasks through :mod:`diffmoe.eval.lm_eval_adapter` (one process)."""
+    if args.tasks:
+        return _eval_tasks(args)
     from .data import PackedDataset
     from .eval.perplexity import evaluate
     from .parallel import distributed
 
+    args.routing = args.routing or "segment"
     env = distributed.setup(args.device)
     cfg, model, path = _load(args, env.device)
     data = PackedDataset(args.data or cfg.data.path, "heldout")
@@ -74,6 +80,34 @@ def _eval(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     distributed.teardown(env)
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    from .eval.lm_eval_adapter import run_tasks
+    from .parallel.distributed import resolve_device
+
+    routing = args.routing or "prompt"
+    if routing not in ("prompt", "segment"):
+        raise ValueError(f"--routing {routing} with --tasks: choose prompt or segment")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    out = run_tasks(args.run, args.tasks, args.include_path, routing, limit, args.checkpoint,
+                    args.batch_size, str(resolve_device(args.device)), args.data)
+    from lm_eval.utils import make_table
+
+    print(make_table(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out["results"], indent=1, default=str), encoding="utf-8")
+    return 0
+
+
+def _tasks(args) -> int:
+    from .eval.tasks import build_tasks
+
+    manifest = build_tasks(args.out, seed=args.seed, n=args.n)
+    print(json.dumps(manifest["tasks"]))
+    print(f"lm-eval tasks in {Path(args.out).resolve()}: diffmoe eval RUN --tasks "
+          f"{','.join(manifest['tasks'])} --include-path {args.out}")
     return 0
 
 
@@ -216,13 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out perplexity per domain")
     run_args(p)
-    p.add_argument("--routing", choices=("segment", "prompt", "prefix"), default="segment",
-                   help="Lory routing mode (default segment)")
+    p.add_argument("--routing", choices=("segment", "prompt", "prefix"),
+                   help="Lory routing mode (default segment; with --tasks: prompt, routing on the context)")
     p.add_argument("--prompt-len", type=int, help="prompt routing: route on this many positions (default T)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int)
     p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--tasks", help="lm-eval task names, comma-separated (needs diffmoe[eval]); e.g. from "
+                                   "diffmoe tasks build")
+    p.add_argument("--include-path", help="--tasks: a folder of lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, help="--tasks: items per task (or a fraction)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("tasks", help="build the local lm-eval task suite from package-shipped text")
+    p.add_argument("action", choices=("build",))
+    p.add_argument("--out", required=True, help="output folder (task YAMLs and JSONLs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=int, default=100, help="items per task (default 100)")
+    p.set_defaults(func=_tasks)
 
     p = sub.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file")
     p.add_argument("run", help="run directory")

@@ -72,7 +72,7 @@ def test_adapter_matches_the_hf_export(tiny_run, task_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from diffmoe.eval.lm_eval_adapter import run_tasks
+    from diffmoe.hf.harness import run_tasks
 
     run, hf = tiny_run
     tasks = ["diffmoe_cloze", "diffmoe_choice", "diffmoe_rolling"]
@@ -88,7 +88,7 @@ def test_adapter_matches_the_hf_export(tiny_run, task_dir):
 
 
 def test_adapter_generates_until_a_stop_string(tiny_run, task_dir):
-    from diffmoe.eval.lm_eval_adapter import run_tasks
+    from diffmoe.hf.harness import run_tasks
 
     run, _ = tiny_run
     out = run_tasks(run, "diffmoe_code", include_path=task_dir, limit=2)

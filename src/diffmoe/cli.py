@@ -61,7 +61,7 @@ def _load(args, device=None):
 
 def _eval(args) -> int:
     """Under torchrun, every rank holds the model and scores its share of the held-out batches.
-    With ``--tasks``: lm-eval tasks through :mod:`diffmoe.eval.lm_eval_adapter` (one process)."""
+    With ``--tasks``: lm-eval tasks through :mod:`diffmoe.hf.harness` (one process)."""
     if args.tasks:
         return _eval_tasks(args)
     from .data import PackedDataset
@@ -84,7 +84,7 @@ def _eval(args) -> int:
 
 
 def _eval_tasks(args) -> int:
-    from .eval.lm_eval_adapter import run_tasks
+    from .hf.harness import run_tasks
     from .parallel.distributed import resolve_device
 
     routing = args.routing or "prompt"

@@ -1,1 +1,2 @@
-"""Hugging Face interoperability: diffmoe models to and from transformers' native classes."""
+"""Models that leave diffmoe: export to and import from Hugging Face transformers (native classes or
+custom code), and evaluation with lm-eval."""

@@ -51,7 +51,7 @@ def _define():
     from ..data.store import read_manifest
     from ..data.tokenizer import load_tokenizer
     from ..train.checkpoint import load_run
-    from .generate import generate_stream
+    from ..eval.generate import generate_stream
 
     class DiffMoELM(TemplateLM):
         """lm-eval's ``TemplateLM`` over a diffmoe run (its newest checkpoint and its dataset's tokenizer)."""

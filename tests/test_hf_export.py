@@ -17,6 +17,7 @@ from diffmoe.eval.generate import generate  # noqa: E402
 from diffmoe.hf.export import export_native, hf_config, native_arch  # noqa: E402
 from diffmoe.model import Decoder  # noqa: E402
 from diffmoe.moe import MoEConfig, TopKConfig  # noqa: E402
+from hf_fixtures import harsh_init, load_hf
 
 EOD = 5
 
@@ -28,14 +29,7 @@ def tiny(ffn="dense", tied=False, renormalize=True, capacity_factor=None, n_laye
                       max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe,
                       init_std=0.1)
     torch.manual_seed(seed)
-    model = Decoder(cfg).eval()
-    with torch.no_grad():  # non-trivial norm gains and routers
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            if "router" in name:
-                p.normal_(std=1.0)
-    return model
+    return harsh_init(Decoder(cfg).eval())
 
 
 CASES = {
@@ -48,14 +42,6 @@ CASES = {
     "topk-raw-qwen": (dict(ffn="topk", renormalize=False), "qwen2_moe", "Qwen2MoeForCausalLM"),
     "topk-mixed-renorm-qwen": (dict(ffn=["dense", "topk", "topk"]), "qwen2_moe", "Qwen2MoeForCausalLM"),
 }
-
-
-def load_hf(path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
 
 
 @pytest.fixture(params=list(CASES), scope="module")

@@ -20,6 +20,7 @@ from diffmoe.hf.phimoe import basis, padded_ff, widened_width  # noqa: E402
 from diffmoe.model import Decoder  # noqa: E402
 from diffmoe.moe import MoEConfig  # noqa: E402
 from diffmoe.moe.sparsemixer import SparseMixerConfig  # noqa: E402
+from hf_fixtures import harsh_init, load_hf
 
 pytestmark = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
                                 reason="the widened PhiMoE export needs transformers >= 5")
@@ -33,14 +34,7 @@ def tiny(tied=False, jitter_eps=0.3, d_model=32, n_heads=4, expert_ff=24, seed=0
                       d_ff=48, max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn="sparsemixer",
                       moe=moe, init_std=0.1)
     torch.manual_seed(seed)
-    model = Decoder(cfg).eval()
-    with torch.no_grad():  # non-trivial norm gains and routers
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            if "router" in name:
-                p.normal_(std=1.0)
-    return model
+    return harsh_init(Decoder(cfg).eval())
 
 
 CASES = {
@@ -49,14 +43,6 @@ CASES = {
     "narrow-band": dict(jitter_eps=0.01),
     "odd-widths": dict(d_model=36, n_heads=6, expert_ff=22),  # D = 40, head_dim 6, f padded 22 -> 24
 }
-
-
-def load_hf(path):
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
 
 
 @pytest.fixture(params=list(CASES), scope="module")

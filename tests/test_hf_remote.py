@@ -18,6 +18,7 @@ from diffmoe.eval.generate import generate  # noqa: E402
 from diffmoe.hf.export import export_custom  # noqa: E402
 from diffmoe.model import Decoder  # noqa: E402
 from diffmoe.moe import ExpertChoiceConfig, LoryConfig, MoEConfig, TopKConfig  # noqa: E402
+from hf_fixtures import harsh_init
 
 EOD = 5
 V = 97
@@ -30,14 +31,7 @@ def tiny(ffn, tied=False, seed=0, **moe_options):
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
                       rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe, init_std=0.1)
     torch.manual_seed(seed)
-    model = Decoder(cfg).eval()
-    with torch.no_grad():  # non-trivial norm gains and routers
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            if "router" in name:
-                p.normal_(std=1.0)
-    return model
+    return harsh_init(Decoder(cfg).eval())
 
 
 CASES = {

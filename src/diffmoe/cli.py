@@ -90,7 +90,7 @@ def _eval_tasks(args) -> int:
     routing = args.routing or "prompt"
     if routing not in ("prompt", "segment"):
         raise ValueError(f"--routing {routing} with --tasks: choose prompt or segment")
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)  # < 1: a fraction of items
     out = run_tasks(args.run, args.tasks, args.include_path, routing, limit, args.checkpoint,
                     args.batch_size, str(resolve_device(args.device)), args.data)
     from lm_eval.utils import make_table

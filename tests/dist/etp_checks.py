@@ -25,6 +25,7 @@ from diffmoe import Decoder, ModelConfig
 from diffmoe.moe import Experts, LoryConfig, MoEConfig, SwiGLU, build_ffn
 from diffmoe.moe.merge import merge_experts
 from diffmoe.parallel.expert_tensor_parallel import ShardedFFNExperts, shard_experts_ffn
+from diffmoe.parallel.layout import ShardingError
 
 E, D, FF = 4, 8, 24  # experts, d_model, d_ff (d_ff splits evenly over 2 and 4 ranks)
 S, T = 3, 4  # segments per rank and tokens per segment for the experts alone
@@ -126,7 +127,7 @@ def check_experts(rank: int, world: int, etp: DeviceMesh) -> None:
     try:
         sharded(x, None, None, None)
         FAILURES.append("forward with dispatched tokens did not raise")
-    except NotImplementedError as err:
+    except ShardingError as err:
         if "expert parallelism" not in str(err):
             FAILURES.append(f"forward's error does not point to ep: {err}")
     if "etp=" not in repr(sharded):

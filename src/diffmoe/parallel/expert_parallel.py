@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..moe.dispatch import dispatch
 from ..moe.experts import Experts
+from .layout import ShardingError
 
 _WEIGHTS = ("w1", "w3", "w2")
 
@@ -163,8 +164,8 @@ class ExpertParallelExperts(Experts):
         return f"{super().extra_repr()}, ep={self.ep_mesh.size()}"
 
 
-def _needs_every_expert(method: str) -> NotImplementedError:
-    return NotImplementedError(
+def _needs_every_expert(method: str) -> ShardingError:
+    return ShardingError(
         f"ExpertParallelExperts.{method}: each rank holds only E/ep experts, and this needs all of them; "
         "expert parallelism serves layers that dispatch tokens only; layers that merge experts shard d_ff "
         "instead (etp)")

@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..moe.experts import Experts
 from ..moe.merge import Merged, SegmentMergedSwiGLU, merge_stacks
+from .layout import ShardingError
 
 SHARD_DIMS = {"w1": 1, "w3": 1, "w2": 2}
 """Parameter name -> its d_ff dimension, the one sharded over etp."""
@@ -99,14 +100,14 @@ class ShardedFFNExperts(Experts):
             _assign(p, getattr(dense, name).weight.expand(p.shape))
 
     def expert_forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        raise NotImplementedError("ShardedFFNExperts.expert_forward: each rank holds a d_ff slice of expert "
+        raise ShardingError("ShardedFFNExperts.expert_forward: each rank holds a d_ff slice of expert "
                                   f"{i}; run the unsharded Experts as the reference")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, etp={self.etp_mesh.size()}"
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        raise NotImplementedError(
+        raise ShardingError(
             "ShardedFFNExperts (etp) shards every expert's d_ff and only runs merged experts "
             "(forward_merged and merge); layers that dispatch tokens use expert parallelism (ep) instead")
 

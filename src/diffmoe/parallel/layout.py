@@ -18,6 +18,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..config import ConfigError, ParallelConfig
 
 
+class ShardingError(RuntimeError):
+    """An operation that a sharded module cannot run by construction (e.g. merging all experts when
+    each rank holds only some of them); the message names the alternative layout."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """``train.parallel`` for a given world size, every size resolved (no -1)."""

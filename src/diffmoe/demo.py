@@ -3,10 +3,13 @@
 1. build the built-in multi-domain corpus and prepare it with similarity batching;
 2. time a few steps of each model, then give a dense model, a Lory model and a SparseMixer-v2 model
    with the same active parameters the same number of steps (same tokens) within the time budget;
-3. evaluate each per domain on the held-out split, analyse routing, and print one comparison table.
+3. evaluate each per domain on the held-out split, analyse routing;
+4. export the Lory model to a Hugging Face directory (custom code) and check its logits, build the local
+   lm-eval tasks from documents the models never trained on, score the three models on them (needs
+   lm-eval, in the ``demo`` extra), and print the comparison tables.
 
 Everything lands under ``--out``: corpus/, data/, runs/<model>/ (logs, checkpoints, analysis plots),
-results.md and results.json.
+hf/lory/, tasks/, results.md and results.json.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     corpus: Path | None = None
     """A corpus to use instead of the built-in one (tests use a small fixture)."""
-    minutes: float = 12.0
+    minutes: float = 11.0
     """Wall-time budget for the three training runs together."""
+    task_items: int = 100
+    """Items per local lm-eval task (0: skip the task scoring)."""
     seed: int = 0
     context_len: int = 256
     vocab_size: int = 4096
@@ -71,12 +76,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     corpus, data = Path(cfg.corpus or out / "corpus"), out / "data"
     if cfg.corpus is None and not (corpus / "corpus.json").is_file():
-        say(f"[1/4] building the built-in corpus ({cfg.mb_per_domain:g} MB per domain) in {corpus}")
+        say(f"[1/5] building the built-in corpus ({cfg.mb_per_domain:g} MB per domain) in {corpus}")
         build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=cfg.mb_per_domain, seed=cfg.seed))
     try:
         read_manifest(data)
     except ValueError:
-        say(f"[2/4] preparing {data}: BPE {cfg.vocab_size}, similarity batching, context {cfg.context_len}")
+        say(f"[2/5] preparing {data}: BPE {cfg.vocab_size}, similarity batching, context {cfg.context_len}")
         prepare(corpus, data, PrepareConfig(context_len=cfg.context_len, seed=cfg.seed,
                                             tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)),
                 overwrite=True, verbose=True)
@@ -86,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     steps = _calibrate(models, cfg, budget_s=cfg.minutes * 60)
     tokens = steps * cfg.batch_size * cfg.context_len
-    say(f"[3/4] training dense, Lory and SparseMixer-v2 for {steps} steps each ({tokens / 1e6:.2f}M tokens)")
+    say(f"[3/5] training dense, Lory and SparseMixer-v2 for {steps} steps each ({tokens / 1e6:.2f}M tokens)")
     results = {}
     for name, model_cfg in models.items():
         run_dir = out / "runs" / name
@@ -102,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                             data=DataConfig(path=str(data), batch_size=cfg.batch_size, eval_batches=cfg.eval_batches))
         results[name] = train(run_cfg, run_dir)
 
-    say("[4/4] routing analysis")
+    say("[4/5] routing analysis")
     plots = []
     heldout = _heldout(data)
     for name in ("lory", "sparsemixer"):
@@ -115,21 +120,72 @@ def run_demo(cfg: DemoConfig) -> dict:
         if curve:
             plots.append(curve)
 
+    tasks = _export_and_score(out, data, list(models), cfg) if cfg.task_items > 0 else None
     table = format_table(results, steps, tokens)
+    if tasks is not None:
+        table += "\n\n" + format_task_table(tasks)
     summary = {"steps": steps, "tokens": tokens, "seed": cfg.seed, "wall_seconds": time.perf_counter() - t0,
                "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
                "models": {n: {k: r[k] for k in ("heldout", "seconds", "parameters", "skipped_steps")}
-                          for n, r in results.items()}}
+                          for n, r in results.items()},
+               "tasks": tasks}
     write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     write_text_atomic(out / "results.md", table + "\n")
     say("\n" + table)
     say(f"\ntotal wall time {summary['wall_seconds'] / 60:.1f} min. Everything is in {out}/:")
     say("  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
-        "checkpoints/), results.md, results.json")
+        "checkpoints/), hf/lory/ (transformers, trust_remote_code), tasks/ (lm-eval), results.md, results.json")
     for p in plots:
         say(f"  plot: {p}")
     say(f"try: diffmoe generate {out / 'runs' / 'lory'} --prompt 'def main():' --temperature 0.8 --top-p 0.95")
     return summary
+
+
+TASK_METRICS = {"diffmoe_cloze": ("acc", "perplexity"), "diffmoe_rolling": ("bits_per_byte",),
+                "diffmoe_choice": ("acc", "acc_norm"), "diffmoe_code": ("exact_match",)}
+
+
+def _export_and_score(out: Path, data: Path, names: list[str], cfg: DemoConfig) -> dict | None:
+    """Export the Lory run, build the tasks without the documents ``data`` trains on, and score each run
+    with lm-eval (Lory routed on the context). Returns {"export": ..., "items": ..., "scores": {model:
+    {task: {metric: value}}}}, or None without lm-eval."""
+    try:
+        from .hf.harness import run_tasks
+    except ImportError as e:
+        say(f"[5/5] skipped: {e}")
+        return None
+    from .eval.tasks import TASKS, build_tasks
+
+    say("[5/5] export to Hugging Face and lm-eval on the local tasks")
+    export = _export_lory(out / "runs" / "lory", out / "hf" / "lory", data)
+    say(f"  hf/lory: {export['class']}, max |logit difference| vs diffmoe {export['max_abs_diff']:.1e}")
+    manifest = build_tasks(out / "tasks", seed=cfg.seed, n=cfg.task_items, trained_on=[data])
+    counts = ", ".join(f"{task} {d['items']}" for task, d in manifest["tasks"].items())
+    say(f"  tasks: {counts} items, none from a training document")
+    scores = {}
+    for name in names:
+        t = time.perf_counter()
+        results = run_tasks(out / "runs" / name, TASKS, include_path=out / "tasks", batch_size=16)["results"]
+        scores[name] = {task: {m: results[task][f"{m},none"] for m in TASK_METRICS[task]} for task in TASKS}
+        say(f"  {name}: scored in {time.perf_counter() - t:.0f} s")
+    return {"export": export, "items": {t: d["items"] for t, d in manifest["tasks"].items()}, "scores": scores}
+
+
+def _export_lory(run_dir: Path, hf_dir: Path, data: Path) -> dict:
+    """Export ``run_dir`` and compare the logits of transformers' model with diffmoe's on held-out rows."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf.export import export_run
+    from .train.checkpoint import load_run
+
+    export_run(run_dir, hf_dir)
+    _, model, _ = load_run(run_dir)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    heldout = _heldout(data)
+    ids = torch.stack([heldout[int(i)]["input_ids"] for i in torch.linspace(0, len(heldout) - 1, 4)])
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids)).abs().max().item()
+    return {"dir": str(hf_dir), "class": type(hf).__name__, "max_abs_diff": diff}
 
 
 def _heldout(data: Path):
@@ -163,6 +219,17 @@ def _calibrate(models: dict[str, ModelConfig], cfg: DemoConfig, budget_s: float)
         per_step += sorted(times[1:])[1]  # median of the three after warm-up
     # evaluation, checkpoints and logging cost roughly a tenth on top of the steps
     return max(10, min(cfg.max_steps, int(budget_s / (per_step * 1.1))))
+
+
+def format_task_table(tasks: dict) -> str:
+    columns = [(task, metric) for task, metrics in TASK_METRICS.items() for metric in metrics]
+    head = "| model | " + " | ".join(f"{task.removeprefix('diffmoe_')} {metric}" for task, metric in columns) + " |"
+    lines = [f"lm-eval on the local tasks ({', '.join(f'{n} {t}' for t, n in tasks['items'].items())} items, "
+             "from documents outside the training split; Lory routed on the context):", "", head,
+             "|---" * (1 + len(columns)) + "|"]
+    for name, score in tasks["scores"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{score[t][m]:.3f}" for t, m in columns) + " |")
+    return "\n".join(lines)
 
 
 def format_table(results: dict, steps: int, tokens: int) -> str:

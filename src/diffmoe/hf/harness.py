@@ -171,10 +171,10 @@ def _define():
 
 
 def run_tasks(run_dir, tasks, include_path=None, routing: str = "prompt", limit=None, checkpoint=None,
-              batch_size: int = 8, device: str = "cpu", data=None) -> dict:
+              batch_size: int = 8, device: str = "cpu", data=None, log_samples: bool = False) -> dict:
     """``lm_eval.simple_evaluate`` of a diffmoe run on ``tasks`` (names, or a comma-separated string);
     ``include_path``: a folder of task YAMLs (e.g. from ``diffmoe tasks build``). Returns lm-eval's
-    results dict (``results[task][metric]``)."""
+    results dict (``results[task][metric]``; ``samples[task]`` with ``log_samples``)."""
     lm_eval, _ = _lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -182,4 +182,4 @@ def run_tasks(run_dir, tasks, include_path=None, routing: str = "prompt", limit=
     model = make_lm(run_dir, checkpoint, routing, batch_size, device, data)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     return lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
-                                   log_samples=False, bootstrap_iters=0)
+                                   log_samples=log_samples, bootstrap_iters=0)

@@ -75,7 +75,7 @@ def test_numbers_are_finite_and_positive(toy_run):
             assert math.isfinite(row[key]) and row[key] > 0, (row["name"], key, row[key])
         if row["peak_act_mib"] is not None:  # RSS delta minus gradients (Linux only); page-granular, noisy at toy size
             assert math.isfinite(row["peak_act_mib"])
-        assert row["time_per_flop_ratio"] == pytest.approx(row["time_ratio"] / row["flop_factor"])
+        # the derived columns' values: test_summary_equals_hand_computed_values
         assert row["achieved_tflops"] > 0 and row["mfu"] is None  # no GPU peak on CPU
     dense = result["rows"][0]
     assert dense["time_ratio"] == 1.0 and dense["act_ratio"] == 1.0 and dense["flop_factor"] == 1.0
@@ -99,10 +99,49 @@ def test_flop_model():
     shape = module.Shape(tokens=4096, seq_len=1024, d_model=512, d_ff=1408, experts=8, segment_len=256)
     assert shape.batch == 4
     assert shape.dense_flops() == 18 * 4096 * 512 * 1408
+    # counted, not recomputed: torch's FLOP counter over the benchmark's own step of a dense SwiGLU
+    # (3 GEMMs forward, 6 backward, 2 * 6 * 4 * 5 = 240 FLOPs each)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffmoe.bench.measure import fwd_bwd
+    from diffmoe.moe import SwiGLU
+
+    small = module.Shape(tokens=6, seq_len=3, d_model=4, d_ff=5, experts=2, segment_len=1)
+    x = torch.randn(small.batch, small.seq_len, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd(SwiGLU(4, 5), x, torch.randn_like(x))
+    assert counter.get_total_flops() == 9 * 240 == small.dense_flops()
     factors = {s.name: s.flop_factor for s in module.layer_specs(shape, torch.device("cpu"), torch.float32)}
     assert factors["LoryMoE (T=256, segment)"] == pytest.approx(1 + 8 / 256)
     assert factors["TopKMoE top-2 [loop]"] == 2.0
     assert factors["ExpertChoiceMoE c=2 [auto=loop]"] == 2.0
+
+
+def test_summary_equals_hand_computed_values():
+    """summarize() on made-up rounds, checked against values worked out by hand. Shape: 4 tokens,
+    d 2, d_ff 3: dense forward+backward = 9 GEMMs x 2*4*2*3 = 432 FLOPs. Matmul: 432,000 FLOPs taking
+    0.5, 1 and 2 s in the three rounds (median rate 432,000 FLOP/s: the dense ideal is 1 ms). The
+    per-round medians differ from ratios of medians: MoE time / dense is 3 (not 4/2), time / ideal 3
+    (not 4/2)."""
+    from diffmoe.bench.measure import MIB, Row, summarize
+
+    module = _load_module()
+    shape = module.Shape(tokens=4, seq_len=2, d_model=2, d_ff=3, experts=2, segment_len=1)
+    dense = Row("dense", "dense", 1.0, "", times_s=[0.001, 0.002, 0.004], act_bytes=MIB, peak_bytes=2 * MIB)
+    moe = Row("moe", "moe", 2.0, "x", times_s=[0.003, 0.004, 0.012], act_bytes=3 * MIB, peak_bytes=None)
+    d, m = summarize([dense, moe], shape, 432_000, [0.5, 1.0, 2.0], peak_flops=864_000)
+    want_d = dict(time_ms=2.0, time_min_ms=1.0, time_max_ms=4.0, times_ms=[1.0, 2.0, 4.0], time_ratio=1.0,
+                  time_per_flop_ratio=1.0, ideal_ms=1.0, time_over_ideal=2.0, achieved_tflops=2.16e-7,
+                  mfu=0.25, act_mib=1.0, act_ratio=1.0, peak_act_mib=2.0, peak_act_ratio=1.0)
+    want_m = dict(time_ms=4.0, time_min_ms=3.0, time_max_ms=12.0, times_ms=[3.0, 4.0, 12.0], time_ratio=3.0,
+                  time_per_flop_ratio=1.5, ideal_ms=2.0, time_over_ideal=3.0, achieved_tflops=2.16e-7,
+                  mfu=0.25, act_mib=3.0, act_ratio=3.0, peak_act_mib=None, peak_act_ratio=None)
+    for got, want in ((d, want_d), (m, want_m)):
+        for key, value in want.items():
+            assert got[key] == (None if value is None else pytest.approx(value, rel=1e-9)), (got["name"], key)
+    assert (m["name"], m["column"], m["note"], m["flop_factor"]) == ("moe", "moe", "x", 2.0)
+    (no_peak,) = summarize([dense], shape, 432_000, [0.5, 1.0, 2.0], peak_flops=None)
+    assert no_peak["mfu"] is None
 
 
 def test_cli_bench_layers_without_transformers_lists_the_references_as_skipped(tmp_path, monkeypatch):
@@ -149,3 +188,19 @@ def test_sweep_runs_each_shape_and_writes_one_table(tmp_path):
     table = (tmp_path / "sweep_segment_cpu_float32.md").read_text()
     assert "| Lory segment length T | dense SwiGLU | LoryMoE |" in table
     assert sum(line.startswith("| 512 |") for line in table.splitlines()) == 1
+
+
+def test_no_switch_column_times_our_layers_in_a_process_without_the_allocator_switch(toy_run):
+    """A fresh process with DIFFMOE_MALLOC=default times diffmoe's layers as a user's script runs them."""
+    out, _ = toy_run
+    result = json.loads((out / "bench_layers_cpu_float32.json").read_text())
+    table = (out / "bench_layers_cpu_float32.md").read_text()
+    assert result["machine"]["malloc"] == "reuse" and result["no_switch_machine"]["malloc"] == "default"
+    assert "| time / dense | time / dense, no switch |" in table
+    for row in result["rows"]:
+        if row["name"].startswith("HF"):  # transformers' blocks are not timed again
+            assert row["time_ratio_no_switch"] is None
+        else:
+            assert len(row["times_ms_no_switch"]) == 2
+            assert math.isfinite(row["time_ratio_no_switch"]) and row["time_ratio_no_switch"] > 0, row["name"]
+    assert result["rows"][0]["time_ratio_no_switch"] == 1.0

@@ -46,7 +46,7 @@ def test_bench_model_under_fsdp_with_and_without_activation_checkpointing(tmp_pa
                  "--matmul-size", "64", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_model_cpu_float32_fsdp.json").read_text())["rows"]
     assert [(r["layout"], r["activation_checkpointing"]) for r in rows] == [("fsdp", False), ("fsdp", True)]
-    assert all(math.isfinite(r["step_ms"]) and r["peak_mem_gb"] is None for r in rows)
+    assert all(math.isfinite(r["step_ms"]) and r["peak_mem_gb"] > 0 for r in rows)  # CPU: peak-RSS growth
 
 
 @pytest.mark.parametrize("tied", [False, True])

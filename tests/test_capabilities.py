@@ -32,7 +32,8 @@ LAYERS = {
     "lory-own-mean": lambda: build("lory", first_segment="own_mean"),
     "lory-prefix": lambda: build("lory", routing="prefix"),
     "topk": lambda: build("topk"),
-    "topk-capacity": lambda: build("topk", capacity_factor=0.5),
+    "topk-capacity": lambda: build("topk", capacity_factor=0.5),  # not causal in training, dropless in eval
+    "topk-eval-capacity": lambda: build("topk", capacity_factor=0.5, eval_capacity_factor=0.5),
     "sparsemixer": lambda: build("sparsemixer"),
     "expert-choice": lambda: build("expert_choice"),
     "expert-choice-segment": lambda: build("expert_choice", granularity="segment", segment_len=T),
@@ -45,9 +46,10 @@ def run(layer, x):
     return layer(x)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_causal_from(name):
-    layer = LAYERS[name]().train()
+def test_causal_from(name, training):
+    layer = LAYERS[name]().train(training)
     start = layer.capabilities.causal_from
     x = torch.randn(3, L, D)
     base = run(layer, x)

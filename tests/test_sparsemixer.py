@@ -135,16 +135,55 @@ def test_training_gradient_agrees_in_expectation_with_transformers_sparsemixer()
     assert torch.all((theirs - exact).abs() <= 5 * se_theirs + 1e-3), (theirs, exact, se_theirs)
 
 
-def test_training_slots_differ_and_statistics():
-    layer = SparseMixerMoE(D, FF, E, jitter_eps=0.3).train()
+def test_statistics_and_balance_loss_equal_their_definitions():
+    """Eval routing is the top-2 of the logits (the second band always holds the remaining maximum), so
+    load, band_multi and the balance loss E * sum_i f_i P_i (f over both slots' assignments, P the mean
+    full softmax) can be computed from the logits alone."""
+    layer = SparseMixerMoE(D, FF, E, jitter_eps=0.3).eval()
+    torch.nn.init.normal_(layer.router.weight, std=0.5)
     x = torch.randn(2, 50, D)
     layer(x)
+    logits = x.reshape(-1, D) @ layer.router.weight.t()
+    top2 = logits.topk(2, -1).indices
+    f = torch.bincount(top2.flatten(), minlength=E).float() / top2.numel()
+    p = logits.softmax(-1)
     st = layer.stats
-    assert st["band_multi"].shape == (2,) and 0 < st["band_multi"][0] <= 1
-    assert st["load"].sum().item() == pytest.approx(1.0)
-    _, experts, _ = sparsemixer_route(layer.router(x.reshape(-1, D)), 0.3, training=True)
-    assert torch.all(experts[:, 0] != experts[:, 1])
-    assert layer.aux_losses["balance"].item() > 0
+    torch.testing.assert_close(st["load"], f)
+    band = torch.cat([band_mask(logits, logits, 0.3).sum(-1, keepdim=True),
+                      band_mask(logits.scatter(-1, top2[:, :1], float("-inf")), logits, 0.3).sum(-1, keepdim=True)], -1)
+    torch.testing.assert_close(st["band_multi"], (band > 1).float().mean(0))
+    assert 0 < st["band_multi"][0] < 1  # some bands hold several experts, some one
+    balance = layer.aux_losses["balance"]
+    torch.testing.assert_close(balance, E * (f * p.mean(0)).sum(), rtol=1e-6, atol=0)
+    assert balance.item() > 1.0 + 1e-3  # not the value every uniform router gives (below)
+    # the balance loss alone gives the router a gradient, through P: dL/dP_i = E f_i
+    (g,) = torch.autograd.grad(balance, layer.router.weight)
+    want = torch.autograd.grad(E * (f * (x.reshape(-1, D) @ layer.router.weight.t()).softmax(-1).mean(0)).sum(),
+                               layer.router.weight)[0]
+    torch.testing.assert_close(g, want)
+
+
+def test_balance_loss_known_values_in_training():
+    """Uniform router (zero weights): P_i = 1/E for every token, so the loss is 1 (up to rounding)
+    whatever the sampled assignments. Collapsed router (every token's band holds only expert 0, then only expert 1):
+    f = (1/2, 1/2, 0, ...) and P_0 + P_1 = 1 to within 1e-9, so the loss is E/2 = 3."""
+    x = torch.randn(2, 50, D).abs() + 0.1
+    uniform = SparseMixerMoE(D, FF, E, jitter_eps=0.3, input_jitter_eps=0.0).train()
+    torch.nn.init.zeros_(uniform.router.weight)
+    uniform(x)
+    assert uniform.aux_losses["balance"].item() == pytest.approx(1.0, abs=1e-6)
+    assert uniform.stats["band_multi"].tolist() == [1.0, 1.0]  # all logits equal: every band holds all
+    assert (uniform.stats["load"] > 0).all()  # Gumbel sampling over the whole band reaches every expert
+
+    collapsed = SparseMixerMoE(D, FF, E, jitter_eps=0.01).train()  # input jitter on: routing still fixed
+    with torch.no_grad():
+        collapsed.router.weight.fill_(-2.0)  # logits of x > 0: expert 0 >> expert 1 >> the rest
+        collapsed.router.weight[0] = 2.0
+        collapsed.router.weight[1] = 1.0
+    collapsed(x)
+    assert collapsed.stats["load"].tolist() == [0.5, 0.5] + [0.0] * (E - 2)
+    assert collapsed.stats["band_multi"].tolist() == [0.0, 0.0]
+    assert collapsed.aux_losses["balance"].item() == pytest.approx(E / 2, rel=1e-6)
 
 
 def test_input_jitter_only_in_training():

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from diffmoe.moe import TopKMoE
+from diffmoe.moe import TopKConfig, TopKMoE
 from diffmoe.moe.topk import capacity_keep_mask
+from diffmoe.schema import ConfigError
 
 from hf_reference import compare_with_block, mixtral_block
 
@@ -79,3 +80,34 @@ def test_capacity_drops_exactly_the_overflow():
                 ref[n] += gate[n, s] * layer.experts.expert_forward(xf[n:n + 1], int(idx[n, s]))[0]
     torch.testing.assert_close(y.reshape(-1, D), ref, rtol=1e-5, atol=1e-6)
     assert layer.stats["dropped"].item() == pytest.approx(expected_dropped / (2 * N))
+
+
+def test_capacity_applies_in_training_and_evaluation_is_dropless_unless_given_its_own():
+    """GShard: the capacity drops tokens in training; eval mode is dropless (causal, batch-independent)
+    by default, or uses ``eval_capacity_factor``."""
+    torch.manual_seed(0)
+    capped = TopKMoE(D, FF, E, top_k=2, capacity_factor=0.5)
+    torch.nn.init.normal_(capped.router.weight, std=2.0)  # imbalanced routing: the capacity drops
+    dropless = TopKMoE(D, FF, E, top_k=2)
+    eval_capped = TopKMoE(D, FF, E, top_k=2, capacity_factor=0.5, eval_capacity_factor=0.5)
+    for layer in (dropless, eval_capped):
+        layer.load_state_dict(capped.state_dict())
+    x = torch.randn(4, 16, D)
+    with torch.no_grad():
+        trained = capped.train()(x)
+        assert capped.stats["dropped"] > 0
+        torch.testing.assert_close(capped.eval()(x), dropless.eval()(x))
+        assert "dropped" not in capped.stats
+        assert not torch.allclose(trained, dropless(x), atol=1e-4)
+        torch.testing.assert_close(eval_capped.eval()(x), trained)
+        assert eval_capped.stats["dropped"] > 0
+
+
+def test_top1_with_renormalized_gates_is_refused_for_training():
+    """The renormalised gate of one expert is always 1: the router would learn only from the balance loss."""
+    with pytest.raises(ConfigError, match=r"^invalid config: renormalize=True: with top_k=1 .* balance loss"):
+        TopKConfig(top_k=1, renormalize=True).check_training(64)
+    assert TopKConfig(top_k=1, renormalize=False).check_training(64) == []
+    assert TopKConfig(top_k=2, renormalize=True, capacity_factor=1.0).check_training(64) == []
+    warning, = TopKConfig(eval_capacity_factor=2.0).check_training(64)
+    assert warning.startswith("eval_capacity_factor=2.0: ") and "not a causal likelihood" in warning

@@ -74,21 +74,21 @@ def test_training_into_a_used_run_dir_needs_resume(tiny_dataset, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_dataset, tmp_path, monkeypatch):
-    import diffmoe.train.step as step
+    import diffmoe.model.decoder as decoder  # the LM loss of every micro-batch goes through it
 
     calls = {"n": 0}
-    real = F.cross_entropy
+    real = decoder.linear_cross_entropy
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (3, 4) else loss
 
-    monkeypatch.setattr(step.F, "cross_entropy", flaky)
+    monkeypatch.setattr(decoder, "linear_cross_entropy", flaky)
     summary = train(run_config(tiny_dataset, steps=8), tmp_path / "a", show_progress=False)
     assert summary["skipped_steps"] == 2 and math.isfinite(summary["loss"])
 
-    monkeypatch.setattr(step.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    monkeypatch.setattr(decoder, "linear_cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(TrainingError, match="3 steps in a row") as err:
         train(run_config(tiny_dataset, steps=8, max_bad_steps=3), tmp_path / "b", show_progress=False)
     assert "step-00000002" in str(err.value)
@@ -101,23 +101,48 @@ def test_evaluation_matches_a_perplexity_computed_by_hand(tiny_dataset):
     from diffmoe import Decoder
 
     model = Decoder(run_config(tiny_dataset, "lory").model).eval()
+    for _, layer in model.moe_layers():  # distinct experts, decisive routers, confident logits:
+        layer.reset_parameters(std=0.2, router_std=1.0)  # the routing shows in the loss
+    torch.nn.init.normal_(model.lm_head.weight, std=0.3)
     data = PackedDataset(tiny_dataset, "heldout")
+    P = 8  # the prompt of prompt routing
     result = evaluate(model, data, batch_size=7)  # 7 does not divide the row count
-    totals, counts = {}, {}
+    prompt = evaluate(model, data, batch_size=7, routing="prompt", prompt_len=P)
+    assert all(layer.routing == "segment" for _, layer in model.moe_layers())  # restored
+    # by hand, one row at a time: segment routing scores every position; prompt routing routes each
+    # row once on the mean of its own first P positions and scores only the positions after them
+    totals, counts, rows = {}, {}, {}
+    after = {"segment": {}, "prompt": {}}  # summed over the positions after the prompt
     with torch.no_grad():
         for i in range(len(data)):
             item = data[i]
-            nll = F.cross_entropy(model(item["input_ids"][None])[0], item["labels"], reduction="sum").item()
+            ids, labels = item["input_ids"][None], item["labels"]
             domain = data.domains[int(item["domain"])]
-            totals[domain] = totals.get(domain, 0.0) + nll
-            counts[domain] = counts.get(domain, 0) + item["labels"].numel()
+            nll = F.cross_entropy(model(ids)[0], labels, reduction="none")
+            model.set_routing("prompt")
+            prompt_nll = F.cross_entropy(model(ids, prompt_len=P)[0, P:], labels[P:], reduction="sum")
+            model.set_routing("segment")
+            totals[domain] = totals.get(domain, 0.0) + nll.sum().item()
+            counts[domain] = counts.get(domain, 0) + labels.numel()
+            rows[domain] = rows.get(domain, 0) + 1
+            for mode, value in (("segment", nll[P:].sum()), ("prompt", prompt_nll)):
+                after[mode][domain] = after[mode].get(domain, 0.0) + value.item()
+    assert set(result) == set(prompt) == set(totals) | {"all"}
     for domain in totals:
         assert result[domain]["tokens"] == counts[domain]
         assert result[domain]["loss"] == pytest.approx(totals[domain] / counts[domain], rel=1e-5)
         assert result[domain]["ppl"] == pytest.approx(math.exp(totals[domain] / counts[domain]), rel=1e-5)
+        n = counts[domain] - P * rows[domain]
+        loss = after["prompt"][domain] / n
+        assert prompt[domain]["tokens"] == n
+        # rel 1e-6: the batched evaluation agrees with the row-by-row sums to ~1e-8 here
+        assert prompt[domain]["loss"] == pytest.approx(loss, rel=1e-6)
+        assert prompt[domain]["ppl"] == pytest.approx(math.exp(loss), rel=1e-6)
+        # the same positions under segment routing score 8e-5 to 6e-4 apart: well over that tolerance
+        assert abs(after["segment"][domain] / n - loss) > 1e-5 * loss
     assert result["all"]["tokens"] == len(data) * data.context_len
-    prompt = evaluate(model, data, batch_size=7, routing="prompt", prompt_len=8)
-    assert prompt["all"]["tokens"] == len(data) * (data.context_len - 8)
+    assert prompt["all"]["tokens"] == len(data) * (data.context_len - P)
+    assert prompt["all"]["loss"] == pytest.approx(sum(after["prompt"].values()) / prompt["all"]["tokens"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +182,12 @@ def test_damaged_or_missing_checkpoint_is_a_clear_error(trained_run, tmp_path, c
     shard = sorted((ckpt / "model").glob("*.safetensors"))[0]
     shard.write_bytes(b"\x00" * 10)
     with pytest.raises(CheckpointError, match="damaged checkpoint file in .*model"):
-        load_run(copy)
+        load_run(copy, checkpoint=ckpt)
+    with pytest.warns(UserWarning, match=f"damaged checkpoint file in .*{ckpt.name}.*model"):
+        assert load_run(copy)[2].name == "step-00000003"  # the newest checkpoint that is whole
+    shutil.rmtree(list_checkpoints(copy)[0])
+    with pytest.raises(CheckpointError, match="damaged checkpoint file in .*model"):
+        load_run(copy)  # none is whole: the newest one's damage is named
     (ckpt / "trainer.json").unlink()
     with pytest.raises(CheckpointError, match="trainer.json is missing"):
         load_run(copy)

@@ -2,7 +2,7 @@
 
     diffmoe prepare  --corpus DIR --batching similarity --out data/
     diffmoe corpus   builtin --out corpus/
-    diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume] [section.field=value ...]
+    diffmoe train    CONFIG.yaml [--run-dir runs/x] [--resume [--accept-config-change]] [section.field=value ...]
     diffmoe eval     RUN [--routing segment|prompt|prefix] [--device cuda]   (also under torchrun)
     diffmoe eval     RUN --tasks NAMES [--include-path DIR] [--limit N] [--routing prompt|segment]
     diffmoe tasks    build --out DIR [--seed S] [-n N] [--trained-on DATA ...]
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .schema import ConfigError
@@ -36,7 +37,8 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet, device=args.device)
+    summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet, device=args.device,
+                    accept_config_change=args.accept_config_change)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
         print(json.dumps({k: summary[k] for k in ("step", "loss", "skipped_steps", "tokens")}))
         print(_format_eval(summary["heldout"]))
@@ -89,7 +91,7 @@ def _eval_tasks(args) -> int:
 
     routing = args.routing or "prompt"
     if routing not in ("prompt", "segment"):
-        raise ValueError(f"--routing {routing} with --tasks: choose prompt or segment")
+        raise ConfigError(f"--routing {routing} with --tasks: choose prompt or segment")
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)  # < 1: a fraction of items
     out = run_tasks(args.run, args.tasks, args.include_path, routing, limit, args.checkpoint,
                     args.batch_size, str(resolve_device(args.device)), args.data)
@@ -153,11 +155,11 @@ def _generate(args) -> int:
     tokenizer = load_tokenizer(args.data or cfg.data.path)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
-        raise ValueError("--prompt encodes to no tokens")
+        raise ConfigError("--prompt encodes to no tokens")
     limit = cfg.model.max_seq_len - len(ids)
     if args.max_new_tokens > limit:
-        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: the prompt leaves room for {limit} "
-                         f"(max_seq_len={cfg.model.max_seq_len})")
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens}: the prompt leaves room for {limit} "
+                          f"(max_seq_len={cfg.model.max_seq_len})")
     generator = torch.Generator(next(model.parameters()).device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
     out: list[int] = []
@@ -232,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="diffmoe", description="Pre-train MoE language models: Lory, "
                                      "SparseMixer-v2 (GRIN), top-k, expert choice and dense baselines.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     register_data(sub)
 
@@ -239,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint that verifies")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="--resume: continue although the config changes the training (model, data, schedule, "
+                        "optimizer, seed); the previous config is kept and the change logged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     device_arg(p)
     p.set_defaults(func=_train)
@@ -343,25 +349,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs")
     p.set_defaults(func=_demo)
+    for command in sub.choices.values():  # --debug also after the command (SUPPRESS: keep the global value)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+DEBUG_HELP = "show the traceback of configuration, data and checkpoint errors too (not only the one-line error)"
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The project's own error types: bad configs, arguments, data, checkpoints, layouts and training
+    failures the user can act on. The CLI reports them in one line (exit 2); any other exception is a
+    bug and keeps its traceback."""
+    from .data.errors import DataError
+    from .parallel.layout import ShardingError
+    from .train.checkpoint import CheckpointError
+    from .train.loop import TrainingError
+
+    return ConfigError, DataError, CheckpointError, ShardingError, TrainingError
 
 
 def main(argv: list[str] | None = None) -> int:
     from .runtime import reuse_freed_memory
-    from .train import TrainingError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("train", "plan"):  # overrides may also follow the options
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if e not in args.overrides]
+    if args.command == "bench" and "--debug" in args.options:  # the benchmark's options take the rest
+        args.options.remove("--debug")
+        args.debug = True
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("train", "eval", "generate", "analyze", "demo", "bench"):
         reuse_freed_memory()
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, TrainingError) as err:
+    except user_errors() as err:
+        if args.debug:
+            traceback.print_exc()
         _report(f"error: {err}", 2)
         return 2
     except KeyboardInterrupt:
@@ -369,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         if _world() == 1:
-            raise
+            raise  # a bug, not bad input: the traceback (exit 1)
+        traceback.print_exc()  # under torchrun: this rank's traceback, then its one-line report
         _report(f"error: {type(err).__name__}: {err}", 1)
         return 1
 

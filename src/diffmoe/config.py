@@ -271,6 +271,12 @@ class RunConfig:
                   f"the dense warm-up copies the dense FFN into every expert, so experts need d_ff={m.d_ff} "
                   "(or set train.dense_warmup_frac=0)")
 
+    def check_training(self, context_len: int) -> list[str]:
+        """What only training on the data's ``context_len`` positions per sequence rules out (a config that
+        leaks the future or whose router cannot learn: :class:`ConfigError`), beyond :meth:`validate`, which
+        also holds for evaluating and generating with the model. Returns warnings to log (and record)."""
+        return self.model.moe.check_training(context_len, self.model.kinds, "model.moe")
+
     def to_dict(self) -> dict:
         return schema.fields_dict(self)
 
@@ -296,19 +302,29 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"invalid override {item!r}: expected section.field=value")
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config: {path} must be a mapping, got {type(data).__name__}")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"invalid override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"invalid override {item!r}: the value is not valid YAML: "
+                              f"{' '.join(str(err).split())}") from None
     return RunConfig.from_dict(data)
 
 

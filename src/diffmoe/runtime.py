@@ -8,12 +8,20 @@ experts, their gradients). On the reference machine a fresh 64 MiB ``index_selec
 are reused, as CUDA's caching allocator reuses them; the price is that memory returns to the OS only
 when the process ends. ``diffmoe train | eval | generate | demo | bench`` call
 :func:`reuse_freed_memory` at start; ``DIFFMOE_MALLOC=default`` keeps glibc's behaviour.
+
+A script that imports the layers without that switch still avoids the cost for the layers' own
+large temporaries: they take them from :func:`scratch`, which keeps one CPU buffer per name and
+hands the same memory out again at the next call (forward and backward of every layer alike).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import threading
+
+import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 _state = {"malloc": "default"}
@@ -37,3 +45,36 @@ def reuse_freed_memory() -> bool:
 def malloc_mode() -> str:
     """``reuse`` after :func:`reuse_freed_memory` took effect, else ``default`` (for benchmark records)."""
     return _state["malloc"]
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` in ``like``'s dtype and device, for a temporary that never
+    leaves the call asking for it (neither returned nor saved for backward).
+
+    On CPU the memory is kept and handed out again: one buffer per (thread, ``name``, dtype), grown to
+    the largest size asked for and never per shape, so a model's layers share it and memory stays
+    bounded by the largest request. Two tensors in use at the same time need two names. Elsewhere
+    (CUDA's caching allocator already reuses memory) and while compiling, a fresh tensor.
+    """
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return like.new_empty(shape)
+    pool = _scratch.__dict__.setdefault("pool", {})
+    n = math.prod(shape)
+    buf = pool.get((name, like.dtype))
+    if buf is None or buf.numel() < n:
+        pool.pop((name, like.dtype), None)  # free the smaller one first
+        buf = pool[(name, like.dtype)] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(shape)
+
+
+def scratch_bytes() -> int:
+    """Bytes held by this thread's :func:`scratch` buffers."""
+    return sum(b.numel() * b.element_size() for b in _scratch.__dict__.get("pool", {}).values())
+
+
+def release_scratch() -> None:
+    """Free this thread's :func:`scratch` buffers (the next request allocates again)."""
+    _scratch.__dict__.pop("pool", None)

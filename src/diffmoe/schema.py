@@ -84,12 +84,37 @@ def _check_type(f: dataclasses.Field, value: Any, name: str) -> None:
     """Reject a value of the wrong type for a plain ``int | float | bool | str`` field (int is accepted
     for float); fields of other types are checked by the config's ``validate``."""
     type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(type_name)
-    if expected is None:
-        return
-    if expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"invalid config: {name}={value!r}: expected {expected.__name__}")
+    if _matches(type_name, value) is False:
+        raise ConfigError(f"invalid config: {name}={value!r}: expected {type_name}")
+
+
+_PLAIN = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _matches(type_name: str, value: Any) -> bool | None:
+    """Whether ``value`` has the annotated type: plain types, ``X | None``, ``list[X]`` and
+    ``tuple[X, ...]`` of plain types (int is accepted for float, bool is not an int); None when the
+    annotation is not of that kind (the config's ``validate`` checks it)."""
+    results = []
+    for alt in (a.strip() for a in type_name.split("|")):
+        if alt == "None":
+            results.append(value is None)
+        elif alt in _PLAIN:
+            expected = _PLAIN[alt]
+            if isinstance(value, bool):
+                results.append(expected is bool)
+            else:
+                results.append(isinstance(value, (int, float)) if expected is float else isinstance(value, expected))
+        elif alt.startswith(("list[", "tuple[")) and alt.endswith("]"):
+            inner = [t.strip() for t in alt[alt.index("[") + 1:-1].split(",")]
+            if any(t not in _PLAIN for t in inner):
+                return None
+            if not isinstance(value, (list, tuple)):
+                results.append(False)
+            elif alt.startswith("tuple["):
+                results.append(len(value) == len(inner) and all(_matches(t, v) for t, v in zip(inner, value)))
+            else:
+                results.append(all(_matches(inner[0], v) for v in value))
+        else:
+            return None
+    return any(results)

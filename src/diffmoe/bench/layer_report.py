@@ -33,17 +33,19 @@ def markdown(result: dict) -> str:
         "act: unique storages saved for backward during forward (autograd saved_tensors_hooks; parameters "
         "and the input excluded) plus the output.",
         f"peak act: {peak_how}, one forward+backward, minus the parameter gradients.",
+        "time / dense, no switch: the same ratio measured in a fresh process without the allocator switch "
+        "(DIFFMOE_MALLOC=default), as in a script that imports the layers (n/a: not measured there).",
         "TFLOP/s: model FLOPs / median time; MFU: that / the GPU's dense bf16 peak "
         + (f"({result['peak_tflops']:g} TFLOP/s)." if result.get("peak_tflops") else "(n/a: no GPU peak known)."),
         "",
-        "| layer | FLOPs / dense | time ms | time / dense | time / (FLOPs x dense) | ideal ms | time / ideal "
-        "| TFLOP/s | MFU | act MiB | act / dense | peak act MiB | peak act / dense | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | FLOPs / dense | time ms | time / dense | time / dense, no switch | time / (FLOPs x dense) "
+        "| ideal ms | time / ideal | TFLOP/s | MFU | act MiB | act / dense | peak act MiB | peak act / dense | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['name']} | {r['flop_factor']:.3g} | {fmt_ms(r['time_ms'])} | {r['time_ratio']:.2f} | "
-            f"{r['time_per_flop_ratio']:.2f} | {fmt_ms(r['ideal_ms'])} | {r['time_over_ideal']:.2f} | "
+            f"{_fmt(r.get('time_ratio_no_switch'), '.2f')} | {r['time_per_flop_ratio']:.2f} | {fmt_ms(r['ideal_ms'])} | {r['time_over_ideal']:.2f} | "
             f"{r['achieved_tflops']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'' if r['mfu'] is None else ' %'} | "
             f"{r['act_mib']:.1f} | {r['act_ratio']:.2f} | {_fmt(r['peak_act_mib'], '.1f')} | "
             f"{_fmt(r['peak_act_ratio'], '.2f')} | {r['note']} |")

@@ -27,6 +27,11 @@ Method.
   CUDA; on CPU (Linux) the process peak-RSS delta (VmHWM after resetting it through
   /proc/self/clear_refs), measured after all timing with glibc's mmap threshold fixed at 64 KiB so
   that freed tensors return to the OS. It includes transient buffers (merged weights, gathered tokens).
+- Without the allocator switch: the benchmark process keeps freed memory for reuse
+  (:func:`diffmoe.runtime.reuse_freed_memory`), as ``diffmoe`` commands do; a user's own script does
+  not. So the same shape is timed again in a fresh process with ``DIFFMOE_MALLOC=default`` (diffmoe's
+  layers only, not transformers'), as a script that imports the layers runs them: the column
+  ``time / dense, no switch`` (``--no-compare-malloc`` skips it; sweeps skip it).
 - Ratios to dense (and to the ideal) are medians over rounds of the per-round ratio, so load that
   drifts between rounds cancels. The 1-minute load average is recorded per round in the JSON.
 - Ideal time: FLOPs / the measured matmul rate (a square ``--matmul-size`` matmul in the benchmark
@@ -67,6 +72,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub-kernel implementations must 
 
 import torch
 
+from ..runtime import malloc_mode
 from . import layer_specs as specs_module
 from .common import DTYPES, dtype_name, gpu_peak_flops, machine_info, start, write_results
 from .layer_report import markdown, shape_line, sweep_markdown
@@ -131,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="GPU peak for model FLOP utilisation (default: known GPUs' dense bf16 peak)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-malloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time diffmoe's layers in a fresh process without the allocator switch")
     p.add_argument("--out", type=Path, default=Path("results/layers"))
     a = p.parse_args(argv)
     if a.tokens % a.seq_len:
@@ -152,18 +160,40 @@ def run_sweep(sweep: Sweep, base: Shape, args, argv: list[str], device: torch.de
     """Each shape in a fresh process (the CPU peak-RSS measurement changes malloc settings for the rest
     of a process, and shapes must not inherit each other's heap), with the caller's other options."""
     keep = _drop_options(argv, {"--sweep", "--out", "--layers", "--hf-impls", "--tokens", "--seq-len",
-                                "--d-model", "--d-ff", "--experts", "--top-k", "--ec-capacity", "--segment-len"})
+                                "--d-model", "--d-ff", "--experts", "--top-k", "--ec-capacity", "--segment-len",
+                                "--compare-malloc", "--no-compare-malloc"})
     results = []
     for shape in sweep.shapes(base):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "diffmoe.bench.layers", *keep, *_shape_argv(shape), "--out", tmp,
-                   "--layers", *sweep.families, "--hf-impls", *sweep.hf_impls]
+                   "--layers", *sweep.families, "--hf-impls", *sweep.hf_impls, "--no-compare-malloc"]
             print(f"sweep {sweep.name}: {shape_line({**asdict(shape), 'batch': shape.batch})}", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"error: sweep {sweep.name} failed at {shape}:\n{proc.stderr[-2000:]}")
             results.append(json.loads((Path(tmp) / f"bench_layers_{device.type}_{dt}.json").read_text()))
     return results
+
+
+def add_no_switch_times(result: dict, args, argv: list[str], device: torch.device, dt: str) -> None:
+    """Time diffmoe's layers again in a fresh process with ``DIFFMOE_MALLOC=default`` (glibc's own
+    allocation behaviour, as in a user's script) and add each row's ``time_ratio_no_switch`` and
+    ``times_ms_no_switch`` (None for rows not measured there)."""
+    keep = _drop_options(argv, {"--out", "--layers", "--compare-malloc", "--no-compare-malloc"})
+    families = [f for f in args.layers if f != "hf"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "diffmoe.bench.layers", *keep, "--out", tmp, "--layers", *families,
+               "--no-compare-malloc"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DIFFMOE_MALLOC": "default"})
+        if proc.returncode != 0:
+            raise SystemExit(f"error: the run without the allocator switch failed:\n{proc.stderr[-2000:]}")
+        other = json.loads((Path(tmp) / f"bench_layers_{device.type}_{dt}.json").read_text())
+    by_name = {r["name"]: r for r in other["rows"]}
+    for row in result["rows"]:
+        r = by_name.get(row["name"])
+        row["time_ratio_no_switch"] = r and r["time_ratio"]
+        row["times_ms_no_switch"] = r and r["times_ms"]
+    result["no_switch_machine"] = other["machine"]
 
 
 def _drop_options(argv: list[str], names: set[str]) -> list[str]:
@@ -189,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         families = ("dense", *args.layers)
         result = measure_shape(base, device, dtype, args, families,
                                tuple(args.hf_impls) if args.hf_impls else None)
+        if args.compare_malloc and malloc_mode() == "reuse":
+            add_no_switch_times(result, args, argv, device, dt)
         write_results(args.out, f"bench_layers_{device.type}_{dt}", markdown(result), result)
         return result
     names = list(SWEEPS) if "all" in args.sweep else list(dict.fromkeys(args.sweep))

@@ -7,7 +7,11 @@ losses, backward, gradient clipping, AdamW step, zero_grad), on random token ids
 ids do the same work as text, except that a token-choice router sees a different balance.
 ``--layout fsdp`` runs the model under FSDP2 on a one-process group (bf16 compute through FSDP2's
 mixed precision, as ``train.parallel.mode=fsdp``); ``--ac`` with per-block activation checkpointing.
-On CUDA each entry also reports its peak allocated memory.
+``--loss full`` computes the LM loss as before chunking (full float32 logits [B, L, V], then
+cross-entropy) instead of the trainer's chunked loss (:mod:`diffmoe.model.loss`); ``--loss both``
+runs each config both ways side by side, to show the memory the chunks save. Each entry reports
+its peak memory: on CUDA the peak allocated during its steps; on CPU (Linux) the peak-RSS growth of
+one more step after all timing (see :class:`diffmoe.bench.measure.RssPeak`).
 
 Every (config, mode) is one entry; entries run round-robin, one step each per round (see
 :mod:`diffmoe.bench.common`); the first ``--warmup`` rounds (which include compilation) are discarded.
@@ -37,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
@@ -46,6 +52,7 @@ from ..train.optim import build_optimizer
 from ..train.step import train_step
 from .common import (config_files, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,
                      median_ratio, round_robin, start, sync, write_results)
+from .measure import RssPeak
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Entry:
     cfg: RunConfig
     mode: str  # eager | compile
     ac: bool
+    loss: str  # chunked | full
     model: Decoder
     step_fn: object
     times_s: list[float] = field(default_factory=list)
@@ -80,6 +88,8 @@ def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
     plan = ParallelPlan.build(pc, 1, device.type, compile=entry.mode == "compile", bf16=bf16)
     wrapped = parallelize(entry.model, plan, device)
     optimizer = build_optimizer(entry.model, cfg.train)
+    if entry.loss == "full":
+        wrapped = FullLogitsLoss(wrapped)
     batches = itertools.repeat((ids, ids.roll(-1, 1)))
     env = distributed.DistEnv(0, 1, device)
 
@@ -98,9 +108,23 @@ def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
     return step
 
 
+class FullLogitsLoss(nn.Module):
+    """The LM loss computed the unchunked way, for comparison: ``forward(ids, labels)`` -> per-token
+    loss [B, L] from the full float32 logits [B, L, V] of the wrapped model."""
+
+    def __init__(self, wrapped: nn.Module):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.wrapped(ids)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+
+
 def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]:
     modes = {"both": ["eager", "compile"], "off": ["eager"], "on": ["compile"]}[args.compile]
     checkpointing = {"both": [False, True], "off": [False], "on": [True]}[args.ac]
+    losses = {"both": ["chunked", "full"], "chunked": ["chunked"], "full": ["full"]}[args.loss]
     entries = []
     for path in args.configs:
         cfg = load_config(str(path), args.set)
@@ -111,17 +135,17 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
             raise ConfigError(f"--seq-len {seq} exceeds model.max_seq_len={cfg.model.max_seq_len} of {path}")
         g = torch.Generator().manual_seed(args.seed)
         ids = torch.randint(0, cfg.model.vocab_size, (cfg.data.batch_size, seq), generator=g).to(device)
-        for mode, ac in itertools.product(modes, checkpointing):
+        for mode, ac, loss in itertools.product(modes, checkpointing, losses):
             torch.manual_seed(args.seed)
             model = Decoder(cfg.model).train()  # float32 master weights, as in training
-            entry = Entry(Path(path).stem, cfg, mode, ac, model, None)
+            entry = Entry(Path(path).stem, cfg, mode, ac, loss, model, None)
             entry.step_fn = make_step(entry, ids, dtype, args.layout)
             entries.append(entry)
     return entries
 
 
 def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> list[dict]:
-    dense = {(e.mode, e.ac): e for e in entries if e.cfg.model.ffn == "dense"}
+    dense = {(e.mode, e.ac, e.loss): e for e in entries if e.cfg.model.ffn == "dense"}
     rows = []
     for e in entries:
         tokens = e.cfg.data.batch_size * (args.seq_len or e.cfg.model.max_seq_len)
@@ -130,9 +154,10 @@ def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> 
         flops_tok = model_flops_per_token(e.model, args.seq_len or e.cfg.model.max_seq_len)
         achieved = flops_tok * tps
         counts = e.model.parameter_counts()
-        ref = dense.get((e.mode, e.ac))
+        ref = dense.get((e.mode, e.ac, e.loss))
         rows.append({
             "config": e.config, "mode": e.mode, "layout": args.layout, "activation_checkpointing": e.ac,
+            "loss": e.loss,
             "ffn": e.cfg.model.ffn, "peak_mem_gb": e.peak_bytes / 2**30 if e.peak_bytes else None,
             "params": counts["total"], "active_params": counts["active"],
             "batch": e.cfg.data.batch_size, "seq_len": args.seq_len or e.cfg.model.max_seq_len,
@@ -151,20 +176,25 @@ def markdown(result: dict) -> str:
         f"# Model benchmark: training steps ({m['device']}, {m['dtype']})", "", machine_line(m),
         f"One step: forward, loss + aux losses, backward, clipping, AdamW, on random ids; median of {st['repeats']} "
         f"steps per entry after {st['warmup']} warm-up rounds (entries round-robin; all steps in the JSON). "
-        "time / dense: per-round ratio to the dense config in the same mode. FLOPs: 6 N_active + 12 n_layers d L "
+        "time / dense: per-round ratio to the dense config in the same mode. loss: chunked (the trainer's) or "
+        "full (float32 logits [B, L, V], then cross-entropy). peak GB: "
+        + ("peak allocated during the entry's steps. " if m["device"].startswith("cuda")
+           else "peak-RSS growth of one step after the timing (n/a where unmeasurable). ")
+        + "FLOPs: 6 N_active + 12 n_layers d L "
         f"per token. Measured {m['dtype']} matmul rate: {result['matmul_tflops']:.3g} TFLOP/s"
         + (f"; peak used for MFU: {peak:g} TFLOP/s." if peak else "; no GPU peak known: MFU n/a."),
         "",
-        "| config | mode | layout | AC | params (active) | batch x seq | step ms | tokens/s | time / dense | "
+        "| config | mode | layout | AC | loss | params (active) | batch x seq | step ms | tokens/s | time / dense | "
         "GFLOP/token | TFLOP/s | share of matmul rate | MFU | peak GB | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         vs = "n/a" if r["time_vs_dense"] is None else f"{r['time_vs_dense']:.2f}"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
-        peak_gb = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+        peak_gb = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.3g}"
         lines.append(
             f"| {r['config']} | {r['mode']} | {r['layout']} | {'on' if r['activation_checkpointing'] else 'off'} | "
+            f"{r['loss']} | "
             f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M) | "
             f"{r['batch']} x {r['seq_len']} | {fmt_ms(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {vs} | "
             f"{r['gflop_per_token']:.4g} | {r['achieved_tflops']:.3g} | {100 * r['matmul_share']:.1f} % | {mfu} | "
@@ -181,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layout", choices=["ddp", "fsdp"], default="ddp",
                    help="ddp: the plain model (one process); fsdp: FSDP2 on a one-process group")
     p.add_argument("--ac", choices=["off", "on", "both"], default="off", help="per-block activation checkpointing")
+    p.add_argument("--loss", choices=["chunked", "full", "both"], default="chunked",
+                   help="LM loss: the trainer's chunked loss, the full float32 logits, or both side by side")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
@@ -213,6 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
     times, load = round_robin([e.step_fn for e in entries], args.warmup, args.repeats)
     for e, t in zip(entries, times):
         e.times_s = t
+    if device.type == "cpu":  # after all timing: RssPeak changes malloc settings for the rest of the process
+        rss = RssPeak()
+        for e in entries:
+            e.peak_bytes = rss.measure(e.step_fn) or 0
     matmul = matmul_rate(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 2048))
     peak = gpu_peak_flops(device, args.peak_tflops)
     result = {

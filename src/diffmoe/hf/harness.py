@@ -60,7 +60,9 @@ def _define():
                      device: str = "cpu", data=None):
             super().__init__()
             if routing not in ROUTINGS:
-                raise ValueError(f"invalid routing={routing!r}: choose one of {', '.join(ROUTINGS)}")
+                from ..schema import ConfigError
+
+                raise ConfigError(f"invalid routing={routing!r}: choose one of {', '.join(ROUTINGS)}")
             self.cfg, self.model, self.checkpoint = load_run(run_dir, checkpoint, device)
             path = data or self.cfg.data.path
             self.tokenizer = load_tokenizer(path)

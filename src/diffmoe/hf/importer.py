@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, MoEConfig, RunConfig, TopKConfig, save_config
+from ..config import ConfigError, ModelConfig, MoEConfig, RunConfig, TopKConfig, save_config
 from .mapping import ARCHS, from_hf
 
 _OTHER = {  # model types refused by name, with the reason
@@ -29,7 +29,14 @@ _OTHER = {  # model types refused by name, with the reason
 
 
 def _refuse(field: str, value, why: str):
-    raise ValueError(f"cannot import: {field}={value!r}: {why}")
+    raise ConfigError(f"cannot import: {field}={value!r}: {why}")
+
+
+def _bad_weights(message: str):
+    """The HF directory's weights cannot be read or mapped: a CheckpointError (a ValueError)."""
+    from ..train.checkpoint import CheckpointError
+
+    return CheckpointError(message)
 
 
 def _rope_theta(c: dict) -> float:
@@ -48,7 +55,13 @@ def _rope_theta(c: dict) -> float:
 
 def read_hf_config(hf_dir) -> tuple[str, ModelConfig]:
     """``hf_dir/config.json`` -> (arch, ModelConfig); ``ValueError`` naming the field diffmoe cannot represent."""
-    c = json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8"))
+    path = Path(hf_dir) / "config.json"
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"cannot import: {path}: {err}") from None
+    if not isinstance(c, dict):
+        raise ConfigError(f"cannot import: {path}: not a JSON object")
     arch = c.get("model_type")
     if arch not in ARCHS:
         why = _OTHER.get(arch, f"supported model types are {', '.join(ARCHS)}")
@@ -109,10 +122,10 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
     elif (hf_dir / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     elif any(hf_dir.glob("pytorch_model*.bin")):
-        raise ValueError(f"{hf_dir}: only pickled pytorch_model*.bin weights; diffmoe reads safetensors only "
-                         "(convert them with transformers' save_pretrained, which writes safetensors)")
+        raise _bad_weights(f"{hf_dir}: only pickled pytorch_model*.bin weights; diffmoe reads safetensors only "
+                             "(convert them with transformers' save_pretrained, which writes safetensors)")
     else:
-        raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        raise _bad_weights(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     weights: dict[str, torch.Tensor] = {}
     for shard in shards:
         weights.update(load_file(str(hf_dir / shard)))
@@ -147,11 +160,11 @@ def _map_weights(hf: dict[str, torch.Tensor], arch: str, cfg: ModelConfig) -> di
     try:
         state = from_hf(tracked, arch, cfg.n_layers, moe_layers, cfg.moe.num_experts, cfg.tie_embeddings)
     except KeyError as err:
-        raise ValueError(f"cannot import: the checkpoint lacks tensor {err.args[0]}") from None
+        raise _bad_weights(f"cannot import: the checkpoint lacks tensor {err.args[0]}") from None
     left = sorted(name for name in set(hf) - tracked.used if not _ignorable(name, hf, cfg.tie_embeddings))
     if left:
-        raise ValueError(f"cannot import: {len(left)} checkpoint tensors have no diffmoe counterpart, "
-                         f"e.g. {left[:3]}")
+        raise _bad_weights(f"cannot import: {len(left)} checkpoint tensors have no diffmoe counterpart, "
+                             f"e.g. {left[:3]}")
     return state
 
 
@@ -174,11 +187,11 @@ def import_hf(hf_dir, out_run_dir, data_dir=None) -> Path:
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"cannot import: diffmoe names missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise _bad_weights(f"cannot import: diffmoe names missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, value in state.items():
         if tuple(value.shape) != tuple(own[name].shape):
-            raise ValueError(f"cannot import: {name} has shape {tuple(value.shape)}, "
-                             f"the config implies {tuple(own[name].shape)}")
+            raise _bad_weights(f"cannot import: {name} has shape {tuple(value.shape)}, "
+                                 f"the config implies {tuple(own[name].shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(run, str(out / "config.yaml"))

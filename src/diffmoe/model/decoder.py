@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..moe import MoELayer, RoutingContext, SwiGLU, build_ffn
 from .cache import KVCache
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -39,11 +41,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, h, L, hd] at positions start .. start+L-1."""
-        L = x.shape[2]
-        cos = self.cos[start:start + L].repeat(1, 2).to(x.dtype)  # [L, hd]
-        sin = self.sin[start:start + L].repeat(1, 2).to(x.dtype)
+    def forward(self, x: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
+        """x [B, h, L, hd] at ``positions``: an int p (every row at p .. p+L-1) or [B, L] int64 per row."""
+        if isinstance(positions, int):
+            cos, sin = self.cos[positions:positions + x.shape[2]], self.sin[positions:positions + x.shape[2]]
+        else:  # [B, L, hd/2] -> [B, 1, L, hd/2], broadcast over the heads
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cos, sin = torch.cat((cos, cos), -1).to(x.dtype), torch.cat((sin, sin), -1).to(x.dtype)  # [..., L, hd]
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -57,21 +61,42 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, start: int, cache: KVCache | None, layer: int):
+    def forward(self, x: torch.Tensor, rope: Rotary, span: "Span", cache: KVCache | None, layer: int):
+        """x [B, L, d] at the cache positions span.start .. span.start+L-1 -> [B, L, d]."""
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.hd).transpose(1, 2)  # [B, h, L, hd]
         k = self.wk(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)  # [B, h_kv, L, hd]
         v = self.wv(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)
-        q, k = rope(q, start), rope(k, start)
+        q, k = rope(q, span.positions), rope(k, span.positions)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, h_kv, start+L, hd]
-        gqa = self.n_kv != self.n_heads
-        if start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, enable_gqa=gqa)
-        else:  # continuing a cached sequence: query i sees keys 0 .. start+i
-            mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            k, v = cache.update(layer, k, v, span.start)  # [B, h_kv, start+L, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=span.mask is None and L > 1,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class Span(NamedTuple):
+    """Where one attention call's queries sit. start: cache position of the first of its ``length``
+    queries; positions: rotary positions (an int, or [B, L] counted from each row's first real token);
+    mask: None (causal from position 0) or the keys each query sees, [L, start+L] or [B, 1, L, start+L] bool."""
+
+    start: int
+    length: int
+    positions: int | torch.Tensor
+    mask: torch.Tensor | None
+
+    @staticmethod
+    def of(start: int, L: int, real: torch.Tensor | None, device: torch.device) -> "Span":
+        """The span of L queries from ``start``; real [B, start+L] bool is False at padding (None: none).
+        With padding, a query sees the real keys up to itself, and always itself (no empty row)."""
+        if real is None and start == 0:
+            return Span(start, L, start, None)
+        q = torch.arange(start, start + L, device=device).view(L, 1)
+        j = torch.arange(start + L, device=device).view(1, -1)
+        if real is None:
+            return Span(start, L, start, j <= q)
+        positions = (real.long().cumsum(1) - 1)[:, start:].clamp(min=0)  # [B, L]
+        return Span(start, L, positions, ((j <= q) & real[:, None, None, :]) | (j == q))
 
 
 class Block(nn.Module):
@@ -83,9 +108,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg.layer_ffn(layer), cfg.d_model, cfg.d_ff, cfg.moe)
 
-    def forward(self, x, rope, start, cache, prompt_len):
-        x = x + self.attn(self.attn_norm(x), rope, start, cache, self.layer)
-        ctx = RoutingContext(prompt_len, None if cache is None else cache.ffn_state[self.layer])
+    def forward(self, x, rope, spans: list[Span], cache, prompt_len, mask=None):
+        """x [B, L, d]; spans cut L into consecutive attention calls (chunked prefill); the FFN then sees
+        all L positions at once, so routing on the prompt routes on all of it. mask [B, L] bool or None."""
+        h, first = self.attn_norm(x), spans[0].start
+        attn = [self.attn(h[:, s.start - first:s.start - first + s.length], rope, s, cache, self.layer) for s in spans]
+        x = x + (attn[0] if len(attn) == 1 else torch.cat(attn, 1))
+        ctx = RoutingContext(prompt_len, None if cache is None else cache.ffn_state[self.layer], mask)
         return x + self.ffn(self.ffn_norm(x), ctx)
 
 
@@ -125,11 +154,23 @@ class Decoder(nn.Module):
             block.ffn.reset_parameters(std, out_std, router_std)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, prompt_len: int | None = None):
-        """ids [B, L] int64 -> logits [B, L, V] (float32).
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, prompt_len: int | None = None,
+                attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
+                labels: torch.Tensor | None = None):
+        """ids [B, L] int64 -> logits [B, L, V] (float32); with labels [B, L] int64, the per-token
+        cross-entropy [B, L] (float32, nats) instead, computed in chunks of tokens so that the logits
+        never exist whole (:func:`~diffmoe.model.loss.linear_cross_entropy`; what training and
+        evaluation call).
 
-        cache: continue the sequence held by the cache (incremental decoding); it is advanced by L.
+        cache: continue the sequence held by the cache (incremental decoding); it is advanced by L. Layers
+            in ``prompt`` routing route on the first cached call (the prompt) and keep that routing.
         prompt_len: layers in ``prompt`` routing route on the first ``prompt_len`` positions (default all).
+        attention_mask: [B, L] bool (or 0/1), False at padding (a batch of prompts padded on the left):
+            padding is no key of attention and no part of routing means, and rotary positions count from
+            each row's first real token, so a real token computes what it computes in its row alone. The
+            cache remembers it for later calls.
+        chunk_size: with a cache, attention runs on at most this many queries at a time (bounding a long
+            prompt's memory); each layer's FFN still sees all L positions, so prompt routing routes on all.
         """
         B, L = ids.shape
         start = 0 if cache is None else cache.length
@@ -137,11 +178,27 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {start + L} positions exceeds max_seq_len={self.cfg.max_seq_len}")
         if cache is not None and start + L > cache.max_len:
             raise ValueError(f"sequence of {start + L} positions exceeds the KV cache size {cache.max_len}")
+        if attention_mask is not None:
+            if attention_mask.shape != ids.shape:
+                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} must have the shape of "
+                                 f"ids {tuple(ids.shape)}")
+            attention_mask = attention_mask.to(ids.device, torch.bool)
+        if chunk_size is not None and (cache is None or chunk_size < 1):
+            raise ValueError(f"chunk_size={chunk_size} needs a KV cache and must be >= 1")
+        if cache is not None:
+            real = cache.mark(start, L, attention_mask)  # [B, start+L] bool, or None: no padding so far
+        else:
+            real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        step = chunk_size or L
+        spans = [Span.of(s, min(step, start + L - s), None if real is None else real[:, :min(start + L, s + step)],
+                         ids.device) for s in range(start, start + L, step)]
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x, self.rope, start, cache, prompt_len)
+            x = block(x, self.rope, spans, cache, prompt_len, None if real is None else real[:, start:])
         if cache is not None:
             cache.length += L
+        if labels is not None:  # the head's weight read here, where FSDP has unsharded it
+            return linear_cross_entropy(self.norm(x), self.lm_head.weight, labels)
         return self.lm_head(self.norm(x)).float()
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

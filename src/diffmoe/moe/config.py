@@ -105,6 +105,22 @@ class MoEConfig:
             except ConfigError as err:
                 raise err.within(prefix if err.field in shared else f"{prefix}.{kind}") from None
 
+    def check_training(self, context_len: int, kinds, prefix: str = "moe") -> list[str]:
+        """Refuse, for training on sequences of ``context_len`` positions, what the FFN ``kinds`` in use
+        would compute with a leak of the future or could not learn from (:class:`ConfigError` naming
+        ``prefix.kind.field``); return warnings about choices that stay allowed for experiments. A family
+        config opts in by defining ``check_training(context_len) -> list[str]``."""
+        warnings = []
+        for kind in dict.fromkeys(kinds):
+            checker = getattr(self.families.get(kind), "check_training", None)
+            if checker is None:
+                continue
+            try:
+                warnings += [f"{prefix}.{kind}.{message}" for message in checker(context_len)]
+            except ConfigError as err:
+                raise err.within(f"{prefix}.{kind}") from None
+        return warnings
+
     def to_dict(self) -> dict:
         data = schema.fields_dict(self)
         data.pop("families")

@@ -42,6 +42,17 @@ class LoryConfig:
               f"choose one of {', '.join(FIRST_SEGMENT)}")
         check_routing(self.routing)
 
+    def check_training(self, context_len: int) -> list[str]:
+        """Refuse what leaks the future or leaves the router without gradient in training on sequences
+        of ``context_len`` positions. Returns the warnings (none)."""
+        check(self.routing != "prompt", "routing", self.routing,
+              "routes every position on the mean of the whole sequence, future tokens included; train with "
+              "segment (or prefix): prompt routing is for inference (model.inference, eval --routing, generate)")
+        check(self.segment_len < context_len, "segment_len", self.segment_len,
+              f"must be shorter than the training sequences ({context_len} positions): otherwise every position "
+              "is in segment 1, which has no predecessor to route on, and the router gets no gradient")
+        return []
+
 
 def check_routing(mode: str) -> None:
     check(mode in ROUTING, "routing", mode, f"choose one of {', '.join(ROUTING)}")
@@ -74,6 +85,10 @@ class LoryMoE(MoELayer):
     Incremental decoding (``ctx.state`` set by the KV cache) follows the same rules; in ``segment`` and
     ``prefix`` modes with ``own_mean``, segment 1 is routed on the part of it the first call sees (the
     prompt) and keeps those weights, which equals the full forward when the prompt covers segment 1.
+    Each cached call records the weights of the segments its tokens ran with in ``stats``. In
+    ``prompt`` routing the first cached call is the prompt: it is routed on all of it (its real tokens
+    only, when ``ctx.mask`` marks padding) and every later call decodes with that merged expert. Padded
+    batches are refused in ``segment`` and ``prefix`` routing.
 
     Stats: the shared ones for merged experts (``load`` = ``mean_weight``, ``usage`` [E]: share of
     routed segments whose weight for the expert exceeds 2/E, the paper's utilisation; ``entropy``;
@@ -115,10 +130,13 @@ class LoryMoE(MoELayer):
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         ctx = ctx or RoutingContext()
+        if self.routing != "prompt" and ctx.mask is not None and not bool(ctx.mask.all()):
+            raise ValueError(f"Lory {self.routing} routing cannot route a padded batch (its segments would "
+                             "count the padding): use prompt routing, or one sequence per call")
         if ctx.state is not None:
             return self._forward_cached(x, ctx)
         if self.routing == "prompt":  # one merge per sequence, then a dense FFN: decoding's arithmetic
-            return merged_swiglu(x, self._prompt_merge(x, ctx.prompt_len))
+            return merged_swiglu(x, self._prompt_merge(x, ctx.prompt_len, ctx.mask))
         return super().forward(x, ctx)
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
@@ -144,13 +162,19 @@ class LoryMoE(MoELayer):
             return torch.full_like(probs0, 1.0 / self.num_experts)
         return probs0.detach()
 
-    def _prompt_merge(self, x: torch.Tensor, prompt_len: int | None) -> Merged:
+    def _prompt_merge(self, x: torch.Tensor, prompt_len: int | None, mask: torch.Tensor | None = None) -> Merged:
         """One merged expert per sequence, routed on the mean of its first ``prompt_len`` positions
-        (default all); records the routing's statistics."""
+        (default all) that ``mask`` [B, L] (None: all) marks real; records the routing's statistics."""
         L = x.shape[1]
         P = L if prompt_len is None else prompt_len
         check(1 <= P <= L, "prompt_len", prompt_len, f"must be between 1 and the sequence length {L}")
-        weights = self._probs(upcast(x[:, :P]).mean(1))  # [B, E]
+        prompt = upcast(x[:, :P])
+        if mask is None:
+            mean = prompt.mean(1)
+        else:
+            real = mask[:, :P, None].to(prompt.dtype)  # [B, P, 1]
+            mean = (prompt * real).sum(1) / real.sum(1).clamp(min=1)
+        weights = self._probs(mean)  # [B, E]
         self.record(Routing(inputs=x, probs=weights, segment_weights=weights,
                             extra_stats={"routing_weights": weights[:, None]}))
         return self.experts.merge(weights)
@@ -161,22 +185,24 @@ class LoryMoE(MoELayer):
         st = ctx.state
         self.aux_losses, self.aux_loss = {}, x.new_zeros((), dtype=torch.float32)
         if self.routing == "prompt":
-            if "merged" not in st:
-                st["merged"] = _detach_merged(self._prompt_merge(x, ctx.prompt_len))
+            if "merged" not in st:  # the first call is the prompt (Decoder's chunk_size bounds its memory)
+                st["merged"] = _detach_merged(self._prompt_merge(x, ctx.prompt_len, ctx.mask))
             return merged_swiglu(x, st["merged"])
         T = self.segment_len
         if "pos" not in st:
             st.update(pos=0, seg_sum=upcast(x.new_zeros(x.shape[0], x.shape[2])))
-        outs, start = [], 0
+        outs, used, routed, start = [], [], [], 0
         while start < x.shape[1]:
             end = min(x.shape[1], start + T - st["pos"] % T)
             piece = x[:, start:end]
             if "merged" not in st:  # first token of a segment, or the first call
                 if st["pos"] < T:
-                    weights = self._first_weights(self._probs(upcast(piece).mean(1)))
+                    st["weights"] = self._first_weights(self._probs(upcast(piece).mean(1)))
                 else:
-                    weights = st["next_weights"]
-                st["merged"] = _detach_merged(self.experts.merge(weights))
+                    st["weights"] = st["next_weights"]
+                st["merged"] = _detach_merged(self.experts.merge(st["weights"]))
+            used.append(st["weights"])  # [B, E], the weights this piece's segment runs with
+            routed.append(st["pos"] >= T or self.first_segment == "own_mean")
             outs.append(merged_swiglu(piece, st["merged"]))
             st["seg_sum"] += upcast(piece).sum(1)
             st["pos"] += end - start
@@ -188,6 +214,9 @@ class LoryMoE(MoELayer):
                 st["seg_sum"].zero_()
                 del st["merged"]
             start = end
+        weights = torch.stack(used, 1)  # [B, pieces, E]
+        self.record(Routing(inputs=x, probs=weights[:, torch.tensor(routed, device=x.device)],
+                            extra_stats={"routing_weights": weights}))
         return torch.cat(outs, 1)
 
 

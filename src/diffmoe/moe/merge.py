@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import scratch
+
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -44,9 +46,9 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
     Equal to ``merged_swiglu(x, merge_experts(weights, experts))`` in value and gradients, but it saves
     only x and the pre-activations [h1 | h3] = x [W1; W3]^T (less than a dense SwiGLU keeps) instead of
     S merged copies of the experts. Merged weights exist ``chunk`` segments at a time, in forward and
-    again in backward, in buffers allocated once per call (in backward they receive the merged
-    weights' gradients once the weights are used), so the extra memory is at most ``chunk`` merged
-    experts. W1 and W3 are merged into one [c, 2f, d] buffer, so each of the up projection, its
+    again in backward, in scratch buffers (:func:`diffmoe.runtime.scratch`: on CPU the same memory at
+    every call, so no fresh large allocation page-faults; in backward they receive the merged weights'
+    gradients once the weights are used), so the extra memory is at most ``chunk`` merged experts. W1 and W3 are merged into one [c, 2f, d] buffer, so each of the up projection, its
     weight gradient and its input gradient is one batched GEMM of width 2f. Backward per chunk:
     dW = dh^T x for the merged weights, then dweights = dW W^T and dw_experts += weights^T dW, the two
     GEMMs of the merge's backward (accumulated in at least float32).
@@ -79,7 +81,7 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
         stacks = [w.reshape(E, -1) for w in experts]
         acc_dtype = torch.promote_types(w1.dtype, torch.float32)
         m13, m2 = _merge_buffers(x, w1, chunk)  # merged weights, then (once used) their gradients
-        dh13 = x.new_empty(chunk, T, 2 * f)
+        dh13 = scratch("merged_dh13", (chunk, T, 2 * f), x)
         dx = torch.empty_like(x)
         dweights = torch.empty(S, E, dtype=weights.dtype, device=weights.device)
         dstacks = [torch.empty(E, st.shape[1], dtype=acc_dtype, device=st.device) for st in stacks]
@@ -115,9 +117,10 @@ class SegmentMergedSwiGLU(torch.autograd.Function):
 
 
 def _merge_buffers(x: torch.Tensor, w1: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uninitialised (m13 [chunk, 2f, d], m2 [chunk, d, f]) in x's dtype, for :func:`_merge_into`."""
+    """Uninitialised (m13 [chunk, 2f, d], m2 [chunk, d, f]) in x's dtype, for :func:`_merge_into`:
+    scratch buffers (:func:`diffmoe.runtime.scratch`), the same memory at every call."""
     f, d = w1.shape[1:]
-    return x.new_empty(chunk, 2 * f, d), x.new_empty(chunk, d, f)
+    return scratch("merged_w13", (chunk, 2 * f, d), x), scratch("merged_w2", (chunk, d, f), x)
 
 
 def _merge_into(weights: torch.Tensor, experts, m13: torch.Tensor, m2: torch.Tensor):

@@ -43,7 +43,9 @@ def register(kind: str, layer: type[nn.Module], config: type | None = None) -> N
 def build_ffn(kind: str, d_model: int, d_ff: int, moe) -> nn.Module:
     """The FFN of one decoder layer: ``kind`` with the shared MoE config ``moe`` (a ``MoEConfig``)."""
     if kind not in FAMILIES:
-        raise ValueError(f"invalid config: ffn={kind!r}: unknown FFN kind; choose one of {', '.join(FAMILIES)}")
+        from ..schema import ConfigError
+
+        raise ConfigError(f"invalid config: ffn={kind!r}: unknown FFN kind; choose one of {', '.join(FAMILIES)}")
     family = FAMILIES[kind]
     return family.layer.from_config(d_model, d_ff, moe, getattr(moe, kind) if family.config else None)
 

@@ -24,10 +24,13 @@ class RoutingContext:
         input (default: all of them), so a full forward can reproduce generation's routing.
     state: a dict owned by the layer that persists across the calls of one incremental decoding
         (it lives in the KV cache); None for an ordinary forward.
+    mask: [B, L] bool, False at the padding of a padded batch (left-padded prompts): a layer keeps it
+        out of its routing means, or refuses padding it cannot route around; None when there is none.
     """
 
     prompt_len: int | None = None
     state: dict | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,9 @@ class Capabilities:
     """What generic code (decoder, trainer, evaluation, parallelism) may ask of an FFN layer."""
 
     causal_from: int | None = 0
-    """In training mode, outputs at positions >= ``causal_from`` depend on no later position of their
-    sequence. None: not causal at all (the output depends on the rest of the batch)."""
+    """In the layer's current mode (``train()`` or ``eval()``), outputs at positions >= ``causal_from``
+    depend on no later position of their sequence. None: not causal at all (the output depends on the
+    rest of the batch)."""
     routing_modes: tuple[str, ...] = ()
     """Inference routing modes the layer can be switched to through ``layer.routing``; empty when the
     layer routes one fixed way."""

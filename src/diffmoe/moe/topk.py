@@ -20,17 +20,32 @@ class TopKConfig:
     renormalize: bool = True
     """Mixtral renormalises the k gates to sum to 1; Switch / GShard keep the raw softmax values."""
     capacity_factor: float | None = None
-    """None: dropless. A number c: each expert takes at most ceil(c * tokens * k / E) assignments,
-    the overflow is dropped (its slot contributes zero; the residual carries the token)."""
+    """Training: None: dropless. A number c: each expert takes at most ceil(c * tokens * k / E)
+    assignments of the batch, the overflow is dropped (its slot contributes zero; the residual carries
+    the token). Not causal: a later token's choice can push out an earlier token's slot."""
+    eval_capacity_factor: float | None = None
+    """The same in eval mode (evaluation, export, generation); None: dropless, which is causal and
+    independent of the rest of the batch (GShard also evaluates with its own capacity)."""
 
     def validate(self, num_experts: int | None = None) -> None:
         """Check the fields; given ``num_experts`` (the family is in use), also top_k <= num_experts."""
         check(positive_int(self.top_k), "top_k", self.top_k, "must be a positive integer")
         if positive_int(num_experts):
             check(self.top_k <= num_experts, "top_k", self.top_k, f"must be at most num_experts={num_experts}")
-        if self.capacity_factor is not None:
-            check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
-                  "must be positive or null (dropless)")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, value, "must be positive or null (dropless)")
+
+    def check_training(self, context_len: int) -> list[str]:
+        """Refuse a top-1 router that cannot learn; warn that an evaluation capacity makes held-out
+        scores depend on the batch. Returns the warnings."""
+        check(not (self.top_k == 1 and self.renormalize), "renormalize", self.renormalize,
+              "with top_k=1 the renormalised gate is always 1, so the router would learn only from the balance "
+              "loss; set renormalize: false (Switch) or top_k >= 2")
+        if self.eval_capacity_factor is None:
+            return []
+        return [f"eval_capacity_factor={self.eval_capacity_factor}: evaluation drops tokens by the rest of its "
+                "batch, later tokens included, so held-out scores are not a causal likelihood (null: dropless)"]
 
 
 def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -54,8 +69,9 @@ class TopKMoE(MoELayer):
     GShard, ``renormalize=False``) or p renormalised over the k (Mixtral, ``renormalize=True``).
     Losses: ``balance`` = E * sum_i f_i P_i (f over assignments; see
     :func:`~diffmoe.moe.routing.balance_loss`) with ``balance_coef``, and the router ``z`` loss with
-    ``z_loss_coef``. ``capacity_factor`` c (optional) caps each expert at ceil(c * N * k / E)
-    assignments, GShard order; dropped slots contribute nothing (the residual carries the token).
+    ``z_loss_coef``. ``capacity_factor`` c (optional, training; ``eval_capacity_factor`` in eval mode)
+    caps each expert at ceil(c * N * k / E) assignments, GShard order; dropped slots contribute nothing
+    (the residual carries the token).
 
     Stats: the shared ones (``load`` counts assignments before dropping) and ``dropped`` (share of
     assignments dropped).
@@ -71,21 +87,29 @@ class TopKMoE(MoELayer):
         top_k: int = 2,
         renormalize: bool = True,
         capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
         balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         global_balance: bool = True,
         dispatch_impl: str = "auto",
     ):
-        TopKConfig(top_k, renormalize, capacity_factor).validate(num_experts)
+        TopKConfig(top_k, renormalize, capacity_factor, eval_capacity_factor).validate(num_experts)
         super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
-        self.top_k, self.renormalize, self.capacity_factor = top_k, renormalize, capacity_factor
+        self.top_k, self.renormalize = top_k, renormalize
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.experts_per_token = float(top_k)
 
     @property
+    def capacity_in_force(self) -> float | None:
+        """The capacity factor of the current mode: ``capacity_factor`` in training, else ``eval_capacity_factor``."""
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    @property
     def capabilities(self) -> Capabilities:
-        dropless = self.capacity_factor is None  # a capacity makes a token's slots depend on the batch
-        return Capabilities(causal_from=0 if dropless else None, global_counts=self.global_balance,
-                            incremental_decoding=dropless, dense_gradients=False)
+        # a capacity makes a token's slots depend on the batch; decoding runs in eval mode
+        return Capabilities(causal_from=0 if self.capacity_in_force is None else None,
+                            global_counts=self.global_balance,
+                            incremental_decoding=self.eval_capacity_factor is None, dense_gradients=False)
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         xf = x.reshape(-1, x.shape[-1])  # [N, d]
@@ -98,8 +122,9 @@ class TopKMoE(MoELayer):
         token_idx = torch.arange(N, device=x.device).repeat_interleave(self.top_k)
         chosen, flat_gate = idx.reshape(-1), gate.reshape(-1)
         expert_idx, extra = chosen, {}
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * N * self.top_k / self.num_experts)
+        factor = self.capacity_in_force
+        if factor is not None:
+            capacity = math.ceil(factor * N * self.top_k / self.num_experts)
             keep = capacity_keep_mask(idx, self.num_experts, capacity).reshape(-1)
             token_idx, expert_idx, flat_gate = token_idx[keep], chosen[keep], flat_gate[keep]
             extra["dropped"] = 1.0 - keep.float().mean()

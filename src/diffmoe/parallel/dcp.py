@@ -64,9 +64,15 @@ def save(state: dict[str, torch.Tensor], directory: str | Path) -> None:
 def load(state: dict[str, torch.Tensor], directory: str | Path) -> None:
     """Fill the tensors of ``state`` in place from ``directory`` (every rank calls this)."""
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
-    with warnings.catch_warnings():  # DCP's notice that a single process loads without a group
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not _distributed())
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # DCP's notice that a single process loads without a group
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not _distributed())
+    except CheckpointException as err:  # a BaseException (past `except Exception`): a RuntimeError naming the cause
+        why = "; ".join(" ".join(str(exc).split()) for exc, _ in err.failures.values())
+        raise RuntimeError(f"{directory}: {why or 'unreadable'}") from None
     state.update(tensors)
 
 

@@ -36,11 +36,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
+        from ..schema import ConfigError
+
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError(f"--device {device}: under torchrun give --device cuda; each rank uses the GPU of its "
-                             "LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES)")
+            raise ConfigError(f"--device {device}: under torchrun give --device cuda; each rank uses the GPU of its "
+                              "LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES)")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -5,20 +5,28 @@
                                every rank (torch.distributed.checkpoint; :mod:`diffmoe.parallel.dcp`)
         optimizer/             AdamW state per parameter name (exp_avg, exp_avg_sq, step), likewise
         trainer.json           step, phase (dense | moe), counters, the layout that wrote it, the run
-                               config, and a format version
+                               config, the size and SHA-256 of every file, and a format version
 
 A checkpoint written by N ranks in any layout (ddp, fsdp, ep, etp) loads into M ranks in any layout,
-or into one process without a process group (evaluation, generation). The directory is assembled
-under a temporary name and renamed into place by rank 0 after every rank has written its shards, so
-a crash never leaves a directory named ``step-*`` that is incomplete; older checkpoints beyond
-``keep`` are then deleted. ``consolidate`` writes one ``model.safetensors`` on demand.
+or into one process without a process group (evaluation, generation).
+
+Durability: the directory is assembled under a temporary name; every rank flushes (fsync) and hashes its
+share of the files; rank 0 writes ``trainer.json`` (flushed) with their sizes and hashes, flushes the
+directories, renames the directory into place and flushes its parent. So after a crash or a power loss
+a ``step-*`` directory is complete, and a damaged one (a disk error, a copy cut short) is recognised:
+loading checks every file's size, and a resume checks the hashes and falls back to the newest
+checkpoint that verifies, with a warning naming the damaged one. Leftover temporary directories of a
+crashed run are removed when the next run starts (:meth:`Checkpointer.recover`). Older checkpoints
+beyond ``keep`` are deleted after the rename. ``consolidate`` writes one ``model.safetensors`` on demand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,9 +34,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ..atomic import commit, fsync_dir, tmp_path, write_text_atomic
 from ..parallel import dcp
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READS = (2, 3)
+"""Format 2 (no file list, no config) still loads, unverified."""
 ENTRIES = ("model", "optimizer", "trainer.json")
 
 
@@ -41,8 +52,8 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep: int, rank: int = 0) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune to the newest ``keep``; every rank of the
+                    trainer_state: dict, keep: int, rank: int = 0, world: int = 1) -> Path:
+    """Write the checkpoint of ``step`` durably and prune to the newest ``keep``; every rank of the
     run calls this (rank 0 arranges the directories). Returns its path."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
@@ -52,22 +63,58 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch
     _barrier()
     dcp.save_model_and_optimizer(model, optimizer, tmp)
     _barrier()  # every rank's shards are written
+    files = {}
+    for part in _all_gather(_flush_and_describe(_share(tmp, rank, world), tmp)):
+        files.update(part)
     if rank == 0:
-        meta = dict(trainer_state, format_version=FORMAT_VERSION, step=step)
-        with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        for sub in ("model", "optimizer"):
+            fsync_dir(tmp / sub)
+        meta = dict(trainer_state, format_version=FORMAT_VERSION, step=step, files=dict(sorted(files.items())))
+        write_text_atomic(tmp / "trainer.json", json.dumps(meta, indent=1))  # flushes the file and tmp/
         old = final.parent / f".old-{final.name}"
         if final.exists():  # the same step again (a run stopping on bad steps): never without a copy
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
         for stale in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def _share(directory: Path, rank: int, world: int) -> list[Path]:
+    """This rank's share of a checkpoint's tensor files (every ``world``-th, in name order), so that
+    the ranks flush and hash them in parallel whatever the writer named them."""
+    files = sorted(p for sub in ("model", "optimizer") if (directory / sub).is_dir()
+                   for p in (directory / sub).iterdir() if p.is_file())
+    return files[rank::world]
+
+
+def _sha256(path: Path, flush: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+        if flush:
+            os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def _flush_and_describe(files: list[Path], root: Path) -> dict[str, dict]:
+    """{path relative to root: {bytes, sha256}} of ``files``, each flushed to disk."""
+    return {f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f, flush=True)}
+            for f in files}
+
+
+def _all_gather(obj) -> list:
+    """``obj`` of every rank (small JSON-like values), or ``[obj]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _barrier() -> None:
@@ -84,12 +131,20 @@ def list_checkpoints(run_dir) -> list[Path]:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest checkpoint whose files are all there at their recorded sizes; a damaged newer one is
+    skipped with a warning naming it."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            read_trainer_state(path)
+            return path
+        except CheckpointError as err:
+            warnings.warn(f"skipping a damaged checkpoint: {err}", stacklevel=2)
+    return None
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
-    """The trainer.json of a checkpoint directory, checked for completeness."""
+    """The trainer.json of a checkpoint directory, checked for completeness: every recorded file is
+    present with its recorded size (a CheckpointError names the first that is not)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -98,11 +153,43 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"incomplete checkpoint {path}: {name} is missing")
     try:
         meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"damaged checkpoint file {path / 'trainer.json'}: {err}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READS:
         raise CheckpointError(f"{path / 'trainer.json'}: format_version {meta.get('format_version')!r}, "
-                              f"this diffmoe reads {FORMAT_VERSION}")
+                              f"this diffmoe reads {', '.join(map(str, READS))}")
+    for name, info in _recorded_files(path, meta).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"incomplete checkpoint {path}: {name} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"damaged checkpoint file in {path}: {name} has {f.stat().st_size} bytes, "
+                                  f"{info['bytes']} were written")
+    return meta
+
+
+def _recorded_files(path: Path, meta: dict) -> dict[str, dict]:
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise CheckpointError(f"damaged checkpoint file {path / 'trainer.json'}: invalid 'files' record")
+    return files
+
+
+def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world: int = 1) -> dict:
+    """:func:`read_trainer_state` plus the SHA-256 of this rank's share of the recorded files (every
+    rank calls this; together they hash each file once). Returns trainer.json; raises a CheckpointError
+    naming the first file that does not verify, on this rank."""
+    path = Path(path)
+    meta = read_trainer_state(path)
+    files = _recorded_files(path, meta)
+    for name in sorted(files)[rank::world]:
+        if _sha256(path / name) != files[name]["sha256"]:
+            raise CheckpointError(f"damaged checkpoint file in {path}: {name} has another SHA-256 than when "
+                                  "it was written")
     return meta
 
 
@@ -151,23 +238,65 @@ def consolidate(model: torch.nn.Module, out: str | os.PathLike) -> Path:
     file ``out``, atomically (tied duplicates stored once). Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_path(out)
     save_file({k: v.detach().contiguous().cpu() for k, v in dcp.model_state(model).items()}, str(tmp))
-    os.replace(tmp, out)
+    commit(tmp, out)
     return out
 
 
 class Checkpointer:
-    """The checkpoints of one run: every rank writes its shards, keeping the newest ``keep``."""
+    """The checkpoints of one run: every rank writes its shards, keeping the newest ``keep``; each
+    records ``config`` (the run config as a dict)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, rank: int = 0):
-        self.run_dir, self.keep, self.rank = Path(run_dir), keep, rank
+    def __init__(self, run_dir: str | os.PathLike, keep: int, rank: int = 0, world: int = 1,
+                 config: dict | None = None):
+        self.run_dir, self.keep, self.rank, self.world, self.config = Path(run_dir), keep, rank, world, config
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
+    def recover(self) -> list[str]:
+        """Tidy what a crash during a save left behind (rank 0; every rank calls this): a temporary
+        directory is removed; the copy of a checkpoint that was being replaced is renamed back when the
+        replacement never landed. Returns what was done."""
+        done = []
+        root = self.run_dir / "checkpoints"
+        if self.rank == 0 and root.is_dir():
+            for tmp in sorted(root.glob(".tmp-step-*")):
+                shutil.rmtree(tmp, ignore_errors=True)
+                done.append(f"removed the unfinished {tmp.name}")
+            for old in sorted(root.glob(".old-step-*")):
+                final = root / old.name.removeprefix(".old-")
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    done.append(f"removed {old.name} ({final.name} exists)")
+                else:
+                    os.replace(old, final)
+                    done.append(f"restored {final.name} from {old.name}")
+            if done:
+                fsync_dir(root)
+        _barrier()
+        return done
+
+    def resumable(self) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint that verifies on every rank (sizes and SHA-256), and a message per
+        newer checkpoint that did not."""
+        damaged = []
+        for path in reversed(list_checkpoints(self.run_dir)):
+            try:
+                verify_checkpoint(path, self.rank, self.world)
+                error = None
+            except CheckpointError as err:
+                error = str(err)
+            errors = [e for e in _all_gather(error) if e is not None]
+            if not errors:
+                return path, damaged
+            damaged.append(errors[0])
+        return None, damaged
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
-        save_checkpoint(self.run_dir, step, model, optimizer, trainer_state, self.keep, self.rank)
+        state = dict(trainer_state, config=self.config) if self.config is not None else trainer_state
+        save_checkpoint(self.run_dir, step, model, optimizer, state, self.keep, self.rank, self.world)
 
 
 def load_run(run_dir, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
@@ -187,6 +316,9 @@ def load_run(run_dir, checkpoint: str | os.PathLike | None = None, device: str |
     cfg = load_config(str(run_dir / "config.yaml"))
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
+        found = list_checkpoints(run_dir)
+        if found:  # all damaged: say what is wrong with the newest
+            read_trainer_state(found[-1])
         raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
     meta = read_trainer_state(path)
     model_cfg = dataclasses.replace(cfg.model, ffn="dense") if meta.get("phase") == "dense" else cfg.model

@@ -15,12 +15,13 @@ and across world sizes for layers without sampling).
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunConfig, save_config
+from ..config import ConfigError, RunConfig, load_config, save_config
 from ..data.dataset import PackedDataset
 from ..data.loader import BatchStream
 from ..model import Decoder
@@ -28,11 +29,12 @@ from ..report import progress, say
 from ..parallel import distributed
 from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
-from .checkpoint import Checkpointer, load_checkpoint, read_trainer_state
+from .checkpoint import Checkpointer, list_checkpoints, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
 from .init import build_model, initial_model
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import build_optimizer, lr_at, transfer_state
+from .resume import config_changes, describe
 from .step import train_step
 
 
@@ -41,9 +43,13 @@ class TrainingError(RuntimeError):
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
-          device: str | None = None) -> dict:
+          device: str | None = None, accept_config_change: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir`` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/) on
     ``device`` (default: CUDA when available), as one process or one rank of a torchrun job.
+
+    ``resume`` continues from the newest checkpoint that verifies. A resume whose config changes the
+    training (:mod:`diffmoe.train.resume`) is refused unless ``accept_config_change``; then the previous
+    config is kept as ``config.before-step-N.yaml`` and the change is logged in ``metrics.jsonl``.
 
     Returns a summary: final step, last training loss, held-out evaluation, skipped steps, tokens, seconds.
     """
@@ -51,7 +57,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     env = distributed.setup(device, pc.timeout_s, need_group=pc.mode == "fsdp")
     ok = False
     try:
-        summary = Trainer(cfg, Path(run_dir), env, show_progress).run(resume)
+        summary = Trainer(cfg, Path(run_dir), env, show_progress, accept_config_change).run(resume)
         ok = True
         return summary
     finally:
@@ -73,17 +79,20 @@ def batch_split(cfg: RunConfig, ranks: int) -> tuple[int, int]:
 class Trainer:
     """One run: its data, model phases (dense warm-up, then MoE), and the parts that train it."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, env: distributed.DistEnv, show_progress: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: Path, env: distributed.DistEnv, show_progress: bool = True,
+                 accept_config_change: bool = False):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.accept_config_change = accept_config_change
+        self.config_change: dict | None = None
         self.verbose = show_progress and env.is_main
         self.train_set = PackedDataset(cfg.data.path, "train")
-        _check_data(cfg, self.train_set)
+        self.config_warnings = _check_data(cfg, self.train_set)
         tc = cfg.train
         self.micro, self.accum = batch_split(cfg, env.world)
         self.stream = BatchStream(self.train_set, self.micro, tc.seed, env.rank, env.world)
         self.evaluator = Evaluator(PackedDataset(cfg.data.path, "heldout"), self.micro,
                                    eval_batches(cfg, self.micro), env.rank, env.world)
-        self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank)
+        self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank, env.world, cfg.to_dict())
         self.plan = ParallelPlan.build(tc.parallel, env.world, env.device.type, tc.compile, tc.bf16)
         self.switch_step = int(round(tc.dense_warmup_frac * tc.steps)) if cfg.model.has_moe else 0
         self.tokens_per_step = cfg.data.batch_size * self.train_set.context_len
@@ -97,7 +106,13 @@ class Trainer:
             f"{len(self.train_set)} training sequences of {self.train_set.context_len} tokens; "
             f"{self.plan.layout.describe()}, {self.accum} micro-batch(es) of {self.micro} per rank and step",
             self.verbose and start_step == 0)
-        logger = MetricsLogger(self.run_dir, tc.tensorboard, env.is_main)
+        # a resume rewrites the records after start_step: metrics.jsonl was truncated, TensorBoard purges them
+        logger = MetricsLogger(self.run_dir, tc.tensorboard, env.is_main, purge_step=start_step + 1 if start_step else None)
+        if self.config_change is not None:
+            logger.event({"kind": "config_change", "step": start_step, **self.config_change})
+        for message in self.config_warnings:  # allowed for experiments, but loud: in the log and metrics.jsonl
+            say(f"warning: {message}", env.is_main)
+            logger.event({"kind": "warning", "step": start_step, "message": message})
         bar = progress(tc.steps, f"train {self.run_dir.name}", self.verbose, initial=start_step)
         t_start, last_loss, final = time.perf_counter(), float("nan"), None
         with self.stream.prefetch(start_step * self.accum) as batches:
@@ -138,16 +153,18 @@ class Trainer:
     def _restore(self, resume: bool) -> tuple[int, dict]:
         """Build model and optimizer, from the newest checkpoint when resuming. Returns (first step,
         trainer state: phase, skipped_steps, bad_in_a_row, tokens)."""
-        ckpt = self.checkpointer.latest()
-        if resume and ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        if not resume and ckpt is not None:
+        for line in self.checkpointer.recover():
+            say(f"checkpoints: {line}", self.verbose)
+        ckpt = self._resumable() if resume else None
+        if not resume and list_checkpoints(self.run_dir):
             raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or choose "
                               "a new run directory")
         state = {"phase": "dense" if self.switch_step > 0 else "moe", "skipped_steps": 0, "bad_in_a_row": 0,
                  "tokens": 0, "world": self.env.world, "layout": self.plan.layout.describe()}
         if ckpt is not None:
-            state["phase"] = read_trainer_state(ckpt)["phase"]
+            meta = read_trainer_state(ckpt)
+            state["phase"] = meta["phase"]
+            self._check_config(meta, ckpt)
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
         dense = state["phase"] == "dense"
         self._set_model(build_model(self.cfg, dense) if ckpt is not None else initial_model(self.cfg, dense))
@@ -159,9 +176,40 @@ class Trainer:
             say(f"resumed from {ckpt} at step {start_step}", self.verbose)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, str(self.run_dir / "config.yaml"))
+            if ckpt is None or self.config_change is not None:  # a resume keeps the config it trained with
+                save_config(self.cfg, str(self.run_dir / "config.yaml"))
             truncate_metrics(self.run_dir, start_step)
         return start_step, state
+
+    def _resumable(self) -> Path:
+        """The newest checkpoint that verifies; a damaged newer one is named in a warning."""
+        ckpt, damaged = self.checkpointer.resumable()
+        for message in damaged:
+            say(f"warning: not resuming from a damaged checkpoint: {message}", self.env.is_main)
+            warnings.warn(f"not resuming from a damaged checkpoint: {message}", stacklevel=3)
+        if ckpt is None:
+            where = self.run_dir / "checkpoints"
+            raise ConfigError(f"--resume: no checkpoint in {where}" + (f" verifies ({'; '.join(damaged)})" if damaged else ""))
+        return ckpt
+
+    def _check_config(self, meta: dict, ckpt: Path) -> None:
+        """Refuse a resume whose config changes the training, unless accepted (then keep both and log it)."""
+        stored = meta.get("config")
+        if stored is None:  # format 2: the config.yaml the run started with
+            stored = load_config(str(self.run_dir / "config.yaml")).to_dict()
+        changes = config_changes(stored, self.cfg.to_dict())
+        if not changes:
+            return
+        if not self.accept_config_change:
+            raise ConfigError(f"--resume from {ckpt} with a config that changes the training: {describe(changes)}. "
+                              "Resume with the run's config.yaml, or pass --accept-config-change to continue "
+                              "with the new values (both configs are kept)")
+        step = meta["step"]
+        self.config_change = {"changes": {k: list(v) for k, v in changes.items()},
+                              "previous_config": f"config.before-step-{step:08d}.yaml"}
+        if self.env.is_main:
+            save_config(RunConfig.from_dict(stored), str(self.run_dir / self.config_change["previous_config"]))
+        say(f"warning: resuming at step {step} with a changed config: {describe(changes)}", self.env.is_main)
 
     def _set_model(self, model: Decoder) -> None:
         """Parallelize ``model`` for the run's layout on the device (sharded under fsdp) and build its
@@ -215,13 +263,16 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model_state(model).items()}
 
 
-def _check_data(cfg: RunConfig, dataset) -> None:
+def _check_data(cfg: RunConfig, dataset) -> list[str]:
+    """Refuse a config that does not fit the data or cannot train on its sequences; return the config's
+    warnings (:meth:`RunConfig.check_training`)."""
     if dataset.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"invalid config: model.vocab_size={cfg.model.vocab_size}: the dataset's tokenizer "
                           f"has {dataset.vocab_size} tokens")
     if dataset.context_len > cfg.model.max_seq_len:
         raise ConfigError(f"invalid config: model.max_seq_len={cfg.model.max_seq_len}: the dataset's "
                           f"sequences have {dataset.context_len} positions")
+    return cfg.check_training(dataset.context_len)
 
 
 def _due(done: int, every: int, last: int) -> bool:

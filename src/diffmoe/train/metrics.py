@@ -41,14 +41,16 @@ def routing_metrics(model) -> dict[str, float | list[float]]:
 class RunLogger:
     """Appends records to ``run_dir/metrics.jsonl``; mirrors numeric scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None):
+        """``purge_step``: the first step a resumed run logs again; TensorBoard then drops the earlier
+        events of steps from there on (as ``metrics.jsonl`` is truncated), so a plot shows one history."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def log(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -68,8 +70,8 @@ class MetricsLogger:
     """The trainer's records, written by rank 0 only (``enabled``); throughput is measured between
     train records."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool, enabled: bool):
-        self._out = RunLogger(run_dir, tensorboard) if enabled else None
+    def __init__(self, run_dir: str | Path, tensorboard: bool, enabled: bool, purge_step: int | None = None):
+        self._out = RunLogger(run_dir, tensorboard, purge_step) if enabled else None
         self._t, self._tokens = time.perf_counter(), 0
 
     def count(self, tokens: int) -> None:
@@ -100,6 +102,10 @@ class MetricsLogger:
     def eval(self, step: int, result: dict[str, dict]) -> None:
         self._write({"kind": "eval", "step": step, **{f"{d}.loss": v["loss"] for d, v in result.items()},
                      **{f"{d}.ppl": v["ppl"] for d, v in result.items()}})
+
+    def event(self, record: dict) -> None:
+        """A record of something that happened to the run (e.g. ``config_change``)."""
+        self._write(record)
 
     def _write(self, record: dict) -> None:
         if self._out is not None:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..parallel.grads import clip_grad_norm_
@@ -48,9 +47,8 @@ def train_step(model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Opti
     for i, (ids, labels) in enumerate(micro_batches):
         ids, labels = ids.to(env.device), labels.to(env.device)
         with gradient_sync(wrapped, enabled=i == accum - 1):
-            with autocast:
-                logits = wrapped(ids)
-            lm = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            with autocast:  # the LM loss in chunks of tokens: the full logits never exist
+                lm = wrapped(ids, labels=labels).sum()
             aux = model.aux_loss() / (accum * ranks)
             (lm / tokens + aux).backward()
         sums += torch.stack([lm.detach(), aux.detach()]).double()  # stays on the device: no sync

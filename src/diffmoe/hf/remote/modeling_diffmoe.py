@@ -12,9 +12,10 @@ merges once and keeps the merged weights on the cache object for the decode step
 perplexity) uses the config's routing, causal ``segment`` routing as trained. ``generate(use_cache=False)``
 is refused for a model with a Lory layer (it would silently route by segments).
 
-Expert choice (and top-k with a capacity factor): selection is over the whole batch (padding
-excluded), so a token's output depends on later tokens and on the other rows: scores leak the future,
-and cached token-by-token generation is refused (``generate(use_cache=False)`` recomputes everything).
+Expert choice (and top-k with an evaluation capacity, ``eval_capacity_factor``; top-k trained with a
+``capacity_factor`` evaluates dropless as in diffmoe's eval mode): selection is over the whole batch
+(padding excluded), so a token's output depends on later tokens and on the other rows: scores leak the
+future, and cached token-by-token generation is refused (``generate(use_cache=False)`` recomputes everything).
 """
 
 import math
@@ -150,10 +151,10 @@ class MoE(nn.Module):
             if self.opt["renormalize"]:
                 gate = gate / gate.sum(-1, keepdim=True)
             keep = valid.unsqueeze(1).expand(N, k)
-            if self.opt.get("capacity_factor") is not None:  # GShard order: every slot 1 before any slot 2
+            if self.opt.get("eval_capacity_factor") is not None:  # GShard order: every slot 1 before any slot 2
                 if ctx["cache"] is not None:
-                    raise ValueError("top-k with a capacity factor cannot decode token by token")
-                capacity = math.ceil(self.opt["capacity_factor"] * int(valid.sum()) * k / self.E)
+                    raise ValueError("top-k with an evaluation capacity cannot decode token by token")
+                capacity = math.ceil(self.opt["eval_capacity_factor"] * int(valid.sum()) * k / self.E)
                 onehot = F.one_hot(idx.t().reshape(-1), self.E) * keep.t().reshape(-1, 1)
                 position = (onehot.cumsum(0) * onehot).sum(-1) - 1
                 keep = keep & (position < capacity).view(k, N).t()
@@ -274,7 +275,7 @@ class DiffMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def _cannot_decode(self):
         moe = self.config.diffmoe["moe"]
         return [f"layer {i} ({k})" for i, k in enumerate(self.kinds)
-                if k == "expert_choice" or (k == "topk" and moe["topk"].get("capacity_factor") is not None)]
+                if k == "expert_choice" or (k == "topk" and moe["topk"].get("eval_capacity_factor") is not None)]
 
     def generate(self, *args, **kwargs):
         config = kwargs.get("generation_config") or self.generation_config

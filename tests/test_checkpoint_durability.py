@@ -15,7 +15,7 @@ from test_train import losses, run_config
 
 
 def _cfg(tiny_dataset, **kw):
-    return run_config(tiny_dataset, steps=6, checkpoint_every=2, keep_checkpoints=3, **kw)
+    return run_config(tiny_dataset, **{"steps": 6, "checkpoint_every": 2, "keep_checkpoints": 3, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +43,27 @@ def test_a_checkpoint_records_its_files_and_config(full_run, tiny_dataset):
     assert not list((full_run / "checkpoints").glob(".*"))  # no temporary directory left
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "bad field"])
 def test_resume_falls_back_past_a_damaged_checkpoint(full_run, tiny_dataset, tmp_path, damage):
     run = _copy(full_run, tmp_path)
-    for ckpt in list_checkpoints(run)[1:]:  # "crash" at step 5 with step 6 written but damaged
+    for ckpt in list_checkpoints(run)[1:]:  # steps 4 and 6 damaged: resume from step 2
         shard = sorted((ckpt / "optimizer").glob("*.safetensors"))[0]
         data = bytearray(shard.read_bytes())
         if damage == "truncated":
             del data[len(data) // 2:]
-        else:
+        elif damage == "flipped byte":
             data[len(data) // 2] ^= 0xFF
+        else:
+            meta = json.loads((ckpt / "trainer.json").read_text())
+            (ckpt / "trainer.json").write_text(json.dumps(dict(meta, tokens="many")))
         shard.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match="step-00000006.*(bytes|SHA-256)"):
-        train(_cfg(tiny_dataset), run, resume=True, show_progress=False)
+    with pytest.warns(UserWarning, match="step-00000006.*(bytes|SHA-256|tokens='many').*kept as damaged-step-00000006"):
+        train(_cfg(tiny_dataset, keep_checkpoints=1), run, resume=True, show_progress=False)
     assert losses(run) == losses(full_run)  # resumed from step 2 and reproduced steps 3-6 exactly
-    assert latest_checkpoint(run).name == "step-00000006"
-    load_run(run)  # the new checkpoints verify
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    # the damaged ones are kept aside and never counted: keep_checkpoints=1 keeps the new step 6
+    assert names == ["damaged-step-00000004", "damaged-step-00000006", "step-00000006"]
+    load_run(run)  # the new checkpoint verifies
 
 
 def test_a_crashed_save_leaves_nothing_that_breaks_the_next_run(full_run, tiny_dataset, tmp_path):
@@ -82,6 +87,8 @@ def test_a_resume_that_changes_the_training_is_refused_unless_accepted(full_run,
     assert load_config(str(run / "config.yaml")).train.steps == 6  # the refused resume changed nothing
 
     cadence = _cfg(tiny_dataset, log_every=2, eval_every=3)  # only what is logged and when: free
+    cadence.model.moe.dispatch = "grouped_mm"  # the same arithmetic
+    cadence.model.moe.expert_choice.capacity_factor = 3.0  # a family the (dense) model does not use
     train(cadence, run, resume=True, show_progress=False)
     assert load_config(str(run / "config.yaml")).train.log_every == 1  # the config it trained with stays
 

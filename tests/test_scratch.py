@@ -90,3 +90,16 @@ def test_scratch_keys_on_name_and_dtype_and_grows_to_the_largest_request():
     big = runtime.scratch("a", (10, 10), like)
     assert big.shape == (10, 10)
     assert runtime.scratch_bytes() == 4 * 100 + 4 * 6 + 8 * 6
+
+
+def test_a_buffer_first_used_under_inference_mode_serves_training():
+    """Evaluate first, then train (a user's own script): the pooled buffer is a normal tensor."""
+    torch.manual_seed(0)
+    layer = LoryMoE(D, FF, E, segment_len=T)
+    x = torch.randn(2, 4 * T, D)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    y = layer(x.clone().requires_grad_())
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), y_inference, rtol=0, atol=0)
+    assert all(p.grad is not None for p in layer.experts.parameters())

@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget for the three training runs "
+                   "(the whole demo takes about 2 minutes more)")
     p.set_defaults(func=_demo)
     for command in sub.choices.values():  # --debug also after the command (SUPPRESS: keep the global value)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

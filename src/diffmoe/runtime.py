@@ -9,9 +9,9 @@ are reused, as CUDA's caching allocator reuses them; the price is that memory re
 when the process ends. ``diffmoe train | eval | generate | demo | bench`` call
 :func:`reuse_freed_memory` at start; ``DIFFMOE_MALLOC=default`` keeps glibc's behaviour.
 
-A script that imports the layers without that switch still avoids the cost for the layers' own
-large temporaries: they take them from :func:`scratch`, which keeps one CPU buffer per name and
-hands the same memory out again at the next call (forward and backward of every layer alike).
+A script that imports the layers without that switch still avoids the cost for Lory's merged experts,
+its largest temporaries: the merge kernel takes them from :func:`scratch`, which keeps one CPU buffer
+per name and hands the same memory out again at the next call (in forward and in backward).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tens
     buf = pool.get((name, like.dtype))
     if buf is None or buf.numel() < n:
         pool.pop((name, like.dtype), None)  # free the smaller one first
-        buf = pool[(name, like.dtype)] = torch.empty(n, dtype=like.dtype)
+        with torch.inference_mode(False):  # a buffer first asked for under inference_mode serves training too
+            buf = pool[(name, like.dtype)] = torch.empty(n, dtype=like.dtype, device="cpu")
     return buf[:n].view(shape)
 
 

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         families = ("dense", *args.layers)
         result = measure_shape(base, device, dtype, args, families,
                                tuple(args.hf_impls) if args.hf_impls else None)
-        if args.compare_malloc and malloc_mode() == "reuse":
+        if args.compare_malloc and malloc_mode() == "reuse" and device.type == "cpu":  # glibc's switch: CPU only
             add_no_switch_times(result, args, argv, device, dt)
         write_results(args.out, f"bench_layers_{device.type}_{dt}", markdown(result), result)
         return result

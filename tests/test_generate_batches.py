@@ -104,6 +104,30 @@ def test_padding_tokens_take_no_part_in_attention_or_the_prompt_mean():
     torch.testing.assert_close(merged, alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("first", ["uniform", "own_mean"])
+@pytest.mark.parametrize("routing", ["segment", "prefix"])
+def test_segment_routing_of_a_padded_batch_computes_what_each_row_computes_alone(routing, first):
+    """Each row's segments start at its first real token: prompts inside and across segments (T=8), and
+    decoding that crosses segment boundaries at different steps in different rows."""
+    model = build(["lory", "lory"])
+    for _, layer in model.moe_layers():
+        layer.first_segment = first
+    rows = [torch.randint(0, 97, (n,)).tolist() for n in (5, 19, 11)]
+    out = generate(model, rows, 12, routing=routing)
+    assert out == [generate(model, torch.tensor([r]), 12, routing=routing)[0].tolist() for r in rows]
+    ids, mask = pad_prompts([r[:-1] for r in out])
+    with torch.no_grad():
+        model.set_routing(routing)
+        full = model(ids, attention_mask=mask)
+        stats = [layer.stats["routing_weights"] for _, layer in model.moe_layers()]
+        for i, r in enumerate(out):
+            own = model(torch.tensor([r[:-1]]))[0]
+            torch.testing.assert_close(full[i, -len(own):], own, rtol=1e-4, atol=1e-5)
+            for (_, layer), padded in zip(model.moe_layers(), stats):  # each row's weights, aligned at the end
+                alone = layer.stats["routing_weights"][0]
+                torch.testing.assert_close(padded[i, -alone.shape[0]:], alone, rtol=1e-5, atol=1e-6)
+
+
 def test_generate_refuses_what_it_cannot_decode():
     ids, mask = pad_prompts([[1, 2], [3, 4, 5]])
     with pytest.raises(ValueError, match="pad on the left"):
@@ -112,8 +136,6 @@ def test_generate_refuses_what_it_cannot_decode():
         next(generate_stream(build("dense"), [[1, 2]], 2, attention_mask=mask))
     with pytest.raises(ValueError, match="at least one token"):
         generate(build("dense"), [[1, 2], []], 2)
-    with pytest.raises(ValueError, match="padded batch"):  # segments would start in the padding
-        generate(build("lory"), [[1, 2], [3, 4, 5]], 2, routing="segment")
     with pytest.raises(ValueError, match="cannot generate token by token"):
         generate(build("expert_choice"), [[1, 2], [3, 4, 5]], 2)
 

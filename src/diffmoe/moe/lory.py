@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..schema import check, positive_int
 from .base import MoELayer
@@ -88,13 +89,16 @@ class LoryMoE(MoELayer):
     prompt) and keeps those weights, which equals the full forward when the prompt covers segment 1.
     Each cached call records the weights of the segments its tokens ran with in ``stats``. In
     ``prompt`` routing the first cached call is the prompt: it is routed on all of it (its real tokens
-    only, when ``ctx.mask`` marks padding) and every later call decodes with that merged expert. Padded
-    batches are refused in ``segment`` and ``prefix`` routing.
+    only, when ``ctx.mask`` marks padding) and every later call decodes with that merged expert. In
+    ``segment`` and ``prefix`` routing a padded batch (``ctx.mask``, left padding) runs one row at a
+    time over its real positions, so each row's segments start at its first real token and it computes
+    what it computes alone; under a cache each row keeps its own decoding state from then on.
 
     Stats: the shared ones for merged experts (``load`` = ``mean_weight``, ``usage`` [E]: share of
     routed segments whose weight for the expert exceeds 2/E, the paper's utilisation; ``entropy``;
     ``routed_segment_weights``) and ``routing_weights`` [B, N, E], the weights each segment was
-    processed with, the first (unrouted under ``uniform``) included.
+    processed with, the first (unrouted under ``uniform``) included (in a padded batch, rows with fewer
+    segments are NaN at the front).
     """
 
     expert_sharding = "etp"
@@ -131,14 +135,40 @@ class LoryMoE(MoELayer):
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         ctx = ctx or RoutingContext()
-        if self.routing != "prompt" and ctx.mask is not None and not bool(ctx.mask.all()):
-            raise ValueError(f"Lory {self.routing} routing cannot route a padded batch (its segments would "
-                             "count the padding): use prompt routing, or one sequence per call")
+        if self.routing != "prompt" and ((ctx.mask is not None and not bool(ctx.mask.all()))
+                                         or (ctx.state is not None and "rows" in ctx.state)):
+            return self._forward_rows(x, ctx)
         if ctx.state is not None:
             return self._forward_cached(x, ctx)
         if self.routing == "prompt":  # one merge per sequence, then a dense FFN: decoding's arithmetic
             return merged_swiglu(x, self._prompt_merge(x, ctx.prompt_len, ctx.mask))
         return super().forward(x, ctx)
+
+    def _forward_rows(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """Segment or prefix routing of a padded batch: x [B, L, d], ``ctx.mask`` [B, L] (None: no
+        padding in this call) -> [B, L, d], zero at padding. Each row runs alone over its real positions,
+        with its own decoding state under a cache; the rows' routings are recorded together."""
+        B = x.shape[0]
+        mask = ctx.mask if ctx.mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        states = None if ctx.state is None else ctx.state.setdefault("rows", [{} for _ in range(B)])
+        out, routings = torch.zeros_like(x), []
+        self.record = routings.append  # each row's routing; recorded together below
+        try:
+            for r in range(B):
+                real = mask[r]
+                if not bool(real.any()):
+                    continue
+                row = RoutingContext(state=None if states is None else states[r])
+                xr = x[r:r + 1, real]
+                out[r, real] = (super().forward(xr, row) if states is None else self._forward_cached(xr, row))[0]
+        finally:
+            del self.record
+        per_row = [rt.extra_stats["routing_weights"][0] for rt in routings]  # [N_r, E] each
+        width = max(w.shape[0] for w in per_row)
+        weights = torch.stack([F.pad(w, (0, 0, width - w.shape[0], 0), value=float("nan")) for w in per_row])
+        self.record(Routing(inputs=x, probs=torch.cat([rt.probs.reshape(-1, self.num_experts) for rt in routings]),
+                            extra_stats={"routing_weights": weights}))  # weights [rows, N, E], aligned at the end
+        return out
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         """Segment and prefix routing: one merged expert per segment."""

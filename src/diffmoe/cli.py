@@ -207,6 +207,20 @@ def _demo(args) -> int:
     return 0
 
 
+def _repro(args) -> int:
+    from .repro.suite import ReproOptions, run_repro
+
+    only = [name for item in args.only for name in item.split(",") if name]
+    report = run_repro(ReproOptions(experiments=Path(args.experiments), suite=args.suite, only=only,
+                                    seeds=args.seeds, work=args.work and Path(args.work),
+                                    out=args.out and Path(args.out), report_only=args.report_only))
+    for group in report["groups"]:
+        print(f"{group['claim']:>6}  {group['verdict']:<14} {group['title']}")
+    out = Path(args.out or Path(args.experiments) / "results" / args.suite)
+    print(f"report: {out / 'REPORT.md'} (every number in {out / 'report.json'})")
+    return 0
+
+
 def _bench(args) -> int:
     import importlib
 
@@ -350,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=10.0, help="time budget for the three training runs "
                    "(the whole demo takes about 2 minutes more)")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("repro", help="the reproduction suite: controlled experiments testing the papers' claims "
+                       "over seeds, with a report (experiments/)")
+    p.add_argument("--suite", default="micro", help="micro (2 CPU cores, about 30 min per group) or gpu "
+                   "(one H100/H200, under 10 min per group); experiments/suites/<suite>.yaml")
+    p.add_argument("--only", action="append", default=[], metavar="NAMES",
+                   help="comma-separated groups to run (e.g. 01-lory-vs-dense or lory-vs-dense); default all. "
+                   "The report still covers every group")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the suite's)")
+    p.add_argument("--experiments", default="experiments", help="the experiment definitions (default ./experiments)")
+    p.add_argument("--work", help="corpus, datasets and runs (default runs/repro/<suite>)")
+    p.add_argument("--out", help="REPORT.md, report.json and plots/ (default <experiments>/results/<suite>)")
+    p.add_argument("--report-only", action="store_true", help="train nothing: write the report from the finished runs")
+    p.set_defaults(func=_repro)
     for command in sub.choices.values():  # --debug also after the command (SUPPRESS: keep the global value)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -383,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         args.debug = True
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in ("train", "eval", "generate", "analyze", "demo", "bench"):
+    if args.command in ("train", "eval", "generate", "analyze", "demo", "bench", "repro"):
         reuse_freed_memory()
     try:
         return args.func(args)

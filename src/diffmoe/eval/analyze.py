@@ -71,7 +71,7 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
     return out
 
 
-def plot_routing(result: dict, path: Path, title: str) -> Path:
+def plot_routing(result: dict, path: Path, title: str, dpi: int = 110) -> Path:
     """Heatmaps (domains x experts), one panel per MoE layer."""
     import matplotlib
 
@@ -96,7 +96,7 @@ def plot_routing(result: dict, path: Path, title: str) -> Path:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -9,6 +9,7 @@ import torch
 
 from ..model import Decoder
 from ..parallel.distributed import DistEnv, all_reduce_sum
+from ..schema import ConfigError
 
 
 def prompt_segment_len(model: Decoder) -> int | None:
@@ -20,7 +21,7 @@ def prompt_segment_len(model: Decoder) -> int | None:
 @torch.no_grad()
 def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | None = None,
              routing: str = "segment", prompt_len: int | None = None, rank: int = 0, world: int = 1,
-             ) -> dict[str, dict]:
+             score_from: int = 0) -> dict[str, dict]:
     """Mean next-token loss (nats) and perplexity per domain and over all rows.
 
     dataset: a :class:`diffmoe.data.PackedDataset` split; each row is attributed to its majority
@@ -31,19 +32,23 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     ``prefix`` score every position. ``prompt`` routes each row once on its first ``prompt_len``
     positions (default: the routing segment length) and scores only the positions after them, since
     positions inside the prompt would see the prompt's later tokens.
+    score_from: score only positions from this one on (e.g. to compare routing modes on the positions
+    that prompt routing scores, or to leave out a first routing segment); at least ``prompt_len`` with
+    ``prompt`` routing.
     rank, world: under torchrun, rank r scores batches r, r + world, ... and the sums are all-reduced;
     every rank runs the same number of forward passes of ``batch_size`` rows (a short last batch is
     padded with repeated rows, a rank without a batch repeats the first one; neither is scored), as
     FSDP and expert sharding need.
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
-    skip = 0
+    skip, prompt = score_from, 0
+    if not 0 <= skip < dataset.context_len:
+        raise ConfigError(f"score_from={skip} must be between 0 and the context length {dataset.context_len} - 1")
     if routing == "prompt":
-        skip = prompt_len or prompt_segment_len(model) or 0
-        if not 0 < skip < dataset.context_len:
-            from ..schema import ConfigError
-
-            raise ConfigError(f"prompt_len={skip} must be between 1 and the context length {dataset.context_len} - 1")
+        prompt = prompt_len or prompt_segment_len(model) or 0
+        if not 0 < prompt < dataset.context_len:
+            raise ConfigError(f"prompt_len={prompt} must be between 1 and the context length {dataset.context_len} - 1")
+        skip = max(skip, prompt)
     rows = np.arange(len(dataset))
     if max_batches is not None and max_batches * batch_size < len(rows):
         # held-out rows are grouped by domain: evenly spaced rows cover every domain proportionally
@@ -65,7 +70,7 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
                 items += items[:1] * (batch_size - n)
             ids = torch.stack([it["input_ids"] for it in items]).to(device)
             labels = torch.stack([it["labels"] for it in items]).to(device)
-            loss = model(ids, prompt_len=skip or None, labels=labels)[:n]  # [n, L], no full logits
+            loss = model(ids, prompt_len=prompt or None, labels=labels)[:n]  # [n, L], no full logits
             if not mine:
                 continue
             per_row = loss[:, skip:].double().sum(1).cpu().numpy()

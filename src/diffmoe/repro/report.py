@@ -1,0 +1,170 @@
+"""``REPORT.md``, ``report.json`` and ``plots/`` of a suite, rebuilt from the runs' ``result.json`` files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from ..atomic import write_text_atomic
+from . import plots
+from .runner import RESULT, run_dir
+from .spec import Arm, Group, Suite
+from .stats import Results, arm_spread, claim_verdict, paired, summarise, verdict
+
+LOSS_METRIC = re.compile(r"^(loss|after_T|first_T|prompt|at\d+)\.")
+
+
+def load_results(work: Path, suite: Suite, arms: dict[str, Arm], seeds: int) -> Results:
+    """{arm: {seed: result}} of the finished runs of the arms' current configs."""
+    results: Results = {}
+    for name, arm in arms.items():
+        for seed in range(seeds):
+            path = run_dir(work, suite, arm, seed) / RESULT
+            if path.is_file():
+                results.setdefault(name, {})[seed] = json.loads(path.read_text(encoding="utf-8"))
+    return results
+
+
+def write_report(out: Path, work: Path, suite: Suite, groups: list[Group], arms: dict[str, Arm], seeds: int,
+                 command: str) -> dict:
+    """Write ``out``/REPORT.md, report.json and plots/*.png for every group; return the report."""
+    results = load_results(Path(work), suite, arms, seeds)
+    out = Path(out)
+    report = {"suite": suite.name, "description": suite.description, "seeds": seeds, "command": command,
+              "run": suite.run, "vars": suite.vars, "datasets": suite.datasets, "corpus_mb": suite.corpus_mb,
+              "arms": {name: _arm_entry(arm, results.get(name, {})) for name, arm in arms.items()},
+              "groups": [_group_entry(g, results, range(seeds), out, command) for g in groups]}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "REPORT.md", markdown(report))
+    return report
+
+
+def _arm_entry(arm: Arm, runs: dict[int, dict]) -> dict:
+    entry = {"description": " ".join(arm.description.split()), "dataset": arm.dataset, "overrides": arm.run,
+             "runs": {str(s): {"key": r["key"], "metrics": r["metrics"], "parameters": r["parameters"],
+                               "steps": r["steps"], "tokens": r["tokens"], "skipped_steps": r["skipped_steps"]}
+                      for s, r in sorted(runs.items())}}
+    if runs:
+        entry["parameters"] = next(iter(runs.values()))["parameters"]
+        names = sorted({k for r in runs.values() for k in r["metrics"]})
+        entry["summary"] = {k: s.to_dict() for k in names
+                            if (s := summarise({sd: r["metrics"][k] for sd, r in runs.items() if k in r["metrics"]}))}
+    return entry
+
+
+def _group_entry(group: Group, results: Results, seeds: range, out: Path, command: str) -> dict:
+    comparisons = []
+    for c in group.comparisons:
+        s = paired(c, results, seeds)
+        comparisons.append({"name": c.name, "terms": [f"{'-' if t.sign < 0 else '+'}{t.arm}:{t.metric}" for t in c.terms],
+                            "expect": c.expect, "margin": c.margin, "key": c.key,
+                            "summary": s.to_dict() if s else None, "verdict": verdict(c, s),
+                            "ppl_change": _ppl(c, s),
+                            "arms_alone": {k: v.to_dict() for k, v in arm_spread(c, results, seeds).items()}})
+    drawn = {}
+    for kind in group.plots:
+        if kind == "routing":
+            for arm in group.arms:
+                p = plots.routing(results, arm, out / "plots" / f"{group.name}-routing-{arm}.png",
+                                  f"{arm}, seed 0: mean routing weight per domain")
+                if p:
+                    drawn[f"routing {arm}"] = p
+        else:
+            draw = {"curves": plots.curves, "domains": plots.domains, "usage": plots.usage}[kind]
+            p = draw(results, group.arms, out / "plots" / f"{group.name}-{kind}.png", f"{group.title[:70]}")
+            if p:
+                drawn[kind] = p
+    return {"name": group.name, "claim": str(group.claim), "title": group.title, "paper": " ".join(group.paper.split()),
+            "notes": " ".join(group.notes.split()), "arms": group.arms, "comparisons": comparisons,
+            "verdict": claim_verdict(group, [c["verdict"] for c in comparisons]),
+            "command": f"{command} --only {group.name}",
+            "plots": {k: str(p.relative_to(out)) for k, p in drawn.items()}}
+
+
+def _ppl(c, s) -> float | None:
+    """The comparison as a perplexity ratio minus 1, when it is a sum of losses."""
+    if s is None or not all(LOSS_METRIC.match(t.metric) for t in c.terms):
+        return None
+    return math.expm1(s.mean)
+
+
+# ----------------------------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    lines = [f"# diffmoe reproduction report: suite `{report['suite']}`", "",
+             report["description"], "",
+             f"Seeds 0-{report['seeds'] - 1}; the arms of a seed share data order and initial weights, so each "
+             "comparison is computed per seed (paired) and summarised by its mean, standard deviation and "
+             "Student-t 95 % interval. Losses are nats per token on the whole held-out split (lower is "
+             "better); a comparison is a signed sum of per-seed metrics, so a negative loss difference "
+             "favours its first arm.", "",
+             f"Regenerate: `{report['command']}` trains what is missing and rewrites this file, its "
+             f"`report.json` (every number) and `plots/`; `{report['command']} --report-only` rewrites them "
+             "from the finished runs alone. Each section's command does the same for one group.", "",
+             "**Signs agree**: `yes` when the 95 % interval excludes 0 on the paper's side (for "
+             "'comparable': lies within the stated margin), `no` when it excludes 0 on the other side, "
+             "`inconclusive` otherwise. A claim agrees when all its key comparisons do.", "",
+             "## Summary", "", "| claim | paper | diffmoe (key comparisons, mean [95 % interval]) | signs agree |",
+             "|---|---|---|---|"]
+    for g in report["groups"]:
+        key = [c for c in g["comparisons"] if c["key"]]
+        measured = "<br>".join(f"{c['name']}: {_short(c)}" for c in key)
+        lines.append(f"| {g['claim']}. {g['title']} | {g['paper']} | {measured} | {g['verdict']} |")
+    lines += ["", "## Setup", "", "The suite's run config (every arm starts from it; hyper-parameters are set "
+              "once for the model size and shared by all arms):", "", "```yaml",
+              yaml.safe_dump({"run": report["run"], "vars": report["vars"], "datasets": report["datasets"],
+                              "corpus_mb": report["corpus_mb"]}, sort_keys=False).rstrip(), "```", "",
+              "| arm | what it changes | parameters (active) | seeds done | held-out loss | s / step |",
+              "|---|---|---|---|---|---|"]
+    for name, arm in report["arms"].items():
+        p, s = arm.get("parameters"), arm.get("summary", {})
+        params = f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)" if p else "-"
+        lines.append(f"| {name} | {arm['description']} | {params} | {len(arm['runs'])} | "
+                     f"{_mean_sd(s.get('loss.all'))} | {_mean_sd(s.get('seconds_per_step'), 3)} |")
+    for g in report["groups"]:
+        lines += ["", f"## {g['claim']}. {g['title']}", "", f"Paper: {g['paper']}", "",
+                  f"Command: `{g['command']}`. Signs agree: **{g['verdict']}**.", "",
+                  "| comparison | seeds | mean | sd | 95 % interval | as perplexity | each term alone: mean (sd) "
+                  "| per seed | signs agree |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in g["comparisons"]:
+            s = c["summary"]
+            name = c["name"] + ("" if c["key"] else " (detail)")
+            if s is None:
+                lines.append(f"| {name} | 0 | | | | | | | not run |")
+                continue
+            alone = "; ".join(f"{k} {v['mean']:.4f} ({_num(v['sd'])})" for k, v in c["arms_alone"].items())
+            seeds = ", ".join(f"s{k} {v:+.4f}" for k, v in s["values"].items())
+            ppl = f"{100 * c['ppl_change']:+.1f} %" if c["ppl_change"] is not None else ""
+            lines.append(f"| {name} | {s['n']} | {s['mean']:+.4f} | {_num(s['sd'])} | "
+                         f"[{_num(s['lo'], sign=True)}, {_num(s['hi'], sign=True)}] | {ppl} | {alone} | {seeds} | "
+                         f"{c['verdict']} |")
+        if g["notes"]:
+            lines += ["", g["notes"]]
+        for kind, path in g["plots"].items():
+            lines += ["", f"![{g['name']} {kind}]({path})"]
+    return "\n".join(lines) + "\n"
+
+
+def _short(c: dict) -> str:
+    s = c["summary"]
+    if s is None:
+        return "not run"
+    text = f"{s['mean']:+.4f} [{_num(s['lo'], sign=True)}, {_num(s['hi'], sign=True)}], {s['n']} seeds"
+    if c["ppl_change"] is not None:
+        text += f" ({100 * c['ppl_change']:+.1f} % ppl)"
+    return text
+
+
+def _num(x: float | None, digits: int = 4, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _mean_sd(s: dict | None, digits: int = 4) -> str:
+    if not s:
+        return "-"
+    return f"{s['mean']:.{digits}f}" + (f" +- {s['sd']:.{digits}f}" if s["n"] > 1 else "")

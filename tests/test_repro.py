@@ -225,3 +225,18 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     changed = run_repro(opts)
     assert len(sorted((tmp_path / "work" / "runs" / "lory").glob("s0-*"))) == 2
     assert changed["groups"][0]["comparisons"][0]["summary"]["n"] == 1
+
+
+def test_run_lock_is_exclusive_and_a_dead_holder_is_replaced(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from diffmoe.repro.runner import _acquire
+
+    lock = tmp_path / "runs" / "a" / "s0-x.lock"
+    assert _acquire(lock) and lock.read_text() == str(os.getpid())
+    assert not _acquire(lock)  # held by a live process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())
+    assert _acquire(lock) and lock.read_text() == str(os.getpid())

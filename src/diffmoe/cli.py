@@ -213,7 +213,8 @@ def _repro(args) -> int:
     only = [name for item in args.only for name in item.split(",") if name]
     report = run_repro(ReproOptions(experiments=Path(args.experiments), suite=args.suite, only=only,
                                     seeds=args.seeds, work=args.work and Path(args.work),
-                                    out=args.out and Path(args.out), report_only=args.report_only))
+                                    out=args.out and Path(args.out), report_only=args.report_only,
+                                    corpus=args.corpus and Path(args.corpus)))
     for group in report["groups"]:
         print(f"{group['claim']:>6}  {group['verdict']:<14} {group['title']}")
     out = Path(args.out or Path(args.experiments) / "results" / args.suite)
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", default="experiments", help="the experiment definitions (default ./experiments)")
     p.add_argument("--work", help="corpus, datasets and runs (default runs/repro/<suite>)")
     p.add_argument("--out", help="REPORT.md, report.json and plots/ (default <experiments>/results/<suite>)")
+    p.add_argument("--corpus", help="a corpus directory to prepare instead of the built-in one")
     p.add_argument("--report-only", action="store_true", help="train nothing: write the report from the finished runs")
     p.set_defaults(func=_repro)
     for command in sub.choices.values():  # --debug also after the command (SUPPRESS: keep the global value)

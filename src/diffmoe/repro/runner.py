@@ -46,7 +46,18 @@ def missing_requirements(arm: Arm) -> list[str]:
 
 def ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None = None) -> None:
     """Build the corpus and prepare the datasets ``names`` that are not there yet. The first dataset of
-    the suite trains the tokenizer; the others reuse it, so all have the same held-out rows."""
+    the suite trains the tokenizer; the others reuse it, so all have the same held-out rows. Processes
+    sharing ``work`` take turns (a lock file)."""
+    lock = work / "data.lock"
+    while not _acquire(lock):
+        time.sleep(2)
+    try:
+        _ensure_data(work, suite, names, corpus)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None) -> None:
     from ..data import PrepareConfig, TokenizerConfig, prepare
     from ..data.builtin import BuiltinCorpusConfig, build_builtin_corpus
     from ..data.config import OrderingConfig

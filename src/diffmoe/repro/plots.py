@@ -34,21 +34,8 @@ def _seeds(results: Results, arm: str) -> list[dict]:
 
 
 def curves(results: Results, arms: list[str], path: Path, title: str) -> Path | None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    drawn = False
-    for arm in arms:
-        runs = [r["curve"] for r in _seeds(results, arm) if r.get("curve")]
-        if not runs:
-            continue
-        n = min(len(c) for c in runs)
-        tokens = np.array([p["tokens"] for p in runs[0][:n]]) / 1e6
-        loss = np.array([[p["all"] for p in c[:n]] for c in runs])
-        line, = ax.plot(tokens, loss.mean(0), marker="o", ms=2.5, lw=1.2, label=f"{arm} ({len(runs)})")
-        if len(runs) > 1:
-            ax.fill_between(tokens, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.2, lw=0)
-        drawn = True
-    return _save(fig, ax, path, title, "training tokens (M)", "held-out loss, nats", drawn, plt)
+    return _over_training(results, arms, "curve", lambda p: p["tokens"] / 1e6, lambda p: p["all"], path, title,
+                          "training tokens (M)", "held-out loss, nats")
 
 
 def domains(results: Results, arms: list[str], path: Path, title: str) -> Path | None:
@@ -78,21 +65,31 @@ def routing(results: Results, arm: str, path: Path, title: str) -> Path | None:
 
 
 def usage(results: Results, arms: list[str], path: Path, title: str) -> Path | None:
+    return _over_training(results, arms, "usage_curve", lambda p: p["step"],
+                          lambda p: np.mean([v for k, v in p.items() if k != "step"]), path, title, "step",
+                          "experts in use (mean over layers)")
+
+
+def _over_training(results: Results, arms: list[str], series: str, x, y, path: Path, title: str, xlabel: str,
+                   ylabel: str) -> Path | None:
+    """One line per arm: y(point) against x(point) over the points of each run's ``series``, the mean
+    over seeds in a band from the lowest to the highest seed."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     drawn = False
     for arm in arms:
-        runs = [r["usage_curve"] for r in _seeds(results, arm) if r.get("usage_curve")]
+        runs = [r[series] for r in _seeds(results, arm) if r.get(series)]
         if not runs:
             continue
         n = min(len(c) for c in runs)
-        steps = [p["step"] for p in runs[0][:n]]
-        used = np.array([[np.mean([v for k, v in p.items() if k != "step"]) for p in c[:n]] for c in runs])
-        line, = ax.plot(steps, used.mean(0), marker="o", ms=2.5, lw=1.2, label=f"{arm} ({len(runs)})")
+        values = np.array([[y(p) for p in c[:n]] for c in runs])
+        line, = ax.plot([x(p) for p in runs[0][:n]], values.mean(0), marker="o", ms=2.5, lw=1.2,
+                        label=f"{arm} ({len(runs)})")
         if len(runs) > 1:
-            ax.fill_between(steps, used.min(0), used.max(0), color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between([x(p) for p in runs[0][:n]], values.min(0), values.max(0), color=line.get_color(),
+                            alpha=0.2, lw=0)
         drawn = True
-    return _save(fig, ax, path, title, "step", "experts in use (mean over layers)", drawn, plt)
+    return _save(fig, ax, path, title, xlabel, ylabel, drawn, plt)
 
 
 def _save(fig, ax, path: Path, title: str, xlabel: str | None, ylabel: str, drawn: bool, plt) -> Path | None:

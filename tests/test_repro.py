@@ -240,3 +240,46 @@ def test_run_lock_is_exclusive_and_a_dead_holder_is_replaced(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout.strip())
     assert _acquire(lock) and lock.read_text() == str(os.getpid())
+
+
+def test_demo_defaults_train_the_suite_arms():
+    """The demo's models and recipe are the micro suite's (pilot budget), so the suite's spread applies."""
+    from diffmoe.demo import SUITE_ARMS, DemoConfig, model_configs
+    from diffmoe.demo import run_config as demo_run_config
+
+    exp = Experiments(EXPERIMENTS)
+    suite = exp.suite("micro")
+    cfg = DemoConfig()
+    models = model_configs(cfg, suite.run["model"]["vocab_size"])
+    recipe = suite.datasets["similarity"]
+    assert (recipe["context_len"], recipe["vocab_size"], suite.corpus_mb) == (cfg.context_len, cfg.vocab_size,
+                                                                              cfg.mb_per_domain)
+    for model, arms in SUITE_ARMS.items():
+        for name in arms:
+            want = run_config(suite, exp.arm(name), cfg.seed, "data")
+            got = demo_run_config(cfg, model, models[model], want.train.steps, Path("data"))
+            assert got.model == want.model and got.data == want.data, name
+            for field in ("steps", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip",
+                          "bf16", "seed", "dense_warmup_frac"):
+                assert getattr(got.train, field) == getattr(want.train, field), (name, field)
+    assert run_config(suite, exp.arm("dense-short"), 0, "d").train.steps == cfg.max_steps
+
+
+def test_demo_prints_the_suite_spread(tmp_path):
+    from diffmoe.demo import suite_spread
+
+    def runs(losses, steps):
+        return {"runs": {str(s): {"steps": steps, "metrics": {"loss.all": v}} for s, v in enumerate(losses)}}
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"arms": {"dense-short": runs([3.70, 3.74, 3.66], 1000),
+                                           "lory-8e-short": runs([3.64, 3.69, 3.60], 1000),
+                                           "dense": runs([3.5, 3.6, 3.55], 2000)}}))
+    text = suite_spread(report, 1000)
+    d = np.array([3.70, 3.74, 3.66])
+    assert f"dense alone: held-out loss {d.mean():.4f} +- {d.std(ddof=1):.4f} nats over 3 seeds" in text
+    diff = np.array([3.64, 3.69, 3.60]) - d
+    assert f"Lory - dense, paired by seed: {diff.mean():+.4f} +- {diff.std(ddof=1):.4f} nats" in text
+    assert "sparsemixer" not in text
+    assert "dense alone: held-out loss 3.5500" in suite_spread(report, 2000)
+    assert suite_spread(report, 1500) is None and suite_spread(tmp_path / "missing.json", 1000) is None

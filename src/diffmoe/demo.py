@@ -15,6 +15,7 @@ hf/lory/, tasks/, results.md and results.json.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +39,21 @@ class DemoConfig:
     task_items: int = 100
     """Items per local lm-eval task (0: skip the task scoring)."""
     seed: int = 0
+    # the defaults are the micro reproduction suite's models and data at its pilot's shorter budget
+    # (experiments/: dense-short, lory-8e-short; a test keeps them equal), so that the suite's seed
+    # spread tells which differences in the demo's table mean something
     context_len: int = 256
-    vocab_size: int = 4096
-    mb_per_domain: float = 1.5
-    batch_size: int = 8
-    max_steps: int = 2000
-    eval_batches: int = 48
-    d_model: int = 128
+    vocab_size: int = 2048
+    mb_per_domain: float = 4.0
+    batch_size: int = 16
+    max_steps: int = 1000
+    eval_batches: int | None = None
+    d_model: int = 64
     n_layers: int = 4
-    segment_len: int = 64
+    segment_len: int = 32
+    suite_report: Path | None = Path("experiments/results/micro/report.json")
+    """The reproduction suite's report whose seed spread the demo prints beside its table (skipped
+    when the file is not there, e.g. outside a clone of the repository)."""
 
 
 def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
@@ -62,6 +69,16 @@ def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
                                    moe=MoEConfig(num_experts=8, d_ff=d_ff // 2, balance_coef=0.01,
                                                  sparsemixer=SparseMixerConfig(jitter_eps=0.01))),
     }
+
+
+def run_config(cfg: DemoConfig, name: str, model: ModelConfig, steps: int, data: Path) -> RunConfig:
+    """The training of model ``name``: the same recipe for all three, Lory with the 5 % dense warm-up."""
+    train_cfg = TrainConfig(steps=steps, lr=2e-3, warmup_frac=0.05, seed=cfg.seed,
+                            dense_warmup_frac=0.05 if name == "lory" else 0.0,
+                            log_every=max(1, steps // 50), routing_log_every=max(1, steps // 10),
+                            eval_every=max(1, steps // 4), checkpoint_every=steps, keep_checkpoints=1)
+    return RunConfig(model=model, train=train_cfg,
+                     data=DataConfig(path=str(data), batch_size=cfg.batch_size, eval_batches=cfg.eval_batches))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -100,13 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             import shutil
 
             shutil.rmtree(run_dir)
-        train_cfg = TrainConfig(steps=steps, lr=2e-3, warmup_frac=0.05, seed=cfg.seed,
-                                dense_warmup_frac=0.05 if name == "lory" else 0.0,
-                                log_every=max(1, steps // 50), routing_log_every=max(1, steps // 10),
-                                eval_every=max(1, steps // 4), checkpoint_every=steps, keep_checkpoints=1)
-        run_cfg = RunConfig(model=model_cfg, train=train_cfg,
-                            data=DataConfig(path=str(data), batch_size=cfg.batch_size, eval_batches=cfg.eval_batches))
-        results[name] = train(run_cfg, run_dir)
+        results[name] = train(run_config(cfg, name, model_cfg, steps, data), run_dir)
 
     say("[4/5] routing analysis")
     plots = []
@@ -123,6 +134,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     tasks = _export_and_score(out, data, list(models), cfg) if cfg.task_items > 0 else None
     table = format_table(results, steps, tokens)
+    spread = suite_spread(cfg.suite_report, steps) if cfg.suite_report else None
+    if spread:
+        table += "\n\n" + spread
     if tasks is not None:
         table += "\n\n" + format_task_table(tasks)
     summary = {"steps": steps, "tokens": tokens, "seed": cfg.seed, "wall_seconds": time.perf_counter() - t0,
@@ -242,4 +256,43 @@ def format_table(results: dict, steps: int, tokens: int) -> str:
         p = r["parameters"]
         ppl = " | ".join(f"{r['heldout'][d]['ppl']:.2f}" for d in domains)
         lines.append(f"| {name} | {p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M) | {r['seconds']:.0f} | {ppl} |")
+    return "\n".join(lines)
+
+
+SUITE_ARMS = {"dense": ("dense", "dense-short"), "lory": ("lory-8e", "lory-8e-short"),
+              "sparsemixer": ("sparsemixer-top2",)}
+"""The reproduction suite's arms that train the demo's models (the suite's and the pilot's budgets)."""
+
+
+def suite_spread(report_path: Path, steps: int) -> str | None:
+    """What the reproduction suite measured over seeds for the demo's models at ``steps`` steps: each
+    model's seed-to-seed standard deviation and the paired Lory - dense difference (None without the
+    report or without runs of that many steps)."""
+    from .repro.stats import summarise
+
+    path = Path(report_path)
+    if not path.is_file():
+        return None
+    arms = json.loads(path.read_text(encoding="utf-8"))["arms"]
+    losses = {}  # model -> {seed: held-out loss, all domains}
+    for model, names in SUITE_ARMS.items():
+        for name in names:
+            runs = arms.get(name, {}).get("runs", {})
+            if len(runs) > 1 and all(r["steps"] == steps for r in runs.values()):
+                losses[model] = {int(s): r["metrics"]["loss.all"] for s, r in runs.items()}
+    if not losses:
+        return None
+    lines = [f"Seed spread measured by the reproduction suite for these models at {steps} steps ({path}; "
+             "same data, sizes and recipe):", ""]
+    for model, values in losses.items():
+        s = summarise(values)
+        lines.append(f"- {model} alone: held-out loss {s.mean:.4f} +- {s.sd:.4f} nats over {s.n} seeds "
+                     f"(+-{100 * (math.exp(s.sd) - 1):.1f} % perplexity)")
+    if "lory" in losses and "dense" in losses:
+        seeds = losses["lory"].keys() & losses["dense"].keys()
+        d = summarise({k: losses["lory"][k] - losses["dense"][k] for k in seeds})
+        lines.append(f"- Lory - dense, paired by seed: {d.mean:+.4f} +- {d.sd:.4f} nats "
+                     f"({100 * math.expm1(d.mean):+.1f} % perplexity; 95 % interval [{d.lo:+.4f}, {d.hi:+.4f}])")
+    lines += ["", "A one-seed gap between two models means something only when it is well outside these "
+              "spreads; experiments/results/micro/REPORT.md has every comparison."]
     return "\n".join(lines)

@@ -78,7 +78,9 @@ def _group_entry(group: Group, results: Results, seeds: range, out: Path, comman
             p = draw(results, group.arms, out / "plots" / f"{group.name}-{kind}.png", f"{group.title[:70]}")
             if p:
                 drawn[kind] = p
+    runs = [r for arm in group.arms for r in results.get(arm, {}).values()]
     return {"name": group.name, "claim": str(group.claim), "title": group.title, "paper": " ".join(group.paper.split()),
+            "runs": len(runs), "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60,
             "notes": " ".join(group.notes.split()), "arms": group.arms, "comparisons": comparisons,
             "verdict": claim_verdict(group, [c["verdict"] for c in comparisons]),
             "command": f"{command} --only {group.name}",
@@ -126,7 +128,9 @@ def markdown(report: dict) -> str:
                      f"{_mean_sd(s.get('loss.all'))} | {_mean_sd(s.get('seconds_per_step'), 3)} |")
     for g in report["groups"]:
         lines += ["", f"## {g['claim']}. {g['title']}", "", f"Paper: {g['paper']}", "",
-                  f"Command: `{g['command']}`. Signs agree: **{g['verdict']}**.", "",
+                  f"Command: `{g['command']}`. Signs agree: **{g['verdict']}**. Its {g['runs']} runs took "
+                  f"{g['wall_minutes']:.0f} min to train and measure here (runs shared with other groups count in "
+                  "each).", "",
                   "| comparison | seeds | mean | sd | 95 % interval | as perplexity | each term alone: mean (sd) "
                   "| per seed | signs agree |", "|---|---|---|---|---|---|---|---|---|"]
         for c in g["comparisons"]:

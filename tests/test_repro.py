@@ -174,7 +174,8 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
                         corpus=corpus, verbose=False)
     report = run_repro(opts)
 
-    runs = {arm: sorted((tmp_path / "work" / "runs" / arm).glob("s*-*")) for arm in ("dense", "lory")}
+    runs = {arm: sorted(p for p in (tmp_path / "work" / "runs" / arm).glob("s*-*") if p.is_dir())
+            for arm in ("dense", "lory")}
     assert [p.name.split("-")[0] for p in runs["dense"]] == ["s0", "s1"] and len(runs["lory"]) == 2
     # the comparison, per seed, from the runs' own metrics.jsonl (the trainer's last evaluation)
     want = {s: _final_eval_loss(runs["lory"][s]) - _final_eval_loss(runs["dense"][s]) for s in (0, 1)}
@@ -223,23 +224,31 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     lory["run"]["model"]["moe"]["num_experts"] = 2
     _write(root, "arms/lory.yaml", lory)
     changed = run_repro(opts)
-    assert len(sorted((tmp_path / "work" / "runs" / "lory").glob("s0-*"))) == 2
+    assert len([p for p in (tmp_path / "work" / "runs" / "lory").glob("s0-*") if p.is_dir()]) == 2
     assert changed["groups"][0]["comparisons"][0]["summary"]["n"] == 1
 
 
-def test_run_lock_is_exclusive_and_a_dead_holder_is_replaced(tmp_path):
-    import os
+def test_run_lock_is_exclusive_and_freed_when_its_holder_dies(tmp_path):
     import subprocess
     import sys
 
-    from diffmoe.repro.runner import _acquire
+    from diffmoe.repro.runner import file_lock
 
     lock = tmp_path / "runs" / "a" / "s0-x.lock"
-    assert _acquire(lock) and lock.read_text() == str(os.getpid())
-    assert not _acquire(lock)  # held by a live process (this one)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(dead.stdout.strip())
-    assert _acquire(lock) and lock.read_text() == str(os.getpid())
+    with file_lock(lock, wait=False) as held:
+        assert held
+        with file_lock(lock, wait=False) as again:  # another open file: another holder
+            assert not again
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with file_lock(lock, wait=False) as held:
+        assert not held
+    holder.kill()
+    holder.wait()
+    with file_lock(lock, wait=False) as held:  # the kernel released the dead holder's lock
+        assert held
 
 
 def test_demo_defaults_train_the_suite_arms():

@@ -70,14 +70,13 @@ def _eval(args) -> int:
     from .eval.perplexity import evaluate
     from .parallel import distributed
 
-    args.routing = args.routing or "segment"
     env = distributed.setup(args.device)
     cfg, model, path = _load(args, env.device)
     data = PackedDataset(args.data or cfg.data.path, "heldout")
     result = evaluate(model, data, args.batch_size, args.max_batches, args.routing, args.prompt_len,
                       rank=env.rank, world=env.world)
     if env.is_main:
-        print(f"{path} ({args.routing} routing)")
+        print(f"{path} ({args.routing or 'trained'} routing)")
         print(_format_eval(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -214,7 +213,7 @@ def _repro(args) -> int:
     report = run_repro(ReproOptions(experiments=Path(args.experiments), suite=args.suite, only=only,
                                     seeds=args.seeds, work=args.work and Path(args.work),
                                     out=args.out and Path(args.out), report_only=args.report_only,
-                                    corpus=args.corpus and Path(args.corpus)))
+                                    corpus=args.corpus and Path(args.corpus), verbose=not args.quiet))
     for group in report["groups"]:
         print(f"{group['claim']:>6}  {group['verdict']:<14} {group['title']}")
     out = Path(args.out or Path(args.experiments) / "results" / args.suite)
@@ -274,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out perplexity per domain")
     run_args(p)
     p.add_argument("--routing", choices=("segment", "prompt", "prefix"),
-                   help="Lory routing mode (default segment; with --tasks: prompt, routing on the context)")
+                   help="Lory routing mode (default: the one it was trained with; with --tasks: prompt, routing on the context)")
     p.add_argument("--prompt-len", type=int, help="prompt routing: route on this many positions (default T)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int)
@@ -378,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="REPORT.md, report.json and plots/ (default <experiments>/results/<suite>)")
     p.add_argument("--corpus", help="a corpus directory to prepare instead of the built-in one")
     p.add_argument("--report-only", action="store_true", help="train nothing: write the report from the finished runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (status lines only)")
     p.set_defaults(func=_repro)
     for command in sub.choices.values():  # --debug also after the command (SUPPRESS: keep the global value)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)

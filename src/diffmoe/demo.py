@@ -57,7 +57,8 @@ class DemoConfig:
 
 
 def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
-    """Dense, Lory-8E and SparseMixer-v2 8 x (d_ff / 2) top-2: the same active parameters."""
+    """Dense, Lory-8E and SparseMixer-v2 8 x (d_ff / 2) top-2 (no input jitter, as in the suite's arm):
+    the same active parameters."""
     d_ff = 2 * round(11 * cfg.d_model / 8)  # 2.75 d_model, even so that two experts of d_ff/2 match it
     base = dict(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=4, d_ff=d_ff,
                 max_seq_len=cfg.context_len)
@@ -67,7 +68,7 @@ def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
                             moe=MoEConfig(num_experts=8, lory=LoryConfig(segment_len=cfg.segment_len))),
         "sparsemixer": ModelConfig(**base, ffn="sparsemixer",
                                    moe=MoEConfig(num_experts=8, d_ff=d_ff // 2, balance_coef=0.01,
-                                                 sparsemixer=SparseMixerConfig(jitter_eps=0.01))),
+                                                 sparsemixer=SparseMixerConfig(jitter_eps=0.01, input_jitter_eps=0.0))),
     }
 
 

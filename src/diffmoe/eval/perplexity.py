@@ -20,30 +20,31 @@ def prompt_segment_len(model: Decoder) -> int | None:
 
 @torch.no_grad()
 def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | None = None,
-             routing: str = "segment", prompt_len: int | None = None, rank: int = 0, world: int = 1,
-             score_from: int = 0) -> dict[str, dict]:
+             routing: str | None = None, prompt_len: int | None = None, rank: int = 0, world: int = 1,
+             score_from: int = 0, score_to: int | None = None) -> dict[str, dict]:
     """Mean next-token loss (nats) and perplexity per domain and over all rows.
 
     dataset: a :class:`diffmoe.data.PackedDataset` split; each row is attributed to its majority
     domain (held-out rows are almost all single-domain). Every label position of a row counts once,
     so ``tokens`` = rows x context_len, whatever the batch size. ``max_batches`` limits the rows to
     max_batches * batch_size, evenly spaced over the split (so every domain is represented).
-    routing: the routing mode of layers that have modes (:meth:`Decoder.set_routing`). ``segment`` and
-    ``prefix`` score every position. ``prompt`` routes each row once on its first ``prompt_len``
+    routing: the routing mode of layers that have modes (:meth:`Decoder.set_routing`; None: the modes
+    they are configured with, i.e. trained with). ``segment`` and ``prefix`` score every position. ``prompt`` routes each row once on its first ``prompt_len``
     positions (default: the routing segment length) and scores only the positions after them, since
     positions inside the prompt would see the prompt's later tokens.
-    score_from: score only positions from this one on (e.g. to compare routing modes on the positions
-    that prompt routing scores, or to leave out a first routing segment); at least ``prompt_len`` with
-    ``prompt`` routing.
+    score_from, score_to: score only positions score_from .. score_to - 1 (None: to the end), e.g. to
+    compare routing modes on the positions that prompt routing scores, or a first routing segment with
+    the rest; score_from is at least ``prompt_len`` with ``prompt`` routing.
     rank, world: under torchrun, rank r scores batches r, r + world, ... and the sums are all-reduced;
     every rank runs the same number of forward passes of ``batch_size`` rows (a short last batch is
     padded with repeated rows, a rank without a batch repeats the first one; neither is scored), as
     FSDP and expert sharding need.
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
-    skip, prompt = score_from, 0
-    if not 0 <= skip < dataset.context_len:
-        raise ConfigError(f"score_from={skip} must be between 0 and the context length {dataset.context_len} - 1")
+    skip, prompt, end = score_from, 0, dataset.context_len if score_to is None else score_to
+    if not 0 <= skip < end <= dataset.context_len:
+        raise ConfigError(f"score_from={skip}, score_to={score_to}: need 0 <= score_from < score_to <= the context "
+                          f"length {dataset.context_len}")
     if routing == "prompt":
         prompt = prompt_len or prompt_segment_len(model) or 0
         if not 0 < prompt < dataset.context_len:
@@ -73,9 +74,9 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
             loss = model(ids, prompt_len=prompt or None, labels=labels)[:n]  # [n, L], no full logits
             if not mine:
                 continue
-            per_row = loss[:, skip:].double().sum(1).cpu().numpy()
+            per_row = loss[:, skip:end].double().sum(1).cpu().numpy()
             np.add.at(sums, majority[start:start + n], per_row)
-            np.add.at(counts, majority[start:start + n], labels.shape[1] - skip)
+            np.add.at(counts, majority[start:start + n], max(0, end - skip))
     if world > 1:
         env = DistEnv(rank, world, device)
         sums = all_reduce_sum(torch.from_numpy(sums), env).numpy()

@@ -11,32 +11,39 @@ import yaml
 
 from ..atomic import write_text_atomic
 from . import plots
-from .runner import RESULT, run_dir
+from .runner import read_result, run_dir
 from .spec import Arm, Group, Suite
 from .stats import Results, arm_spread, claim_verdict, paired, summarise, verdict
 
 LOSS_METRIC = re.compile(r"^(loss|after_T|first_T|prompt|at\d+)\.")
 
 
-def load_results(work: Path, suite: Suite, arms: dict[str, Arm], seeds: int) -> Results:
-    """{arm: {seed: result}} of the finished runs of the arms' current configs."""
+def load_results(work: Path, suite: Suite, arms: dict[str, Arm], seeds: int) -> tuple[Results, dict]:
+    """{arm: {seed: result}} of the finished runs of the arms' current configs (measured by the current
+    :func:`~diffmoe.repro.runner.measure`), and {arm: {seed: error}} of the runs whose last attempt failed."""
     results: Results = {}
+    failed: dict[str, dict[int, str]] = {}
     for name, arm in arms.items():
         for seed in range(seeds):
-            path = run_dir(work, suite, arm, seed) / RESULT
-            if path.is_file():
-                results.setdefault(name, {})[seed] = json.loads(path.read_text(encoding="utf-8"))
-    return results
+            out = run_dir(work, suite, arm, seed)
+            result = read_result(out)
+            if result is not None:
+                results.setdefault(name, {})[seed] = result
+            elif (error := out.with_name(out.name + ".failed.json")).is_file():
+                failed.setdefault(name, {})[seed] = json.loads(error.read_text(encoding="utf-8"))["error"]
+    return results, failed
 
 
 def write_report(out: Path, work: Path, suite: Suite, groups: list[Group], arms: dict[str, Arm], seeds: int,
                  command: str) -> dict:
     """Write ``out``/REPORT.md, report.json and plots/*.png for every group; return the report."""
-    results = load_results(Path(work), suite, arms, seeds)
+    results, failed = load_results(Path(work), suite, arms, seeds)
     out = Path(out)
     report = {"suite": suite.name, "description": suite.description, "seeds": seeds, "command": command,
               "run": suite.run, "vars": suite.vars, "datasets": suite.datasets, "corpus_mb": suite.corpus_mb,
-              "arms": {name: _arm_entry(arm, results.get(name, {})) for name, arm in arms.items()},
+              "arms": {name: {**_arm_entry(arm, results.get(name, {})),
+                              "failed": {str(k): v for k, v in failed.get(name, {}).items()}}
+                       for name, arm in arms.items()},
               "groups": [_group_entry(g, results, range(seeds), out, command) for g in groups]}
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     write_text_atomic(out / "REPORT.md", markdown(report))
@@ -80,11 +87,25 @@ def _group_entry(group: Group, results: Results, seeds: range, out: Path, comman
                 drawn[kind] = p
     runs = [r for arm in group.arms for r in results.get(arm, {}).values()]
     return {"name": group.name, "claim": str(group.claim), "title": group.title, "paper": " ".join(group.paper.split()),
-            "runs": len(runs), "wall_minutes": sum(r["wall_seconds"] for r in runs) / 60,
+            "runs": len(runs), "train_minutes": sum(r["metrics"].get("train_minutes", 0.0) for r in runs),
+            "specialisation": _per_layer(group, results) if "routing" in group.plots else None,
             "notes": " ".join(group.notes.split()), "arms": group.arms, "comparisons": comparisons,
             "verdict": claim_verdict(group, [c["verdict"] for c in comparisons]),
             "command": f"{command} --only {group.name}",
             "plots": {k: str(p.relative_to(out)) for k, p in drawn.items()}}
+
+
+def _per_layer(group: Group, results: Results) -> dict[str, dict[str, dict]]:
+    """{arm: {layer: summary over seeds}} of the MoE arms' specialisation per layer."""
+    out = {}
+    for arm in group.arms:
+        runs = results.get(arm, {})
+        layers = sorted({k for r in runs.values() for k in r["metrics"] if k.startswith("spec.layer")},
+                        key=lambda k: int(k[len("spec.layer"):]))
+        if layers:
+            out[arm] = {k[len("spec."):]: summarise({s: r["metrics"][k] for s, r in runs.items()}).to_dict()
+                        for k in layers}
+    return out
 
 
 def _ppl(c, s) -> float | None:
@@ -121,16 +142,19 @@ def markdown(report: dict) -> str:
                               "corpus_mb": report["corpus_mb"]}, sort_keys=False).rstrip(), "```", "",
               "| arm | what it changes | parameters (active) | seeds done | held-out loss | s / step |",
               "|---|---|---|---|---|---|"]
+    failures = [f"- {name} seed {seed}: {error}" for name, arm in report["arms"].items()
+                for seed, error in arm["failed"].items()]
     for name, arm in report["arms"].items():
         p, s = arm.get("parameters"), arm.get("summary", {})
         params = f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)" if p else "-"
         lines.append(f"| {name} | {arm['description']} | {params} | {len(arm['runs'])} | "
                      f"{_mean_sd(s.get('loss.all'))} | {_mean_sd(s.get('seconds_per_step'), 3)} |")
+    if failures:
+        lines += ["", "Runs whose last attempt failed (the next `diffmoe repro` tries them again):", ""] + failures
     for g in report["groups"]:
         lines += ["", f"## {g['claim']}. {g['title']}", "", f"Paper: {g['paper']}", "",
-                  f"Command: `{g['command']}`. Signs agree: **{g['verdict']}**. Its {g['runs']} runs took "
-                  f"{g['wall_minutes']:.0f} min to train and measure here (runs shared with other groups count in "
-                  "each).", "",
+                  f"Command: `{g['command']}`. Signs agree: **{g['verdict']}**. Its {g['runs']} runs trained "
+                  f"for {g['train_minutes']:.0f} min here (runs shared with other groups count in each).", "",
                   "| comparison | seeds | mean | sd | 95 % interval | as perplexity | each term alone: mean (sd) "
                   "| per seed | signs agree |", "|---|---|---|---|---|---|---|---|---|"]
         for c in g["comparisons"]:
@@ -147,6 +171,12 @@ def markdown(report: dict) -> str:
                          f"{c['verdict']} |")
         if g["notes"]:
             lines += ["", g["notes"]]
+        if g["specialisation"]:
+            layers = list(next(iter(g["specialisation"].values())))
+            lines += ["", "Specialisation per layer (mean +- sd over seeds):", "",
+                      "| arm | " + " | ".join(layers) + " |", "|---" * (1 + len(layers)) + "|"]
+            for arm, per in g["specialisation"].items():
+                lines.append(f"| {arm} | " + " | ".join(_mean_sd(per.get(k), 3) for k in layers) + " |")
         for kind, path in g["plots"].items():
             lines += ["", f"![{g['name']} {kind}]({path})"]
     return "\n".join(lines) + "\n"

@@ -2,24 +2,26 @@
 
 Layout under the work directory::
 
-    corpus/                      the built-in corpus (once)
-    data/<dataset>/              one prepared dataset per recipe of the suite (same tokenizer, same held-out rows)
+    corpus/, corpus.txt          the built-in corpus (once), and which corpus the data comes from
+    data/<dataset>/              one prepared dataset per recipe of the suite (same tokenizer, same held-out
+                                 rows), with the recipe it was prepared by (prepared again when it changes)
     runs/<arm>/s<seed>-<key>/    a diffmoe run (config.yaml, metrics.jsonl, checkpoints/) + result.json
+    runs/<arm>/s<seed>-<key>.lock, .failed.json   the run's lock; the error of its last failed attempt
 
-``key`` hashes what the run trains (:func:`~diffmoe.repro.spec.run_key`): editing an arm or the suite
-trains the changed runs anew. A run with ``result.json`` is done; one with checkpoints resumes from the
-newest; anything else starts over. ``result.json`` holds every number the report uses
+``key`` hashes what the run trains (:func:`~diffmoe.repro.spec.run_key`): editing an arm, the suite or a
+dataset recipe trains the changed runs anew. A run with ``result.json`` is done; one with checkpoints
+resumes from the newest; anything else starts over. ``result.json`` holds every number the report uses
 (:func:`measure`), so the report is rebuilt from these files alone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import math
-import os
 import shutil
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +50,8 @@ def ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None 
     """Build the corpus and prepare the datasets ``names`` that are not there yet. The first dataset of
     the suite trains the tokenizer; the others reuse it, so all have the same held-out rows. Processes
     sharing ``work`` take turns (a lock file)."""
-    lock = work / "data.lock"
-    while not _acquire(lock):
-        time.sleep(2)
-    try:
+    with file_lock(work / "data.lock", wait=True):
         _ensure_data(work, suite, names, corpus)
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None) -> None:
@@ -63,17 +60,26 @@ def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None
     from ..data.config import OrderingConfig
     from ..data.store import read_manifest
 
+    source = str(Path(corpus).resolve()) if corpus is not None else f"built-in, {suite.corpus_mb or 'all'} MB per domain"
+    recorded = work / "corpus.txt"
+    if recorded.is_file() and recorded.read_text(encoding="utf-8") != source:
+        raise ConfigError(f"work directory {work} holds data of another corpus ({recorded.read_text(encoding='utf-8')}); "
+                          f"use another --work for {source}")
     if corpus is None:
         corpus = work / "corpus"
         if not (corpus / "corpus.json").is_file():
             say(f"building the built-in corpus ({suite.corpus_mb or 'all'} MB per domain) in {corpus}")
             build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=suite.corpus_mb))
+    write_text_atomic(recorded, source)
     order = list(suite.datasets)
     for name in sorted(set(names) | {order[0]}, key=order.index):
         out = dataset_dir(work, name)
+        recipe_file = out / "repro_recipe.json"
+        wanted = json.dumps(suite.datasets[name], sort_keys=True)
         try:
             read_manifest(out)
-            continue
+            if recipe_file.is_file() and recipe_file.read_text(encoding="utf-8") == wanted:
+                continue
         except ValueError:
             pass
         recipe = dict(suite.datasets[name])
@@ -85,6 +91,7 @@ def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None
             + (f" ({ordering.embedding})" if ordering.batching == "similarity" else ""))
         prepare(corpus, out, PrepareConfig(tokenizer=tokenizer, ordering=ordering, **recipe), overwrite=True)
         _check_same_heldout(dataset_dir(work, order[0]), out)
+        write_text_atomic(recipe_file, wanted)
 
 
 def _check_same_heldout(reference: Path, other: Path) -> None:
@@ -97,71 +104,88 @@ def _check_same_heldout(reference: Path, other: Path) -> None:
                           "runs cannot be compared; prepare them from the same corpus with the same seed")
 
 
-def run_arm(work: Path, suite: Suite, arm: Arm, seed: int, verbose: bool = True) -> dict | None:
-    """Train (or resume) one arm for one seed, measure it, and return its result (see :func:`measure`);
-    None when another process is running it (several ``diffmoe repro`` may share a work directory)."""
-    out = run_dir(work, suite, arm, seed)
-    done = out / RESULT
-    if done.is_file():
-        return json.loads(done.read_text(encoding="utf-8"))
-    lock = out.with_name(out.name + ".lock")
-    if not _acquire(lock):
-        say(f"{arm.name} seed {seed}: another process is running it ({lock}); skipped here")
+MEASURE_VERSION = 2
+"""Bumped whenever :func:`measure` changes: a result of another version is measured again from the run's
+final checkpoint (no training)."""
+
+
+def read_result(out: Path) -> dict | None:
+    """The run's result when it is done and measured by this version of :func:`measure`."""
+    path = out / RESULT
+    if not path.is_file():
         return None
-    try:
-        return _train_and_measure(work, out, suite, arm, seed, verbose)
-    finally:
-        lock.unlink(missing_ok=True)
+    result = json.loads(path.read_text(encoding="utf-8"))
+    return result if result.get("measure_version") == MEASURE_VERSION else None
 
 
-def _acquire(lock: Path) -> bool:
-    """Create ``lock`` holding our pid; False when a live process holds it (a stale one is replaced)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+def run_arm(work: Path, suite: Suite, arm: Arm, seed: int, verbose: bool = True) -> dict | None:
+    """Train (or resume) one arm for one seed, measure it, and return its result (see :func:`measure`).
+
+    None when another process is running it (several ``diffmoe repro`` may share a work directory) or
+    when it failed: the error is then kept in ``failed.json`` beside the run (the report lists it) and the
+    next call tries again."""
+    out = run_dir(work, suite, arm, seed)
+    if (result := read_result(out)) is not None:
+        return result
+    with file_lock(out.with_name(out.name + ".lock"), wait=False) as held:
+        if not held:
+            say(f"{arm.name} seed {seed}: another process is running it; skipped here")
+            return None
+        if (result := read_result(out)) is not None:  # finished by that process meanwhile
+            return result
+        failed = out.with_name(out.name + ".failed.json")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-                return False
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # its process is gone
-                continue
-            except PermissionError:
-                return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+            result = _train_and_measure(work, out, suite, arm, seed, verbose)
+        except Exception as err:  # one broken run must not stop the others; the report shows it
+            say(f"{arm.name} seed {seed} failed: {type(err).__name__}: {err}")
+            write_text_atomic(failed, json.dumps({"arm": arm.name, "seed": seed,
+                                                  "error": f"{type(err).__name__}: {err}"}))
+            return None
+        failed.unlink(missing_ok=True)
+        return result
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool):
+    """An exclusive ``flock`` on ``path`` for the block; yields False when ``wait`` is False and another
+    process holds it. The kernel releases it when its holder exits, however it exits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _train_and_measure(work: Path, out: Path, suite: Suite, arm: Arm, seed: int, verbose: bool) -> dict:
     from ..train import train
     from ..train.checkpoint import list_checkpoints
 
-    done = out / RESULT
     cfg = run_config(suite, arm, seed, dataset_dir(work, arm.dataset))
     resume = out.is_dir() and bool(list_checkpoints(out))
     if out.is_dir() and not resume:
         shutil.rmtree(out)  # an attempt that stopped before its first checkpoint
     say(f"{'resuming' if resume else 'training'} {arm.name} seed {seed} ({out})")
-    t = time.perf_counter()
     summary = train(cfg, out, resume=resume, show_progress=verbose)
     result = measure(out, suite, summary)
-    result.update(arm=arm.name, seed=seed, key=out.name.split("-")[-1], wall_seconds=time.perf_counter() - t)
-    write_text_atomic(done, json.dumps(result, indent=1))
+    result.update(arm=arm.name, seed=seed, key=out.name.split("-")[-1], measure_version=MEASURE_VERSION)
+    write_text_atomic(out / RESULT, json.dumps(result, indent=1))
     return result
 
 
 def measure(out: Path, suite: Suite, summary: dict) -> dict:
     """Every number of one finished run, as ``metrics`` (a flat {name: value}) plus its curves.
 
-    Metrics (losses in nats on the whole held-out split; ``<d>`` is a domain or ``all``):
+    Every loss is measured with the routing the run was trained with (Lory: causal segments, or the
+    prefix for a prefix-routed run), in nats on the whole held-out split; ``<d>`` is a domain or ``all``:
 
-    - ``loss.<d>``: training routing (Lory: causal segments), every position;
-    - ``after_T.<d>``: the same, scoring positions >= the suite's ``T`` only (not the first segment);
-    - ``first_T.<d>``: positions < T only (from the two above);
+    - ``loss.<d>``: every position;
+    - ``after_T.<d>`` / ``first_T.<d>``: positions >= / < the suite's ``T`` only;
     - ``prompt.<d>``: layers with prompt routing: routed once on the first T positions, scored after them;
     - ``at<pct>.<d>``: the periodic evaluation at pct % of the steps (``loss`` at 100);
     - ``spec.layer<i>`` (MoE): specialisation of layer i, mean over domains of the total variation between
@@ -170,23 +194,23 @@ def measure(out: Path, suite: Suite, summary: dict) -> dict:
     - ``experts_per_segment`` (merged experts): experts whose weight exceeds 2/E, per routed segment,
       mean over layers and domains (the Lory paper's utilisation criterion);
     - ``seconds_per_step``: training wall time per step, median over the logging intervals after the
-      first tenth of the steps (evaluations and checkpoints not included).
+      first tenth of the steps (evaluations and checkpoints not included);
+    - ``train_minutes``: the training time, summed over the logging intervals of every attempt.
     """
     from ..data import PackedDataset
     from ..eval.analyze import routing_by_domain
     from ..eval.perplexity import evaluate, prompt_segment_len
+    from ..parallel.distributed import resolve_device
     from ..train.checkpoint import load_run
     from ..train.metrics import read_metrics
 
-    cfg, model, _ = load_run(out)
+    cfg, model, _ = load_run(out, device=resolve_device(None))
     heldout = PackedDataset(cfg.data.path, "heldout")
-    T, L = int(suite.vars["T"]), heldout.context_len
+    T = int(suite.vars["T"])
     batch = cfg.data.micro_batch_size or cfg.data.batch_size
     metrics = _flat("loss", summary["heldout"])
     metrics.update(_flat("after_T", evaluate(model, heldout, batch, score_from=T)))
-    for d in summary["heldout"]:
-        whole, after = metrics[f"loss.{d}"], metrics[f"after_T.{d}"]
-        metrics[f"first_T.{d}"] = (whole * L - after * (L - T)) / T
+    metrics.update(_flat("first_T", evaluate(model, heldout, batch, score_to=T)))
     if prompt_segment_len(model) is not None:
         metrics.update(_flat("prompt", evaluate(model, heldout, batch, routing="prompt", prompt_len=T)))
     records = read_metrics(out)
@@ -199,10 +223,13 @@ def measure(out: Path, suite: Suite, summary: dict) -> dict:
     if model.moe_layers():
         routing = routing_by_domain(model, heldout, max_rows=64, batch_size=batch)
         metrics.update(routing_summary(routing))
-    tokens_per_step = cfg.data.batch_size * L
-    speeds = [r["tokens_per_s"] for r in records if r.get("kind") == "train" and r["step"] > steps // 10]
+    tokens_per_step = cfg.data.batch_size * heldout.context_len
+    train = [r for r in records if r.get("kind") == "train"]
+    speeds = [r["tokens_per_s"] for r in train if r["step"] > steps // 10]
     if speeds:  # median over the logging intervals: robust to a resume and to evaluation pauses
         metrics["seconds_per_step"] = tokens_per_step / float(np.median(speeds))
+    tokens = [0] + [r["tokens"] for r in train]
+    metrics["train_minutes"] = sum((b - a) / r["tokens_per_s"] for a, b, r in zip(tokens, tokens[1:], train)) / 60
     return {"metrics": metrics, "steps": steps, "tokens": steps * tokens_per_step,
             "parameters": summary["parameters"], "skipped_steps": summary["skipped_steps"],
             "curve": [{"step": r["step"], "tokens": r["step"] * tokens_per_step,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from ..config import RunConfig
 from ..schema import ConfigError
 
 EXPECT = ("negative", "positive", "comparable", "open")
+PLOTS = ("curves", "domains", "routing", "usage")
+METRIC = re.compile(r"^((loss|after_T|first_T|prompt|at\d+)\.\w+|spec\.(layer\d+|upper_minus_first)"
+                    r"|experts_per_segment|seconds_per_step|train_minutes)$")
+"""The metrics a run records (:func:`diffmoe.repro.runner.measure`)."""
 
 
 @dataclass
@@ -149,6 +154,9 @@ class Experiments:
         data = _read(path)
         _fields(path, data, ("claim", "title", "paper", "arms", "comparisons"), ("notes", "plots"))
         comparisons = [_comparison(path, i, c, data["arms"]) for i, c in enumerate(data.pop("comparisons"))]
+        unknown = [p for p in data.get("plots", ()) if p not in PLOTS]
+        if unknown:
+            raise ConfigError(f"{path}: unknown plot(s) {', '.join(unknown)}; choose from {', '.join(PLOTS)}")
         return Group(name=name, comparisons=comparisons, **data)
 
     def groups(self, only: list[str] | None = None) -> list[Group]:
@@ -168,18 +176,47 @@ def _comparison(path: Path, index: int, data: Any, arms: list[str]) -> Compariso
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping")
     _fields(Path(where), data, ("name", "terms", "expect"), ("margin", "key"))
+    if not isinstance(data["terms"], list) or not data["terms"]:
+        raise ConfigError(f"{where}: terms must be a non-empty list of \"[-]ARM:METRIC\" strings")
     terms = []
     for raw in data["terms"]:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}: term {raw!r} must be a string \"[-]ARM:METRIC\" (quote it in YAML)")
         sign, text = (-1, raw[1:]) if raw.startswith("-") else (1, raw.lstrip("+"))
         arm, sep, metric = text.partition(":")
         if not sep or arm not in arms:
             raise ConfigError(f"{where}: term {raw!r} must be [-]ARM:METRIC with ARM one of the group's arms "
                               f"({', '.join(arms)})")
+        if not METRIC.match(metric):
+            raise ConfigError(f"{where}: term {raw!r}: unknown metric {metric!r}; see diffmoe.repro.runner.measure")
         terms.append(Term(sign, arm, metric))
     if data["expect"] not in EXPECT:
         raise ConfigError(f"{where}: expect={data['expect']!r}: choose one of {', '.join(EXPECT)}")
     return Comparison(name=data["name"], terms=terms, expect=data["expect"], margin=float(data.get("margin", 0.0)),
                       key=bool(data.get("key", True)))
+
+
+def check_group(suite: Suite, group: Group, arms: dict[str, Arm]) -> None:
+    """Refuse, before anything trains, a group whose arms do not build in ``suite`` or whose terms ask for
+    an evaluation a run never makes (``at<pct>`` off its evaluation steps)."""
+    if "T" not in suite.vars:
+        raise ConfigError(f"suite {suite.name}: vars must define T (the segment length the metrics split at)")
+    for name in group.arms:
+        arm = arms[name]
+        if arm.dataset not in suite.datasets:
+            raise ConfigError(f"arm {name}: dataset {arm.dataset!r} is not one of suite {suite.name}'s "
+                              f"({', '.join(suite.datasets)})")
+        run_config(suite, arm, 0, "data")
+    for c in group.comparisons:
+        for t in c.terms:
+            cfg = run_config(suite, arms[t.arm], 0, "data")
+            pct = re.match(r"at(\d+)\.", t.metric)
+            if pct:
+                steps, every = cfg.train.steps, cfg.train.eval_every
+                evaluated = {round(100 * k / steps) for k in range(every, steps + 1, every)} | {100}
+                if int(pct[1]) not in evaluated:
+                    raise ConfigError(f"group {group.name}: {t.arm}:{t.metric}: arm {t.arm} in suite {suite.name} "
+                                      f"evaluates at {', '.join(f'{p} %' for p in sorted(evaluated))} of its steps")
 
 
 def merge(base: dict, override: dict) -> dict:

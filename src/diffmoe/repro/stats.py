@@ -102,16 +102,16 @@ def verdict(comparison: Comparison, s: Summary | None) -> str:
 
 
 def claim_verdict(group: Group, verdicts: list[str]) -> str:
-    """The claim's verdict from its key comparisons' verdicts (in the group's order): ``yes`` when all
-    agree, ``no`` when any disagrees, ``not run`` when none was measured, else ``inconclusive``; an open
-    question lists its answers."""
+    """The claim's verdict from its key comparisons' verdicts (in the group's order): ``no`` when any
+    disagrees, ``not run`` when none was measured, ``partly run`` when some were not, ``yes`` when all
+    agree, else ``inconclusive``; an open question is ``answered`` once all its key rows are measured."""
     key = [v for c, v in zip(group.comparisons, verdicts) if c.key]
     if all(v == "not run" for v in key):
         return "not run"
     if any(c.expect == "open" for c in group.comparisons if c.key):
         return "answered" if "not run" not in key else "partly run"
-    if "not run" in key:
-        return "partly run"
     if any(v == "no" for v in key):
         return "no"
+    if "not run" in key:
+        return "partly run"
     return "yes" if all(v == "yes" for v in key) else "inconclusive"

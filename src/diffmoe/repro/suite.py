@@ -8,7 +8,7 @@ from pathlib import Path
 from ..report import say
 from ..schema import ConfigError
 from .runner import ensure_data, missing_requirements, run_arm
-from .spec import Experiments
+from .spec import Experiments, check_group
 
 
 @dataclass
@@ -37,22 +37,23 @@ def run_repro(opts: ReproOptions) -> dict:
 
     exp = Experiments(opts.experiments)
     suite = exp.suite(opts.suite)
-    seeds = opts.seeds or suite.seeds
+    seeds = suite.seeds if opts.seeds is None else opts.seeds
     if not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds {seeds!r}: must be a positive integer")
     work = Path(opts.work or Path("runs/repro") / suite.name)
     out = Path(opts.out or opts.experiments / "results" / suite.name)
     selected = exp.groups(opts.only)
+    groups = exp.groups()
+    arms = {name: exp.arm(name) for g in groups for name in g.arms}
+    for group in groups:
+        check_group(suite, group, arms)
     if not opts.report_only:
-        arms = {name: exp.arm(name) for g in selected for name in g.arms}
         runnable = {}
-        for name, arm in arms.items():
+        for name in dict.fromkeys(n for g in selected for n in g.arms):
+            arm = arms[name]
             missing = missing_requirements(arm)
             if missing:
-                say(f"skipping arm {name}: needs the module(s) {', '.join(missing)} (pip install -e '.[minilm]')")
-            elif arm.dataset not in suite.datasets:
-                raise ConfigError(f"arm {name}: dataset {arm.dataset!r} is not one of suite {suite.name}'s "
-                                  f"({', '.join(suite.datasets)})")
+                say(f"skipping arm {name}: needs the module(s) {', '.join(missing)}, not installed")
             else:
                 runnable[name] = arm
         ensure_data(work, suite, sorted({a.dataset for a in runnable.values()}), opts.corpus)
@@ -62,8 +63,6 @@ def run_repro(opts: ReproOptions) -> dict:
                 for name in group.arms:
                     if name in runnable:
                         run_arm(work, suite, runnable[name], seed, opts.verbose)
-    groups = exp.groups()
-    arms = {name: exp.arm(name) for g in groups for name in g.arms}
     return write_report(out, work, suite, groups, arms, seeds, command=_command(opts, suite.name))
 
 

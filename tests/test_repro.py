@@ -47,13 +47,16 @@ def test_every_shipped_arm_builds_in_every_suite(suite):
             assert dense <= n <= 1.02 * dense, (name, n, dense)
 
 
-def test_run_key_changes_with_what_is_trained_only():
+def test_run_key_changes_with_the_config_and_the_dataset_recipe():
     exp = Experiments(EXPERIMENTS)
     s = exp.suite("micro")
     lory = exp.arm("lory-8e")
     assert run_key(s, lory, 0) != run_key(s, lory, 1) != run_key(s, exp.arm("lory-16e"), 1)
     assert run_key(s, lory, 0) == run_key(s, lory, 0)
     s.run["train"]["lr"] *= 2
+    assert run_key(s, lory, 0) != run_key(exp.suite("micro"), lory, 0)
+    s = exp.suite("micro")
+    s.datasets["similarity"]["vocab_size"] = 4096
     assert run_key(s, lory, 0) != run_key(exp.suite("micro"), lory, 0)
 
 
@@ -71,10 +74,13 @@ def _toy_experiments(root: Path) -> Path:
         "run": {"model": {"vocab_size": 384, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 48, "max_seq_len": 32},
                 "data": {"batch_size": 4, "eval_batches": None},
                 "train": {"steps": 6, "lr": 0.003, "log_every": 1, "routing_log_every": 3, "eval_every": 3,
-                          "checkpoint_every": 3, "keep_checkpoints": 1, "tensorboard": False}}})
+                          "checkpoint_every": 3, "keep_checkpoints": 2, "tensorboard": False}}})
     _write(root, "arms/dense.yaml", {"description": "dense"})
     _write(root, "arms/lory.yaml", {"description": "Lory", "run": {
         "model": {"ffn": "lory", "moe": {"num_experts": 4, "lory": {"segment_len": "$T"}}}}})
+    _write(root, "arms/lory-prefix.yaml", {"description": "Lory, prefix routing", "run": {
+        "model": {"ffn": "lory", "moe": {"num_experts": 4, "router_init_std": 1.0,  # routing far from uniform
+                                         "lory": {"segment_len": "$T", "routing": "prefix"}}}}})
     _write(root, "groups/01-toy.yaml", {
         "claim": "1", "title": "Lory vs dense", "paper": "Lory is better.", "arms": ["dense", "lory"],
         "comparisons": [
@@ -201,6 +207,11 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
         assert (tmp_path / "out" / plot).read_bytes()[:4] == b"\x89PNG"
     assert set(group["plots"]) == {"curves", "domains", "routing lory", "usage"}
 
+    # the first segment and the rest make up the whole sequence
+    for run in runs["lory"]:
+        m = json.loads((run / "result.json").read_text())["metrics"]
+        assert m["first_T.all"] * 8 + m["after_T.all"] * 24 == pytest.approx(m["loss.all"] * 32, rel=1e-9)
+
     # a second call trains nothing and writes the same report
     import diffmoe.train
 
@@ -211,19 +222,27 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     assert run_repro(opts)["groups"] == report["groups"]
     monkeypatch.undo()
 
-    # a run without result.json but with its checkpoints resumes (nothing retrained: the same numbers)
+    # a run stopped mid-way (its last checkpoint and result gone) resumes from step 3 to the same numbers
+    import shutil
+
     result = runs["lory"][1] / "result.json"
     before = json.loads(result.read_text())["metrics"]
     result.unlink()
-    assert run_repro(opts)["groups"][0]["comparisons"] == group["comparisons"]
-    assert json.loads(result.read_text())["metrics"] == pytest.approx(before)
+    shutil.rmtree(runs["lory"][1] / "checkpoints" / "step-00000006")
+    again = run_repro(opts)["groups"][0]["comparisons"][0]["summary"]
+    assert {k: again["values"][k] for k in again["values"]} == {
+        k: pytest.approx(v, abs=1e-6) for k, v in first["summary"]["values"].items()}
+    after = json.loads(result.read_text())["metrics"]
+    assert set(after) == set(before)
+    assert all(after[k] == pytest.approx(before[k], abs=1e-6) for k in before if k not in
+               ("seconds_per_step", "train_minutes"))
 
     # a changed arm trains anew in a new directory; the old run stays
     _write(root, "suites/toy.yaml", {**yaml.safe_load((root / "suites/toy.yaml").read_text()), "seeds": 1})
     lory = yaml.safe_load((root / "arms/lory.yaml").read_text())
     lory["run"]["model"]["moe"]["num_experts"] = 2
     _write(root, "arms/lory.yaml", lory)
-    changed = run_repro(opts)
+    changed = run_repro(opts)  # (now seed 0 only)
     assert len([p for p in (tmp_path / "work" / "runs" / "lory").glob("s0-*") if p.is_dir()]) == 2
     assert changed["groups"][0]["comparisons"][0]["summary"]["n"] == 1
 
@@ -292,3 +311,59 @@ def test_demo_prints_the_suite_spread(tmp_path):
     assert "sparsemixer" not in text
     assert "dense alone: held-out loss 3.5500" in suite_spread(report, 2000)
     assert suite_spread(report, 1500) is None and suite_spread(tmp_path / "missing.json", 1000) is None
+
+
+def test_prefix_arm_is_measured_with_prefix_routing(tmp_path):
+    from diffmoe.data import PackedDataset
+    from diffmoe.eval.perplexity import evaluate
+    from diffmoe.repro.runner import ensure_data, run_arm
+    from diffmoe.train.checkpoint import load_run
+
+    root = _toy_experiments(tmp_path / "exp")
+    exp = Experiments(root)
+    suite = exp.suite("toy")
+    ensure_data(tmp_path / "work", suite, ["similarity"], write_fixture_corpus(tmp_path / "corpus"))
+    result = run_arm(tmp_path / "work", suite, exp.arm("lory-prefix"), 0, verbose=False)
+    run = next(p for p in (tmp_path / "work" / "runs" / "lory-prefix").iterdir() if p.is_dir())
+    _, model, _ = load_run(run)
+    heldout = PackedDataset(tmp_path / "work" / "data" / "similarity", "heldout")
+    prefix = evaluate(model, heldout, 4, routing="prefix")["all"]["loss"]
+    segment = evaluate(model, heldout, 4, routing="segment")["all"]["loss"]
+    assert abs(prefix - segment) > 1e-5  # the modes differ (a little, after 6 steps), so the checks can fail
+    assert result["metrics"]["loss.all"] == pytest.approx(prefix, abs=1e-8)
+    assert _final_eval_loss(run) == pytest.approx(prefix, abs=1e-8)  # the trainer's evaluations too
+
+
+def test_definitions_are_checked_before_training(tmp_path):
+    from diffmoe.repro.spec import check_group
+
+    root = _toy_experiments(tmp_path / "exp")
+    _write(root, "groups/02-late.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["dense", "lory"],
+                                         "comparisons": [{"name": "x", "terms": ["lory:at40.all", "-dense:at40.all"],
+                                                          "expect": "negative"}]})
+    exp = Experiments(root)
+    arms = {"dense": exp.arm("dense"), "lory": exp.arm("lory")}
+    with pytest.raises(ConfigError, match="lory:at40.all: arm lory in suite toy evaluates at 50 %, 100 % of its steps"):
+        check_group(exp.suite("toy"), exp.group("02-late"), arms)
+    for terms, match in ((["lory:perplexity.all"], "unknown metric .perplexity.all."),
+                         ([{"lory": "loss.all"}], "must be a string"), ([], "non-empty list")):
+        _write(root, "groups/02-late.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["lory"],
+                                             "comparisons": [{"name": "x", "terms": terms, "expect": "negative"}]})
+        with pytest.raises(ConfigError, match=match):
+            exp.group("02-late")
+    _write(root, "groups/02-late.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["lory"], "plots": ["pie"],
+                                         "comparisons": [{"name": "x", "terms": ["lory:loss.all"], "expect": "negative"}]})
+    with pytest.raises(ConfigError, match="unknown plot.s. pie"):
+        exp.group("02-late")
+
+
+def test_claim_verdict_shows_a_disagreement_even_when_rows_are_missing():
+    from diffmoe.repro.spec import Group
+
+    comparisons = [Comparison(f"c{i}", [Term(1, "a", "loss.all")], "negative") for i in range(3)]
+    group = Group("g", "1", "t", "p", ["a"], comparisons)
+    assert stats.claim_verdict(group, ["yes", "not run", "no"]) == "no"
+    assert stats.claim_verdict(group, ["yes", "not run", "yes"]) == "partly run"
+    assert stats.claim_verdict(group, ["yes", "inconclusive", "yes"]) == "inconclusive"
+    assert stats.claim_verdict(group, ["yes"] * 3) == "yes"
+    assert stats.claim_verdict(group, ["not run"] * 3) == "not run"

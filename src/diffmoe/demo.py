@@ -289,8 +289,8 @@ def suite_spread(report_path: Path, steps: int) -> str | None:
         s = summarise(values)
         lines.append(f"- {model} alone: held-out loss {s.mean:.4f} +- {s.sd:.4f} nats over {s.n} seeds "
                      f"(+-{100 * (math.exp(s.sd) - 1):.1f} % perplexity)")
-    if "lory" in losses and "dense" in losses:
-        seeds = losses["lory"].keys() & losses["dense"].keys()
+    seeds = losses.get("lory", {}).keys() & losses.get("dense", {}).keys()
+    if len(seeds) > 1:
         d = summarise({k: losses["lory"][k] - losses["dense"][k] for k in seeds})
         lines.append(f"- Lory - dense, paired by seed: {d.mean:+.4f} +- {d.sd:.4f} nats "
                      f"({100 * math.expm1(d.mean):+.1f} % perplexity; 95 % interval [{d.lo:+.4f}, {d.hi:+.4f}])")

@@ -367,3 +367,18 @@ def test_claim_verdict_shows_a_disagreement_even_when_rows_are_missing():
     assert stats.claim_verdict(group, ["yes", "inconclusive", "yes"]) == "inconclusive"
     assert stats.claim_verdict(group, ["yes"] * 3) == "yes"
     assert stats.claim_verdict(group, ["not run"] * 3) == "not run"
+
+
+def test_committed_report_is_the_markdown_of_its_json():
+    """experiments/results/micro/REPORT.md is exactly what its report.json renders to (no hand edits),
+    and every plot it shows is there."""
+    from diffmoe.repro.report import markdown
+
+    out = EXPERIMENTS / "results" / "micro"
+    if not (out / "report.json").is_file():
+        pytest.skip("no committed micro report")
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "REPORT.md").read_text() == markdown(report)
+    for group in report["groups"]:
+        for plot in group["plots"].values():
+            assert (out / plot).is_file(), plot

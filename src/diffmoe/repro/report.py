@@ -45,6 +45,10 @@ def write_report(out: Path, work: Path, suite: Suite, groups: list[Group], arms:
                               "failed": {str(k): v for k, v in failed.get(name, {}).items()}}
                        for name, arm in arms.items()},
               "groups": [_group_entry(g, results, range(seeds), out, command) for g in groups]}
+    drawn = {out / p for g in report["groups"] for p in g["plots"].values()}
+    for stale in (out / "plots").glob("*.png"):  # plots of runs that no longer count
+        if stale not in drawn:
+            stale.unlink()
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     write_text_atomic(out / "REPORT.md", markdown(report))
     return report

@@ -195,6 +195,8 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     assert first["verdict"] == ("yes" if hi < 0 else "no" if lo > 0 else "inconclusive") == group["verdict"]
     assert first["arms_alone"]["dense:loss.all"]["values"] == {
         str(s): pytest.approx(_final_eval_loss(runs["dense"][s])) for s in (0, 1)}
+    alone = [np.std([_final_eval_loss(runs[arm][s]) for s in (0, 1)], ddof=1) for arm in ("lory", "dense")]
+    assert first["beyond_spread"] == (abs(xs.mean()) > max(alone))
     second = group["comparisons"][1]
     assert not second["key"] and second["summary"]["n"] == 2 and second["verdict"] in ("yes", "no", "inconclusive")
 

@@ -71,11 +71,15 @@ def _group_entry(group: Group, results: Results, seeds: range, out: Path, comman
     comparisons = []
     for c in group.comparisons:
         s = paired(c, results, seeds)
+        alone = arm_spread(c, results, seeds)
+        spreads = [v.sd for v in alone.values() if v.n > 1]
         comparisons.append({"name": c.name, "terms": [f"{'-' if t.sign < 0 else '+'}{t.arm}:{t.metric}" for t in c.terms],
                             "expect": c.expect, "margin": c.margin, "key": c.key,
                             "summary": s.to_dict() if s else None, "verdict": verdict(c, s),
                             "ppl_change": _ppl(c, s),
-                            "arms_alone": {k: v.to_dict() for k, v in arm_spread(c, results, seeds).items()}})
+                            "arms_alone": {k: v.to_dict() for k, v in alone.items()},
+                            # whether the paired difference is larger than the seed-to-seed spread of each term
+                            "beyond_spread": (abs(s.mean) > max(spreads)) if s and spreads else None})
     drawn = {}
     for kind in group.plots:
         if kind == "routing":
@@ -160,19 +164,19 @@ def markdown(report: dict) -> str:
                   f"Command: `{g['command']}`. Signs agree: **{g['verdict']}**. Its {g['runs']} runs trained "
                   f"for {g['train_minutes']:.0f} min here (runs shared with other groups count in each).", "",
                   "| comparison | seeds | mean | sd | 95 % interval | as perplexity | each term alone: mean (sd) "
-                  "| per seed | signs agree |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| beyond each term's sd | per seed | signs agree |", "|---|---|---|---|---|---|---|---|---|---|"]
         for c in g["comparisons"]:
             s = c["summary"]
             name = c["name"] + ("" if c["key"] else " (detail)")
             if s is None:
-                lines.append(f"| {name} | 0 | | | | | | | not run |")
+                lines.append(f"| {name} | 0 | | | | | | | | not run |")
                 continue
             alone = "; ".join(f"{k} {v['mean']:.4f} ({_num(v['sd'])})" for k, v in c["arms_alone"].items())
             seeds = ", ".join(f"s{k} {v:+.4f}" for k, v in s["values"].items())
             ppl = f"{100 * c['ppl_change']:+.1f} %" if c["ppl_change"] is not None else ""
             lines.append(f"| {name} | {s['n']} | {s['mean']:+.4f} | {_num(s['sd'])} | "
-                         f"[{_num(s['lo'], sign=True)}, {_num(s['hi'], sign=True)}] | {ppl} | {alone} | {seeds} | "
-                         f"{c['verdict']} |")
+                         f"[{_num(s['lo'], sign=True)}, {_num(s['hi'], sign=True)}] | {ppl} | {alone} | "
+                         f"{ {True: 'yes', False: 'no', None: '-'}[c['beyond_spread']]} | {seeds} | {c['verdict']} |")
         if g["notes"]:
             lines += ["", g["notes"]]
         if g["specialisation"]:

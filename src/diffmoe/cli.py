@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
     p = sub.add_parser("repro", help="the reproduction suite: controlled experiments testing the papers' claims "
                        "over seeds, with a report (experiments/)")
-    p.add_argument("--suite", default="micro", help="micro (2 CPU cores, about 30 min per group) or gpu "
-                   "(one H100/H200, under 10 min per group); experiments/suites/<suite>.yaml")
+    p.add_argument("--suite", default="micro", help="micro (2 CPU cores; the report gives each group's training "
+                   "time) or gpu (one H100/H200; not run yet); experiments/suites/<suite>.yaml")
     p.add_argument("--only", action="append", default=[], metavar="NAMES",
                    help="comma-separated groups to run (e.g. 01-lory-vs-dense or lory-vs-dense); default all. "
                    "The report still covers every group")

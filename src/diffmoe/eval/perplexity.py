@@ -42,14 +42,16 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
     Returns {domain: {"tokens", "loss", "ppl"}} plus "all".
     """
     skip, prompt, end = score_from, 0, dataset.context_len if score_to is None else score_to
-    if not 0 <= skip < end <= dataset.context_len:
-        raise ConfigError(f"score_from={skip}, score_to={score_to}: need 0 <= score_from < score_to <= the context "
-                          f"length {dataset.context_len}")
+    if routing is None and any(f.routing == "prompt" for f in model.ffns() if f.capabilities.routing_modes):
+        routing = "prompt"  # configured for prompt routing: score it as such, never on the whole sequence
     if routing == "prompt":
         prompt = prompt_len or prompt_segment_len(model) or 0
         if not 0 < prompt < dataset.context_len:
             raise ConfigError(f"prompt_len={prompt} must be between 1 and the context length {dataset.context_len} - 1")
         skip = max(skip, prompt)
+    if not 0 <= skip < end <= dataset.context_len:
+        raise ConfigError(f"scoring positions {skip} to {end}: need 0 <= score_from < score_to <= the context length "
+                          f"{dataset.context_len} (prompt routing scores from prompt_len on)")
     rows = np.arange(len(dataset))
     if max_batches is not None and max_batches * batch_size < len(rows):
         # held-out rows are grouped by domain: evenly spaced rows cover every domain proportionally

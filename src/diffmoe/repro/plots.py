@@ -3,8 +3,8 @@
 - ``curves``: held-out loss (all domains) against training tokens per arm: the mean over seeds, and a
   band from the lowest to the highest seed;
 - ``domains``: held-out perplexity per domain and arm: the mean over seeds, +- one standard deviation;
-- ``routing``: per MoE arm, the mean routing weights per domain and expert, one panel per layer (seed 0:
-  expert indices are arbitrary, so they do not line up across seeds);
+- ``routing``: per MoE arm, the mean routing weights per domain and expert, one panel per layer (of its
+  lowest finished seed: expert indices are arbitrary, so they do not line up across seeds);
 - ``usage``: experts in use during training (the layers' own criterion, mean over layers) per arm.
 """
 

@@ -11,7 +11,8 @@ import yaml
 
 from ..atomic import write_text_atomic
 from . import plots
-from .runner import read_result, run_dir
+from ..report import say
+from .runner import RESULT, read_result, run_dir
 from .spec import Arm, Group, Suite
 from .stats import Results, arm_spread, claim_verdict, paired, summarise, verdict
 
@@ -23,14 +24,20 @@ def load_results(work: Path, suite: Suite, arms: dict[str, Arm], seeds: int) -> 
     :func:`~diffmoe.repro.runner.measure`), and {arm: {seed: error}} of the runs whose last attempt failed."""
     results: Results = {}
     failed: dict[str, dict[int, str]] = {}
+    stale = 0
     for name, arm in arms.items():
         for seed in range(seeds):
             out = run_dir(work, suite, arm, seed)
             result = read_result(out)
             if result is not None:
                 results.setdefault(name, {})[seed] = result
+            elif (out / RESULT).is_file():
+                stale += 1
             elif (error := out.with_name(out.name + ".failed.json")).is_file():
                 failed.setdefault(name, {})[seed] = json.loads(error.read_text(encoding="utf-8"))["error"]
+    if stale:
+        say(f"{stale} finished run(s) were measured by an older diffmoe: left out of the report until "
+            "`diffmoe repro` (without --report-only) measures them again")
     return results, failed
 
 
@@ -79,13 +86,14 @@ def _group_entry(group: Group, results: Results, seeds: range, out: Path, comman
                             "ppl_change": _ppl(c, s),
                             "arms_alone": {k: v.to_dict() for k, v in alone.items()},
                             # whether the paired difference is larger than the seed-to-seed spread of each term
-                            "beyond_spread": (abs(s.mean) > max(spreads)) if s and spreads else None})
+                            "beyond_spread": (abs(s.mean) > max(spreads)) if s and spreads and c.expect != "comparable"
+                            else None})
     drawn = {}
     for kind in group.plots:
         if kind == "routing":
             for arm in group.arms:
                 p = plots.routing(results, arm, out / "plots" / f"{group.name}-routing-{arm}.png",
-                                  f"{arm}, seed 0: mean routing weight per domain")
+                                  f"{arm}, seed {min(results.get(arm, {0: 0}))}: mean routing weight per domain")
                 if p:
                     drawn[f"routing {arm}"] = p
         else:

@@ -29,7 +29,7 @@ import numpy as np
 from ..atomic import write_text_atomic
 from ..report import say
 from ..schema import ConfigError
-from .spec import Arm, Suite, run_config, run_key
+from .spec import Arm, Suite, dataset_recipe, run_config, run_key
 
 RESULT = "result.json"
 
@@ -75,10 +75,12 @@ def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None
     for name in sorted(set(names) | {order[0]}, key=order.index):
         out = dataset_dir(work, name)
         recipe_file = out / "repro_recipe.json"
-        wanted = json.dumps(suite.datasets[name], sort_keys=True)
+        wanted = json.dumps(dataset_recipe(suite, name), sort_keys=True)
         try:
             read_manifest(out)
             if recipe_file.is_file() and recipe_file.read_text(encoding="utf-8") == wanted:
+                if name != order[0]:
+                    _check_same_heldout(dataset_dir(work, order[0]), out)
                 continue
         except ValueError:
             pass

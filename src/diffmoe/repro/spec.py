@@ -253,9 +253,19 @@ def run_config(suite: Suite, arm: Arm, seed: int, data_path: str | Path) -> RunC
         raise ConfigError(f"arm {arm.name} in suite {suite.name}: {err}") from None
 
 
+def dataset_recipe(suite: Suite, name: str) -> dict:
+    """How dataset ``name`` is prepared: its options, and those of the suite's first dataset when that
+    one's tokenizer is reused (every dataset but the first)."""
+    first = next(iter(suite.datasets))
+    recipe = dict(suite.datasets[name])
+    if name != first:
+        recipe["tokenizer_of"] = suite.datasets[first]
+    return recipe
+
+
 def run_key(suite: Suite, arm: Arm, seed: int) -> str:
     """A short hash of what the run trains (config and dataset recipe, not where they live): a changed
     arm or suite trains anew in a new directory instead of resuming a different run."""
     cfg = run_config(suite, arm, seed, "data").to_dict()
-    recipe = {"run": cfg, "dataset": suite.datasets.get(arm.dataset), "corpus_mb": suite.corpus_mb}
+    recipe = {"run": cfg, "dataset": dataset_recipe(suite, arm.dataset), "corpus_mb": suite.corpus_mb}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]

@@ -16,7 +16,7 @@ from .runner import RESULT, read_result, run_dir
 from .spec import Arm, Group, Suite
 from .stats import Results, arm_spread, claim_verdict, paired, summarise, verdict
 
-LOSS_METRIC = re.compile(r"^(loss|after_T|first_T|prompt|at\d+)\.")
+LOSS_METRIC = re.compile(r"^(loss|after_T|first_T|after_half|prompt|prompt_half|at\d+)\.")
 
 
 def load_results(work: Path, suite: Suite, arms: dict[str, Arm], seeds: int) -> tuple[Results, dict]:

@@ -106,7 +106,7 @@ def _check_same_heldout(reference: Path, other: Path) -> None:
                           "runs cannot be compared; prepare them from the same corpus with the same seed")
 
 
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3
 """Bumped whenever :func:`measure` changes: a result of another version is measured again from the run's
 final checkpoint (no training)."""
 
@@ -189,6 +189,7 @@ def measure(out: Path, suite: Suite, summary: dict) -> dict:
     - ``loss.<d>``: every position;
     - ``after_T.<d>`` / ``first_T.<d>``: positions >= / < the suite's ``T`` only;
     - ``prompt.<d>``: layers with prompt routing: routed once on the first T positions, scored after them;
+    - ``after_half.<d>`` / ``prompt_half.<d>``: the same two with a prompt of half the context;
     - ``at<pct>.<d>``: the periodic evaluation at pct % of the steps (``loss`` at 100);
     - ``spec.layer<i>`` (MoE): specialisation of layer i, mean over domains of the total variation between
       the domain's mean routing vector and the mean over domains (0: routing ignores the domain);
@@ -213,8 +214,11 @@ def measure(out: Path, suite: Suite, summary: dict) -> dict:
     metrics = _flat("loss", summary["heldout"])
     metrics.update(_flat("after_T", evaluate(model, heldout, batch, score_from=T)))
     metrics.update(_flat("first_T", evaluate(model, heldout, batch, score_to=T)))
+    half = heldout.context_len // 2
+    metrics.update(_flat("after_half", evaluate(model, heldout, batch, score_from=half)))
     if prompt_segment_len(model) is not None:
         metrics.update(_flat("prompt", evaluate(model, heldout, batch, routing="prompt", prompt_len=T)))
+        metrics.update(_flat("prompt_half", evaluate(model, heldout, batch, routing="prompt", prompt_len=half)))
     records = read_metrics(out)
     steps = cfg.train.steps
     curve = [r for r in records if r.get("kind") == "eval"]

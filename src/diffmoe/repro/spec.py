@@ -25,7 +25,7 @@ from ..schema import ConfigError
 
 EXPECT = ("negative", "positive", "comparable", "open")
 PLOTS = ("curves", "domains", "routing", "usage")
-METRIC = re.compile(r"^((loss|after_T|first_T|prompt|at\d+)\.\w+|spec\.(layer\d+|upper_minus_first)"
+METRIC = re.compile(r"^((loss|after_T|first_T|after_half|prompt|prompt_half|at\d+)\.\w+|spec\.(layer\d+|upper_minus_first)"
                     r"|experts_per_segment|seconds_per_step|train_minutes)$")
 """The metrics a run records (:func:`diffmoe.repro.runner.measure`)."""
 

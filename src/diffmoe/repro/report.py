@@ -46,6 +46,7 @@ def write_report(out: Path, work: Path, suite: Suite, groups: list[Group], arms:
     """Write ``out``/REPORT.md, report.json and plots/*.png for every group; return the report."""
     results, failed = load_results(Path(work), suite, arms, seeds)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     report = {"suite": suite.name, "description": suite.description, "seeds": seeds, "command": command,
               "run": suite.run, "vars": suite.vars, "datasets": suite.datasets, "corpus_mb": suite.corpus_mb,
               "arms": {name: {**_arm_entry(arm, results.get(name, {})),

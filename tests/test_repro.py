@@ -384,3 +384,13 @@ def test_committed_report_is_the_markdown_of_its_json():
     for group in report["groups"]:
         for plot in group["plots"].values():
             assert (out / plot).is_file(), plot
+
+
+def test_report_only_before_any_run(tmp_path):
+    root = _toy_experiments(tmp_path / "exp")
+    report = run_repro(ReproOptions(experiments=root, suite="toy", work=tmp_path / "work", out=tmp_path / "new" / "out",
+                                    report_only=True, verbose=False))
+    assert [c["verdict"] for c in report["groups"][0]["comparisons"]] == ["not run", "not run"]
+    assert report["groups"][0]["verdict"] == "not run" and report["groups"][0]["plots"] == {}
+    assert "| Lory - dense | 0 |" in (tmp_path / "new" / "out" / "REPORT.md").read_text()
+    assert not (tmp_path / "work").exists()  # nothing was prepared or trained

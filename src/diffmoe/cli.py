@@ -361,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=10.0, help="time budget for the three training runs "
-                   "(the whole demo takes about 2 minutes more)")
+    p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs, at "
+                   "most 1000 steps each (the whole demo takes about 2 minutes more)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("repro", help="the reproduction suite: controlled experiments testing the papers' claims "
                        "over seeds, with a report (experiments/)")

@@ -232,8 +232,8 @@ def _calibrate(models: dict[str, ModelConfig], cfg: DemoConfig, budget_s: float)
             times.append(time.perf_counter() - t)
         per_step += sorted(times[1:])[1]  # median of the three after warm-up
     # the trainer's data loader, evaluations, checkpoints and logging add to the bare steps timed here
-    # (measured at the demo's size: dense 0.156 s per step in the trainer against 0.140 s here, Lory 0.198
-    # against 0.170; the demo's four evaluations of 48 batches come on top)
+    # (measured at the demo's size from a fresh clone: 0.430 s per step of the three models together in
+    # the trainer, evaluations included, against 0.417 s here); 1.25 leaves room for a busier machine
     say(f"  a bare training step of the three models took {per_step:.3f} s together; budget {budget_s / 60:g} min")
     return max(10, min(cfg.max_steps, int(budget_s / (per_step * 1.25))))
 

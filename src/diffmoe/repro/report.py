@@ -106,7 +106,8 @@ def _group_entry(group: Group, results: Results, seeds: range, out: Path, comman
     return {"name": group.name, "claim": str(group.claim), "title": group.title, "paper": " ".join(group.paper.split()),
             "runs": len(runs), "train_minutes": sum(r["metrics"].get("train_minutes", 0.0) for r in runs),
             "specialisation": _per_layer(group, results) if "routing" in group.plots else None,
-            "notes": " ".join(group.notes.split()), "arms": group.arms, "comparisons": comparisons,
+            "notes": " ".join(group.notes.split()), "discussion": " ".join(group.discussion.split()),
+            "arms": group.arms, "comparisons": comparisons,
             "verdict": claim_verdict(group, [c["verdict"] for c in comparisons]),
             "command": f"{command} --only {group.name}",
             "plots": {k: str(p.relative_to(out)) for k, p in drawn.items()}}
@@ -188,6 +189,8 @@ def markdown(report: dict) -> str:
                          f"{ {True: 'yes', False: 'no', None: '-'}[c['beyond_spread']]} | {seeds} | {c['verdict']} |")
         if g["notes"]:
             lines += ["", g["notes"]]
+        if g.get("discussion"):
+            lines += ["", f"Reading (written after the runs): {g['discussion']}"]
         if g["specialisation"]:
             layers = list(next(iter(g["specialisation"].values())))
             lines += ["", "Specialisation per layer (mean +- sd over seeds):", "",

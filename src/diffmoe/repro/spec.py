@@ -86,6 +86,9 @@ class Group:
     arms: list[str]
     comparisons: list[Comparison]
     notes: str = ""
+    discussion: str = ""
+    """Written after the runs, without numbers: why a sign disagrees or stays inconclusive (scale, tokens,
+    data), so that the report says it beside the measurement."""
     plots: list[str] = field(default_factory=lambda: ["curves", "domains"])
 
 
@@ -152,7 +155,7 @@ class Experiments:
         if not path.is_file():
             raise ConfigError(f"unknown group {name!r}; known: {', '.join(self.group_names())}")
         data = _read(path)
-        _fields(path, data, ("claim", "title", "paper", "arms", "comparisons"), ("notes", "plots"))
+        _fields(path, data, ("claim", "title", "paper", "arms", "comparisons"), ("notes", "discussion", "plots"))
         comparisons = [_comparison(path, i, c, data["arms"]) for i, c in enumerate(data.pop("comparisons"))]
         unknown = [p for p in data.get("plots", ()) if p not in PLOTS]
         if unknown:

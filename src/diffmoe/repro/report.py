@@ -189,7 +189,7 @@ def markdown(report: dict) -> str:
                          f"{ {True: 'yes', False: 'no', None: '-'}[c['beyond_spread']]} | {seeds} | {c['verdict']} |")
         if g["notes"]:
             lines += ["", g["notes"]]
-        if g.get("discussion"):
+        if g["discussion"]:
             lines += ["", f"Reading (written after the runs): {g['discussion']}"]
         if g["specialisation"]:
             layers = list(next(iter(g["specialisation"].values())))

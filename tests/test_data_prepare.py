@@ -13,6 +13,7 @@ import pytest
 from diffmoe.data import (DataError, OrderingConfig, PackedDataset, PrepareConfig, TokenizerConfig,
                           load_tokenizer, prepare, read_manifest)
 from diffmoe.data import store as data_store
+from diffmoe.data.workdir import is_ours
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = "the a of and to in is it that was for on with as by at from this".split()
@@ -69,6 +70,13 @@ def small_config(**ordering):
 
 def documents(out):
     return [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
+
+
+def without_run(out):
+    """The manifest's text without its ``run`` block (timing, workers, versions)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("run")
+    return json.dumps(manifest, indent=2)
 
 
 def stored_rows(out, split):
@@ -202,6 +210,9 @@ def test_same_inputs_and_seed_give_identical_bytes(corpus, prepared, tmp_path):
     names = sorted(p.name for p in prepared.iterdir())
     assert names == sorted(p.name for p in (tmp_path / "again").iterdir())
     for name in names:
+        if name == "manifest.json":  # identical but for the block that records the run (timing, workers)
+            assert without_run(prepared) == without_run(tmp_path / "again")
+            continue
         assert (prepared / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     config = small_config()
     config.seed = 4
@@ -257,10 +268,11 @@ def test_a_crash_mid_write_leaves_no_loadable_dataset(corpus, tmp_path, monkeypa
         prepare(corpus[0], out, small_config(), overwrite=True)
     with pytest.raises(DataError, match="has no manifest.json"):
         PackedDataset(out)
-    assert not [p.name for p in out.iterdir()]  # the failed run cleaned up after itself
+    assert all(is_ours(p.name) for p in out.iterdir())  # the failed run kept its work for a resume
     monkeypatch.setattr(data_store, "commit", real_commit)
-    prepare(corpus[0], out, small_config())  # and the directory is usable again
-    assert len(PackedDataset(out)) > 0
+    result = prepare(corpus[0], out, small_config())  # the same command resumes it, no --overwrite needed
+    assert result.resumed == (fail_at != 0)  # (the first write is the plan itself: nothing to resume)
+    assert len(PackedDataset(out, verify=True)) > 0
 
 
 def test_a_killed_process_leaves_no_loadable_dataset(corpus, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from diffmoe.data import DataError, TokenizerConfig
-from diffmoe.data.tokenizer import EOD_TOKEN, eod_id, gpt2_tokenizer, load_tokenizer_file, train_bpe, vocab_size
+from diffmoe.data.tokenizer import EOD_TOKEN, eod_id, gpt2_tokenizer, load_pretrained, resolve, train_bpe, vocab_size
 
 TRAIN_TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -57,18 +57,24 @@ def test_gpt2_vocabulary():
         assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
 
 
-def test_load_tokenizer_json_adds_missing_eod(tmp_path):
+def test_a_pretrained_vocabulary_is_never_extended(tmp_path):
     tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    loaded = load_tokenizer_file(tmp_path)  # a directory holding tokenizer.json works too
-    assert eod_id(loaded, EOD_TOKEN) == 3
-    assert vocab_size(loaded) == 4
+    _, loaded, special = load_pretrained(tmp_path)  # a directory holding tokenizer.json works too
+    assert vocab_size(loaded) == 3 and special == {}
+    # no EOS anywhere (no config file, no special token): a clear error, not a new id
+    with pytest.raises(DataError, match=r"cannot tell the end-of-document token .*name it with --eod-token"):
+        resolve(TokenizerConfig(source=str(tmp_path)))
+    with pytest.raises(DataError, match=r"'<\|endoftext\|>' is not in the vocabulary of .*never extended"):
+        resolve(TokenizerConfig(source=str(tmp_path), eod_token=EOD_TOKEN))
+    vocab = resolve(TokenizerConfig(source=str(tmp_path), eod_token="b"))  # one of its own tokens
+    assert vocab.eod_id == 1 and vocab.vocab_size == 3 and vocab.added_tokens == []
     with pytest.raises(DataError, match="tokenizer not found"):
-        load_tokenizer_file(tmp_path / "missing.json")
+        load_pretrained(tmp_path / "missing.json")
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(DataError, match=r"broken\.json: not a readable tokenizer\.json"):
-        load_tokenizer_file(tmp_path / "broken.json")
+        load_pretrained(tmp_path / "broken.json")
 
 
 def test_config_validation():

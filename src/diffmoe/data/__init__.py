@@ -1,4 +1,4 @@
-"""Data: documents in, tokenizer, similarity ordering, packing, token shards on disk.
+"""Data: documents in, tokenizer, similarity ordering, packing, token shards on disk, mixtures.
 
 Typical use::
 
@@ -8,12 +8,13 @@ Typical use::
     train = PackedDataset("data/", split="train")   # item: input_ids / labels int64 [512], domain
     tokenizer = load_tokenizer("data/")
 
-See docs/data.md for the formats, the ordering algorithm and the built-in corpus.
+See docs/data.md for the inputs, the engine, the ordering algorithm, mixtures and the built-in corpus.
 """
 
 from .builtin import BuiltinCorpusConfig, build_builtin_corpus
 from .config import OrderingConfig, PrepareConfig
 from .dataset import PackedDataset
+from .engine import EngineConfig
 from .errors import DataError
 from .order import similarity_walk
 from .prepare import PrepareResult, prepare
@@ -22,7 +23,7 @@ from .store import read_manifest
 from .tokenizer import TokenizerConfig, load_tokenizer
 
 __all__ = [
-    "BuiltinCorpusConfig", "Corpus", "DataError", "Document", "OrderingConfig", "PackedDataset",
+    "BuiltinCorpusConfig", "Corpus", "DataError", "Document", "EngineConfig", "OrderingConfig", "PackedDataset",
     "PrepareConfig", "PrepareResult", "ReadOptions", "TokenizerConfig", "build_builtin_corpus",
     "load_tokenizer", "prepare", "read_manifest", "similarity_walk",
 ]

@@ -1,22 +1,15 @@
-"""Dedup and ordering: each document's status, exact and near-duplicate removal, the training order
-(the In-Context Pretraining greedy walk, or a seeded shuffle) and the held-out order.
+"""Dedup and ordering over the whole corpus: each document's status, exact and near-duplicate removal,
+the training order (the In-Context Pretraining greedy walk, or a seeded shuffle) and the held-out order.
 
-The graph functions work on a k-nearest-neighbour graph given as edge arrays (``a[e]``, ``b[e]``,
-``sim[e]``): the pair of documents ``a[e]`` and ``b[e]`` with cosine similarity ``sim[e]``. Edges are
-undirected here: ``b`` is a neighbour of ``a`` and ``a`` one of ``b``.
+The graph functions take a k-nearest-neighbour graph as a table ``nbr`` (int64 [n, k], -1 for none) with
+the similarity of each edge in ``sim`` (float32 [n, k]), or as edge arrays (``a[e]``, ``b[e]``,
+``sim[e]``). Edges are undirected: ``b`` is a neighbour of ``a`` and ``a`` one of ``b``. Memory and time
+are O(n k).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from tokenizers import Tokenizer
-
-from ..report import say
-from .config import PrepareConfig
-from .embed import MINILM_MAX_TOKENS, Embedding, minilm_embedding, tfidf_embedding
-from .ingest import TokenStore
-from .knn import nearest_neighbours, resolve_backend
-from .tokenizer import vocab_size
 
 # Document status codes (documents.jsonl "split").
 TRAIN, HELDOUT, EXACT_DUP, NEAR_DUP = 0, 1, 2, 3
@@ -31,64 +24,62 @@ def exact_duplicates(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return status, np.where(status == EXACT_DUP, first_of, -1)
 
 
-def order_training(store: TokenStore, status: np.ndarray, duplicate_of: np.ndarray, tokenizer: Tokenizer,
-                   config: PrepareConfig, verbose: bool) -> tuple[np.ndarray, str | None]:
-    """Drop near-duplicates (updating ``status`` / ``duplicate_of`` in place) and order the training
-    documents. Returns (train order int64 [n_train], the kNN backend used or None)."""
-    ordering = config.ordering
-    similarity = ordering.batching == "similarity"
-    if not similarity and ordering.dedup_threshold is None:
-        train = np.flatnonzero(status == TRAIN)
-        return _shuffled(train, config.seed), None
-    backend = resolve_backend(ordering.knn_backend)
-    candidates = np.flatnonzero(status != EXACT_DUP)
-    walked = []
-    for start in range(0, len(candidates), ordering.chunk_docs):
-        idx = candidates[start:start + ordering.chunk_docs]
-        embedding = _embed(store, idx, tokenizer, config)
-        neighbours = nearest_neighbours(embedding.vectors, ordering.knn_k, backend)
-        a = np.repeat(np.arange(len(idx)), neighbours.shape[1])
-        b = neighbours.ravel()
-        sim = embedding.pair_similarity(a, b)
-        if ordering.dedup_threshold is not None:
-            groups = near_duplicate_groups(len(idx), a, b, sim, ordering.dedup_threshold)
-            keep = keep_one_per_group(groups, status[idx] == HELDOUT)
-            kept_of_group = np.full(len(idx), -1, dtype=np.int64)
-            kept_of_group[groups[keep]] = np.flatnonzero(keep)
-            status[idx[~keep]] = NEAR_DUP
-            duplicate_of[idx[~keep]] = idx[kept_of_group[groups[~keep]]]
-        if similarity:
-            local = np.flatnonzero(status[idx] == TRAIN)
-            position = np.full(len(idx), -1, dtype=np.int64)
-            position[local] = np.arange(len(local))
-            edge = (position[a] >= 0) & (position[b] >= 0)
-            walk = similarity_walk(len(local), position[a[edge]], position[b[edge]], sim[edge],
-                                   ordering.max_chain_docs)
-            walked.append(idx[local[walk]])
-        say(f"compared documents {start}-{start + len(idx)} of {len(candidates)} with their neighbours", verbose)
-    if similarity:
-        return np.concatenate(walked), backend
-    return _shuffled(np.flatnonzero(status == TRAIN), config.seed), backend
+def edges(nbr: np.ndarray, sim: np.ndarray, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph table's edges (a, b, sim), without -1 entries (of rows ``rows`` only, when given)."""
+    if rows is not None:
+        first = rows.start or 0
+        nbr, sim = nbr[rows], sim[rows]
+    else:
+        first = 0
+    a = np.repeat(np.arange(first, first + len(nbr), dtype=np.int64), nbr.shape[1])
+    b, s = nbr.ravel(), sim.ravel()
+    keep = b >= 0
+    return a[keep], b[keep].astype(np.int64), s[keep].astype(np.float32)
 
 
-def _embed(store: TokenStore, idx: np.ndarray, tokenizer: Tokenizer, config: PrepareConfig) -> Embedding:
-    ordering = config.ordering
-    if ordering.embedding == "tfidf":
-        return tfidf_embedding([store.doc(i) for i in idx], vocab_size(tokenizer), ordering.lsa_dims, config.seed)
-    texts = tokenizer.decode_batch([store.doc(i)[:MINILM_MAX_TOKENS].tolist() for i in idx])
-    return minilm_embedding(texts)
+def remove_near_duplicates(docs: np.ndarray, nbr: np.ndarray, sim: np.ndarray, status: np.ndarray,
+                           duplicate_of: np.ndarray, threshold: float) -> None:
+    """Mark near-duplicates among ``docs`` (the documents the graph's rows are, int64 [n]) in ``status`` and
+    ``duplicate_of`` (indexed by document), keeping one per group — a held-out one when the group has one."""
+    a, b, s = edges(nbr, sim)
+    groups = near_duplicate_groups(len(docs), a, b, s, threshold)
+    keep = keep_one_per_group(groups, status[docs] == HELDOUT)
+    kept_of_group = np.full(len(docs), -1, dtype=np.int64)
+    kept_of_group[groups[keep]] = np.flatnonzero(keep)
+    status[docs[~keep]] = NEAR_DUP
+    duplicate_of[docs[~keep]] = docs[kept_of_group[groups[~keep]]]
 
 
-def _shuffled(indices: np.ndarray, seed: int) -> np.ndarray:
+def walk(docs: np.ndarray, nbr: np.ndarray, sim: np.ndarray, status: np.ndarray, max_chain_docs: int | None,
+         chunks: list[slice] | None = None) -> np.ndarray:
+    """The training documents among ``docs`` (the graph's rows) in walk order: int64 [n_train] of document
+    indices. With ``chunks`` (row ranges whose edges stay inside), each chunk is walked on its own, in order."""
+    out = []
+    for rows in chunks or [slice(0, len(docs))]:
+        a, b, s = edges(nbr, sim, rows)
+        first = rows.start or 0
+        local = np.flatnonzero(status[docs[rows]] == TRAIN)
+        position = np.full(len(docs[rows]), -1, dtype=np.int64)
+        position[local] = np.arange(len(local))
+        inside = (b >= first) & (b < first + len(position))  # chunks: only edges inside the chunk
+        a, b, s = position[a[inside] - first], position[b[inside] - first], s[inside]
+        keep = (a >= 0) & (b >= 0)
+        order = similarity_walk(len(local), a[keep], b[keep], s[keep], max_chain_docs)
+        out.append(docs[rows][local[order]])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def shuffled(indices: np.ndarray, seed: int) -> np.ndarray:
+    """The random-batching control: a seeded shuffle of the training documents."""
     return np.random.default_rng(np.random.SeedSequence([seed, 0])).permutation(indices)
 
 
-def order_heldout(store: TokenStore, status: np.ndarray, seed: int) -> np.ndarray:
+def order_heldout(domain_ids: np.ndarray, status: np.ndarray, domains: int, seed: int) -> np.ndarray:
     """Held-out documents grouped by domain (domain id order), shuffled within each domain."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     held = status == HELDOUT
-    parts = [rng.permutation(np.flatnonzero(held & (store.domain_ids == d))) for d in range(len(store.domains))]
-    return np.concatenate(parts).astype(np.int64)
+    parts = [rng.permutation(np.flatnonzero(held & (domain_ids == d))) for d in range(domains)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def near_duplicate_groups(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray, threshold: float) -> np.ndarray:
@@ -97,22 +88,15 @@ def near_duplicate_groups(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray,
     Returns int64 [n]: each document's group label, the smallest document index in its group; a
     document without such an edge is its own group.
     """
-    parent = np.arange(n, dtype=np.int64)
-
-    def find(i: int) -> int:
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:  # path compression
-            parent[i], i = root, parent[i]
-        return root
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     close = sim >= threshold
-    for i, j in zip(a[close].tolist(), b[close].tolist()):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return np.array([find(i) for i in range(n)], dtype=np.int64)
+    graph = coo_matrix((np.ones(int(close.sum()), dtype=np.int8), (a[close], b[close])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n, dtype=np.int64))
+    return smallest[labels]
 
 
 def keep_one_per_group(groups: np.ndarray, preferred: np.ndarray) -> np.ndarray:

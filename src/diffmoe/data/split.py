@@ -1,4 +1,4 @@
-"""The held-out split: whole documents, a fixed fraction of each domain, chosen by a seeded hash.
+"""Content hashes and the held-out split: whole documents, a fixed fraction of each domain, chosen by a seeded hash.
 
 A document's place in the ranking depends only on its content hash and the seed, so the held-out set
 does not change with the input order, the batching method or the other documents of its domain
@@ -7,9 +7,16 @@ beyond their number.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def content_key(text: str) -> int:
+    """64-bit content hash of a document (equal texts, equal keys)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def mix64(x: np.ndarray) -> np.ndarray:

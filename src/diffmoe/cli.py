@@ -72,7 +72,7 @@ def _eval(args) -> int:
 
     env = distributed.setup(args.device)
     cfg, model, path = _load(args, env.device)
-    data = PackedDataset(args.data or cfg.data.path, "heldout")
+    data = PackedDataset(args.data or cfg.data.primary_path, "heldout")
     result = evaluate(model, data, args.batch_size, args.max_batches, args.routing, args.prompt_len,
                       rank=env.rank, world=env.world)
     if env.is_main:
@@ -151,7 +151,7 @@ def _generate(args) -> int:
     from .eval.generate import generate_stream
 
     cfg, model, _ = _load(args)
-    tokenizer = load_tokenizer(args.data or cfg.data.path)
+    tokenizer = load_tokenizer(args.data or cfg.data.primary_path)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ConfigError("--prompt encodes to no tokens")
@@ -182,7 +182,7 @@ def _analyze(args) -> int:
     from .train.metrics import read_metrics
 
     cfg, model, path = _load(args)
-    data = PackedDataset(args.data or cfg.data.path, "heldout")
+    data = PackedDataset(args.data or cfg.data.primary_path, "heldout")
     out = Path(args.out or Path(args.run) / "analysis")
     out.mkdir(parents=True, exist_ok=True)
     if not model.moe_layers():

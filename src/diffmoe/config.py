@@ -105,7 +105,19 @@ class DataConfig:
     accumulation = batch_size / (micro_batch_size x ranks), which must be a whole number."""
     eval_batches: int | None = 8
     """Periodic evaluation scores eval_batches x (micro_batch_size, else batch_size) evenly spaced
-    held-out rows, whatever the number of ranks (None: the whole held-out split)."""
+    held-out rows, whatever the number of ranks (None: the whole held-out split); per dataset of a mixture."""
+    mixture: list[dict] | None = None
+    """A weighted mixture of prepared datasets, used instead of ``path``: a list of ``{path, weight}`` (and
+    an optional ``name``, the prefix of its evaluation keys), e.g. ``[{path: data/web, weight: 3}, {path:
+    data/code, weight: 1}]``. Each global batch draws from the datasets by their weights, deterministically
+    from (seed, step) and the same on any number of ranks; the datasets must share a tokenizer.
+    See :mod:`diffmoe.data.mixture`."""
+
+    @property
+    def primary_path(self) -> str:
+        """The dataset whose tokenizer, end-of-document id and context length the run uses (the first of a
+        mixture, whose datasets all share them)."""
+        return str(self.mixture[0]["path"]) if self.mixture else self.path
 
 
 DTYPES = ("float32", "bfloat16")
@@ -249,6 +261,10 @@ class RunConfig:
                   f"must divide data.batch_size={d.batch_size}")
         check(d.eval_batches is None or d.eval_batches >= 1, "data.eval_batches", d.eval_batches,
               "must be a positive integer or null")
+        if d.mixture is not None:
+            from .data.mixture import check_mixture
+
+            check_mixture(d.mixture)
         for name in ("steps", "log_every", "routing_log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "max_bad_steps"):
             value = getattr(t, name)

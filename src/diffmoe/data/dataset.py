@@ -20,7 +20,7 @@ class PackedDataset(torch.utils.data.Dataset):
       - ``labels``: int64 [context_len], the row without its first token (next-token targets);
       - ``domain``: int64 [] (scalar), index into ``domains`` of the domain with most tokens in the row.
 
-    ``domain_tokens`` (uint32 [rows, num_domains]) gives the full domain mix of each row.
+    ``domain_tokens`` (uint32 [rows, num_domains], memory-mapped) gives the full domain mix of each row.
     Train rows are shuffled; held-out rows are grouped by domain (in ``domains`` order), so all but at
     most ``num_domains - 1`` of them hold a single domain (see :meth:`rows_of_domain`).
     """
@@ -41,7 +41,7 @@ class PackedDataset(torch.utils.data.Dataset):
             self.verify()
         self._shards = [self._open_shard(entry) for entry in info["shards"]]
         self._offsets = np.cumsum([0] + [len(s) for s in self._shards])
-        self.domain_tokens = self._load_array(info["domain_tokens_file"])
+        self.domain_tokens = self._load_array(info["domain_tokens_file"], mmap=True)
         if len(self.domain_tokens) != len(self):
             raise DataError(f"{self.path}: {info['domain_tokens_file']} has {len(self.domain_tokens)} rows, "
                             f"the shards {len(self)}")
@@ -54,7 +54,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.__dict__.update(state)
         info = self.manifest["splits"][self.split]
         self._shards = [self._open_shard(entry) for entry in info["shards"]]
-        self.domain_tokens = self._load_array(info["domain_tokens_file"])
+        self.domain_tokens = self._load_array(info["domain_tokens_file"], mmap=True)
 
     def _open_shard(self, entry: dict) -> np.ndarray:
         rows = self._load_array(entry["file"], mmap=True)

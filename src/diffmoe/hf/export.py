@@ -281,7 +281,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
     from ..train.checkpoint import load_run
 
     cfg, model, _ = load_run(run_dir, checkpoint)
-    data = Path(cfg.data.path)
+    data = Path(cfg.data.primary_path)
     if not data.is_absolute() and not data.exists() and (Path(run_dir) / data).exists():
         data = Path(run_dir) / data
     tokenizer_dir = None

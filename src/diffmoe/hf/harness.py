@@ -64,7 +64,7 @@ def _define():
 
                 raise ConfigError(f"invalid routing={routing!r}: choose one of {', '.join(ROUTINGS)}")
             self.cfg, self.model, self.checkpoint = load_run(run_dir, checkpoint, device)
-            path = data or self.cfg.data.path
+            path = data or self.cfg.data.primary_path
             self.tokenizer = load_tokenizer(path)
             self._eot = int(read_manifest(path)["tokenizer"]["eod_id"])
             self.routing = routing

@@ -24,6 +24,7 @@ import torch
 from ..config import ConfigError, RunConfig, load_config, save_config
 from ..data.dataset import PackedDataset
 from ..data.loader import BatchStream
+from ..data.mixture import MixtureStream, open_datasets, sources_of
 from ..model import Decoder
 from ..report import progress, say
 from ..parallel import distributed
@@ -85,13 +86,20 @@ class Trainer:
         self.accept_config_change = accept_config_change
         self.config_change: dict | None = None
         self.verbose = show_progress and env.is_main
-        self.train_set = PackedDataset(cfg.data.path, "train")
+        sources = sources_of(cfg.data)
+        train_sets = open_datasets(sources, "train")
+        self.train_set = train_sets[0]
         self.config_warnings = _check_data(cfg, self.train_set)
         tc = cfg.train
         self.micro, self.accum = batch_split(cfg, env.world)
-        self.stream = BatchStream(self.train_set, self.micro, tc.seed, env.rank, env.world)
-        self.evaluator = Evaluator(PackedDataset(cfg.data.path, "heldout"), self.micro,
-                                   eval_batches(cfg, self.micro), env.rank, env.world)
+        if cfg.data.mixture:
+            self.stream = MixtureStream(train_sets, [s.weight for s in sources], self.micro, tc.seed,
+                                        cfg.data.batch_size, env.rank, env.world)
+            heldout = dict(zip((s.name for s in sources), open_datasets(sources, "heldout")))
+        else:
+            self.stream = BatchStream(self.train_set, self.micro, tc.seed, env.rank, env.world)
+            heldout = PackedDataset(cfg.data.path, "heldout")
+        self.evaluator = Evaluator(heldout, self.micro, eval_batches(cfg, self.micro), env.rank, env.world)
         self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank, env.world, cfg.to_dict())
         self.plan = ParallelPlan.build(tc.parallel, env.world, env.device.type, tc.compile, tc.bf16)
         self.switch_step = int(round(tc.dense_warmup_frac * tc.steps)) if cfg.model.has_moe else 0
@@ -103,7 +111,7 @@ class Trainer:
         start_step, state = self._restore(resume)
         counts = self.model.parameter_counts()
         say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
-            f"{len(self.train_set)} training sequences of {self.train_set.context_len} tokens; "
+            f"{_describe_data(self.cfg, self.train_set)}; "
             f"{self.plan.layout.describe()}, {self.accum} micro-batch(es) of {self.micro} per rank and step",
             self.verbose and start_step == 0)
         # a resume rewrites the records after start_step: metrics.jsonl was truncated, TensorBoard purges them
@@ -277,6 +285,13 @@ def _check_data(cfg: RunConfig, dataset) -> list[str]:
         raise ConfigError(f"invalid config: model.max_seq_len={cfg.model.max_seq_len}: the dataset's "
                           f"sequences have {dataset.context_len} positions")
     return cfg.check_training(dataset.context_len)
+
+
+def _describe_data(cfg: RunConfig, train_set) -> str:
+    if not cfg.data.mixture:
+        return f"{len(train_set)} training sequences of {train_set.context_len} tokens"
+    parts = ", ".join(f"{s.name} {s.weight:.0%}" for s in sources_of(cfg.data))
+    return f"a mixture of {len(cfg.data.mixture)} datasets ({parts}) of {train_set.context_len}-token sequences"
 
 
 def _due(done: int, every: int, last: int) -> bool:

@@ -85,7 +85,7 @@ class Workload:
 def workload(cfg: RunConfig, gpus: int, seq_len: int | None = None, micro_batch: int | None = None) -> Workload:
     """The step of ``cfg`` on ``gpus`` ranks; errors (a batch that does not split) are ConfigErrors."""
     d, t = cfg.data, cfg.train
-    L = seq_len or _dataset_context_len(d.path) or cfg.model.max_seq_len
+    L = seq_len or _dataset_context_len(d.primary_path) or cfg.model.max_seq_len
     _positive_int("--seq-len", L)
     batch = d.batch_size
     micro = micro_batch or getattr(d, "micro_batch_size", None)

@@ -56,6 +56,8 @@ def _add_prepare(subparsers) -> None:
     g.add_argument("--executor", choices=EXECUTORS, default="local", help="datatrove executor (default local)")
     g.add_argument("--executor-config", help="YAML of the executor's options (partition, time, cpus_per_task, "
                                              "...; stages: per-stage overrides); see docs/data.md")
+    g.add_argument("--keep-work", action="store_true",
+                   help="keep the work directory (OUT/.prepare-tmp: task markers and logs) after success")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default=t.source,
                    help="'train' (byte-level BPE on the corpus, default), 'gpt2', a tokenizer.json, a directory in "
@@ -126,7 +128,7 @@ def run_prepare(args: argparse.Namespace) -> int:
                                 max_chain_docs=args.max_chain_docs, chunk_docs=args.chunk_docs))
     engine = EngineConfig.from_yaml(args.executor_config, args.executor, args.workers)
     result = prepare(args.corpus, args.out, config, overwrite=args.overwrite, verbose=True, engine=engine,
-                     save_neighbours=args.save_neighbours)
+                     save_neighbours=args.save_neighbours, keep_work=args.keep_work)
     say(summary(result))
     return 0
 

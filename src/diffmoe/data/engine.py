@@ -232,6 +232,8 @@ class Engine:
         config.validate()
         self.config, self.work, self.show_progress = config, Path(work), show_progress
         self.workers = config.workers or (cpu_count() if config.executor == "local" else None)
+        self.tasks_run: dict[str, dict] = {}
+        """stage -> {"tasks": how many, "ran": how many this run ran (the others were marked done)}."""
 
     def describe(self) -> dict:
         return {"executor": self.config.executor, "workers": self.workers}
@@ -241,6 +243,7 @@ class Engine:
         sizes = stage.sizes()
         markers = Markers(self.work, stage.name)
         pending = [i for i in range(len(sizes)) if not markers.done(i)]
+        self.tasks_run[stage.name] = {"tasks": len(sizes), "ran": len(pending)}
         if pending:
             _clear(self.work / "progress" / stage.name)
             display = StageProgress(stage.name, sum(sizes), stage.unit, self.show_progress)

@@ -66,13 +66,14 @@ class PrepareResult:
 
 def prepare(corpus, out: str | os.PathLike, config: PrepareConfig | None = None, overwrite: bool = False,
             verbose: bool = False, engine: EngineConfig | None = None,
-            save_neighbours: str | os.PathLike | None = None) -> PrepareResult:
+            save_neighbours: str | os.PathLike | None = None, keep_work: bool = False) -> PrepareResult:
     """Prepare ``corpus`` (a path, glob, URL or ``hf:NAME``, or a list of them) into the dataset directory
     ``out`` (layout: :mod:`diffmoe.data.store`).
 
     ``out`` must be new, empty, hold a previous dataset (replaced only with ``overwrite``) or an interrupted
     run of the same command, which is resumed. ``engine`` runs the per-shard stages (default: all local
-    cores). ``save_neighbours`` also writes the kNN graph (``.npz``, the layout ``--neighbours`` reads).
+    cores). ``save_neighbours`` also writes the kNN graph (``.npz``, the layout ``--neighbours`` reads);
+    ``keep_work`` keeps the work directory (``OUT/.prepare-tmp``: markers, per-task logs) after success.
     Raises :class:`DataError` for bad input or options, and then leaves nothing in ``out``; any other
     failure keeps the work done so far for a resume. ``verbose`` shows each stage's progress.
     """
@@ -96,7 +97,8 @@ def prepare(corpus, out: str | os.PathLike, config: PrepareConfig | None = None,
     except DataError:
         remove_ours(out)  # bad input or options: nothing worth resuming
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     seconds = {s.stage: round(s.seconds, 3) for s in run.timings.stages}
     return PrepareResult(out, manifest, seconds, resumed, run.timings)
 
@@ -114,6 +116,7 @@ class _Run:
         self.g.mkdir(exist_ok=True)
         self.timings = Timings()
         self.documents, self.text_bytes = 0, 0
+        self.globals_run: list[str] = []
 
     # ------------------------------------------------------------------------------------------ helpers
     def _timed(self, name: str, fn, *args):
@@ -126,6 +129,7 @@ class _Run:
         """Run global stage ``name`` unless its marker exists; returns what it recorded."""
         if not self.globals.done(name):
             self.globals.mark(name, fn() or {})
+            self.globals_run.append(name)
         return self.globals.info(name)
 
     def _say(self, message: str) -> None:
@@ -472,6 +476,7 @@ class _Run:
             if module is not None:
                 versions[name] = getattr(module, "__version__", None)
         return {**self.engine.describe(), "resumed": resumed, "read_tasks": len(self.tasks),
+                "tasks": self.engine.tasks_run, "global_stages_run": self.globals_run,
                 "stages": self.timings.rows(self.documents, self.text_bytes),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "versions": versions}

@@ -351,3 +351,42 @@ def test_an_imported_graph_gives_the_computed_order_and_neighbours_span_the_corp
     with pytest.raises(DataError, match=r"rows, but the corpus has \d+ documents"):
         np.save(tmp_path / "short.npy", ids[:-1])
         prepare(corpus, tmp_path / "bad", small_config(neighbours=str(tmp_path / "short.npy")))
+
+
+def test_slurm_executor_runs_the_stages_as_array_jobs_and_writes_the_same_bytes(corpus, tmp_path, monkeypatch):
+    """The Slurm path end to end, with stand-ins for sbatch / squeue / srun / scontrol that run each array
+    task in a local process (tests/fake_slurm): datatrove pickles the stages, the tasks run elsewhere,
+    this process waits for their markers."""
+    fake = Path(__file__).parent / "fake_slurm"
+    monkeypatch.setenv("PATH", os.pathsep.join([str(fake), str(Path(sys.executable).parent), os.environ["PATH"]]))
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path / "slurm"))
+    monkeypatch.setenv("PYTHONPATH", SRC)
+    (tmp_path / "slurm.yaml").write_text("partition: cpu\ntime: '00:10:00'\npoll_s: 0.2\ntasks_per_job: 16\n"
+                                         "stages: {tokenize: {cpus_per_task: 2}}\n")
+    config = many_tasks(batching="random", dedup_threshold=None)
+    engine = EngineConfig.from_yaml(tmp_path / "slurm.yaml", executor="slurm")
+    result = prepare(corpus, tmp_path / "slurm_out", config, engine=engine)
+    assert result.manifest["run"]["executor"] == "slurm"
+    prepare(corpus, tmp_path / "local_out", many_tasks(batching="random", dedup_threshold=None))
+    same_dataset(tmp_path / "slurm_out", tmp_path / "local_out")
+    scripts = sorted((tmp_path / "slurm").glob("*.sh"))
+    tokenize = next(s.read_text() for s in scripts if "--cpus-per-task=2" in s.read_text())
+    assert "#SBATCH --partition=cpu" in tokenize and "#SBATCH --array=0-" in tokenize
+
+
+def test_executor_config_errors_name_the_option(tmp_path):
+    (tmp_path / "bad.yaml").write_text("partition: cpu\ntime: '1:00:00'\nmem_per_gpu: 4\n")
+    with pytest.raises(DataError, match=r"unknown slurm option mem_per_gpu; the SlurmPipelineExecutor takes .*"
+                                        r"mem_per_cpu_gb"):
+        EngineConfig.from_yaml(tmp_path / "bad.yaml", executor="slurm")
+    (tmp_path / "short.yaml").write_text("time: '1:00:00'\n")
+    with pytest.raises(DataError, match=r"executor slurm needs 'partition'"):
+        EngineConfig.from_yaml(tmp_path / "short.yaml", executor="slurm")
+    (tmp_path / "workers.yaml").write_text("workers: 4\n")
+    with pytest.raises(DataError, match=r"workers is set by diffmoe prepare itself \(use --workers\)"):
+        EngineConfig.from_yaml(tmp_path / "workers.yaml")
+    (tmp_path / "stage.yaml").write_text("stages: {embed: {gpus: 1}}\n")
+    with pytest.raises(DataError, match=r"unknown local option stages\.embed\.gpus"):
+        EngineConfig.from_yaml(tmp_path / "stage.yaml")
+    with pytest.raises(DataError, match=r"invalid workers=0"):
+        EngineConfig(workers=0).validate()

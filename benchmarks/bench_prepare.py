@@ -1,18 +1,30 @@
-"""Measure ``diffmoe prepare``: ordering quality, and throughput / memory as the corpus grows.
+"""Measure ``diffmoe prepare``: throughput per stage and worker count, the global kNN, ordering quality.
 
-    python benchmarks/bench_prepare.py quality    [--max-mb-per-domain all] [--context-len 512]
-    python benchmarks/bench_prepare.py throughput [--sizes 10000,30000,100000]
+    python benchmarks/bench_prepare.py throughput [--sizes 100000] [--workers 1,2] [--repeats 3]
+    python benchmarks/bench_prepare.py ann        [--sizes 100000,1000000] [--dims 384]
+    python benchmarks/bench_prepare.py quality    [--minilm-pairs 1000]
 
-quality: builds the built-in corpus, prepares it twice with the same seed and tokenizer — random and
-similarity batching — and reports, over pairs of documents adjacent inside a training sequence, the
-mean cosine similarity under an embedding the ordering never saw (word-level TF-IDF fitted on the
-documents; optionally all-MiniLM-L6-v2 on a sample of pairs), and how often both share a domain.
+throughput: cuts the built-in corpus into short documents (line-aligned pieces of >= 200 characters,
+~320 bytes each) and prepares the first N of a seeded shuffle, written as ``--files`` JSON lines files
+(TF-IDF similarity batching, BPE 8192, context 512, read tasks of ``--task-mb``) in a fresh process per run, with each worker count in turn, ``--repeats`` times (medians).
+Per stage: wall time, documents/s and MB/s of text (over the whole corpus, so the stages' times add up
+to the end-to-end time); per run: peak RSS of the coordinator and of the largest worker, and the peak
+scratch disk of the work directory per GB of input. ``--baseline SRC`` also runs another checkout's
+``prepare`` (its ``src`` folder) on the same corpus, interleaved, for the end-to-end comparison.
 
-throughput: cuts the built-in corpus into short documents (line-aligned pieces of >= 200 characters),
-and for each size prepares the first N of a seeded shuffle with TF-IDF similarity batching in a fresh
-process, reporting documents/s, seconds per stage and peak RSS.
+ann: synthetic clustered vectors (``--dims``, 1 per 1000 documents as cluster centres, L2-normalised);
+for each size, faiss IVF at the default settings (nprobe tuned to recall@10 >= 0.9 on 1000 seeded
+queries) against exact search: build and search time for every vector as a query, memory, recall@10
+measured on 1000 other queries. Exact search of every query is timed on 2000 queries and scaled by
+n / 2000 when it would take longer than ``--exact-full-max`` documents.
 
-Writes a markdown table to stdout and, with --json, the raw numbers.
+quality: the whole built-in corpus (all MB per domain), prepared with the same tokenizer by: the global
+graph (exact at this size), the global graph searched with IVF, the old local ordering (exact within
+chunks of ``--chunk-docs``), and random batching. Over pairs of documents adjacent inside a training
+row: the mean cosine under embeddings the ordering never used (word TF-IDF; optionally MiniLM on a
+sample of pairs), and how often both share a domain.
+
+Writes markdown tables to stdout and, with ``--json``, the numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +51,211 @@ from diffmoe.data import (BuiltinCorpusConfig, Corpus, OrderingConfig, PrepareCo
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:,.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ throughput
+def short_documents(corpus: Path, min_chars: int = 200):
+    """(text, domain) pieces of the corpus's documents, cut at line ends once >= min_chars."""
+    for doc in Corpus(corpus):
+        piece, size = [], 0
+        for line in doc.text.splitlines(keepends=True):
+            piece.append(line)
+            size += len(line)
+            if size >= min_chars:
+                yield "".join(piece), doc.domain
+                piece, size = [], 0
+
+
+_CHILD = """
+import json, os, resource, sys, threading, time
+sys.path.insert(0, {src!r})
+from diffmoe.data import PrepareConfig, TokenizerConfig, prepare
+config = PrepareConfig(context_len={context_len}, tokenizer=TokenizerConfig(vocab_size={vocab}))
+if hasattr(config.read, "task_mb"):
+    config.read.task_mb = {task_mb}
+kwargs = {{}}
+if {workers} is not None:
+    from diffmoe.data import EngineConfig
+    kwargs["engine"] = EngineConfig(workers={workers})
+work, peak, done = os.path.join({out!r}, ".prepare-tmp"), [0], threading.Event()
+def du(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+def poll():
+    while not done.wait(0.25):
+        peak[0] = max(peak[0], du(work))
+threading.Thread(target=poll, daemon=True).start()
+start = time.perf_counter()
+result = prepare({corpus!r}, {out!r}, config, overwrite=True, **kwargs)
+seconds = time.perf_counter() - start
+done.set()
+run = result.manifest.get("run", {{}})
+print(json.dumps({{"seconds": seconds, "stages": run.get("stages") or result.seconds,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "scratch_bytes": peak[0], "documents": result.manifest["documents"]["read"],
+                  "text_bytes": result.manifest["sources"].get("text_bytes")}}))
+"""
+
+
+def run_child(src: Path, corpus: Path, out: Path, workers, args) -> dict:
+    code = _CHILD.format(src=str(src), corpus=str(corpus), out=str(out), context_len=args.context_len,
+                         vocab=args.vocab_size, workers=workers, task_mb=args.task_mb)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stage_seconds(result: dict) -> dict[str, float]:
+    stages = result["stages"]
+    if isinstance(stages, dict):  # a baseline checkout: {stage: seconds}
+        return dict(stages)
+    return {s["stage"]: s["seconds"] for s in stages if s["stage"] != "total"}
+
+
+def throughput(args) -> dict:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
+    corpus = work / "corpus"
+    if not corpus.exists():
+        build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=None))
+    pieces = list(short_documents(corpus))
+    order = np.random.default_rng(0).permutation(len(pieces))
+    workers = [int(w) for w in args.workers.split(",")]
+    sections = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        if n > len(pieces):
+            raise SystemExit(f"the built-in corpus gives only {len(pieces)} short documents")
+        path = work / f"docs_{n}"  # args.files JSON lines files, as a real corpus comes in many files
+        if not path.exists():
+            path.mkdir()
+            for f, part in enumerate(np.array_split(order[:n], args.files)):
+                with open(path / f"part-{f:05d}.jsonl", "w", encoding="utf-8") as fh:
+                    for i in part:
+                        fh.write(json.dumps({"text": pieces[i][0], "domain": pieces[i][1]}, ensure_ascii=False) + "\n")
+        entries = [(f"{w} worker{'s' * (w > 1)}", SRC, w) for w in workers]
+        if args.baseline:
+            entries.append(("baseline", Path(args.baseline), None))
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
+        for r in range(args.repeats):  # interleaved, rotated: drift hits every entry alike
+            for name, src, w in entries[r % len(entries):] + entries[:r % len(entries)]:
+                runs[name].append(run_child(src, path, work / f"out_{n}", w, args))
+                print(json.dumps({"documents": n, "entry": name, **runs[name][-1]}), file=sys.stderr)
+        sections.append(summarise(n, sum(p.stat().st_size for p in path.iterdir()), runs))
+    for section in sections:
+        print(f"\n### {section['documents']:,} documents, {section['mb']:.1f} MB ({machine()}; medians of "
+              f"{args.repeats})\n")
+        print(table(section["stages"]) + "\n")
+        print(table(section["runs"]))
+    return {"sections": sections}
+
+
+def summarise(n: int, size: int, runs: dict[str, list[dict]]) -> dict:
+    mb = size / 1e6
+    stage_rows, run_rows = [], []
+    names = list(runs)
+    stages = list(stage_seconds(runs[names[0]][0]))
+    for stage in stages + ["total"]:
+        row = {"stage": stage}
+        for name in names:
+            times = [stage_seconds(r).get(stage, 0.0) if stage != "total" else r["seconds"] for r in runs[name]]
+            t = statistics.median(times)
+            row[f"{name} s"] = round(t, 2)
+            row[f"{name} docs/s"] = round(n / t) if t > 0 else ""
+            row[f"{name} MB/s"] = round(mb / t, 2) if t > 0 else ""
+        if len(names) > 1 and names[0].startswith("1 worker"):
+            base = row[f"{names[0]} s"]
+            for name in names[1:]:
+                row[f"speed-up {name}"] = round(base / row[f"{name} s"], 2) if row[f"{name} s"] else ""
+        stage_rows.append(row)
+    for name in names:
+        rs = runs[name]
+        run_rows.append({"entry": name, "seconds": round(statistics.median(r["seconds"] for r in rs), 1),
+                         "docs/s": round(n / statistics.median(r["seconds"] for r in rs)),
+                         "coordinator peak RSS MB": round(max(r["rss_mb"] for r in rs)),
+                         "largest worker peak RSS MB": round(max(r.get("worker_rss_mb", 0) for r in rs)),
+                         "scratch GB per GB of input": round(max(r.get("scratch_bytes", 0) for r in rs) / size, 2)})
+    return {"documents": n, "mb": mb, "stages": stage_rows, "runs": run_rows, "raw": runs}
+
+
+# ------------------------------------------------------------------------------------------ ann
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(n // 1000, 16), d)).astype(np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 1 << 16):
+        m = min(1 << 16, n - start)
+        x[start:start + m] = centres[rng.integers(0, len(centres), m)] + 0.6 * rng.normal(size=(m, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+_ANN_CHILD = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, {src!r})
+sys.path.insert(0, {bench!r})
+from bench_prepare import clustered
+from diffmoe.data.knn import SearchOptions, exact_neighbours, recall_at_k, search
+x = clustered({n}, {d})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+queries = np.sort(np.random.default_rng(99).choice({n}, 1000, replace=False))
+out = np.zeros(({n}, 10), dtype=np.int64)
+result = {{"n": {n}, "d": {d}, "method": {method!r}}}
+if {method!r} == "exact":
+    sample = np.sort(np.random.default_rng(98).choice({n}, min({n}, {exact_queries}), replace=False))
+    start = time.perf_counter()
+    exact_neighbours(x, sample, 10)
+    t = time.perf_counter() - start
+    result.update(search_s=t * {n} / len(sample), timed_queries=len(sample), build_s=0.0, recall=1.0)
+else:
+    start = time.perf_counter()
+    info = search(x, SearchOptions(k=10, index={method!r}), out, progress=None)
+    total = time.perf_counter() - start
+    truth = exact_neighbours(x, queries, 10)
+    result.update(info=info, total_s=total, recall=recall_at_k(out[queries], truth))
+result["memory_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(json.dumps(result))
+"""
+
+
+def ann(args) -> dict:
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        for method in ("ivf-flat", "exact"):
+            exact_queries = n if n <= args.exact_full_max else 2000
+            code = _ANN_CHILD.format(src=str(SRC), bench=str(Path(__file__).parent), n=n, d=args.dims, method=method,
+                                     exact_queries=exact_queries)
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-3000:])
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(json.dumps(r), file=sys.stderr)
+            info = r.get("info", {})
+            rows.append({"documents": n, "dims": args.dims, "search": method if method == "exact" else
+                         f"IVF{info.get('nlist')},Flat nprobe {info.get('nprobe')}",
+                         "build + search s (all n queries)": round(r.get("total_s", r.get("search_s", 0)), 1),
+                         "timed": "all" if method != "exact" or r.get("timed_queries") == n else
+                         f"{r['timed_queries']} queries, scaled",
+                         "memory MB": round(r["memory_mb"]), "recall@10": round(r["recall"], 4),
+                         "tuning recall@10": info.get("recall_at_k", "")})
+    print(f"\nGlobal kNN: faiss IVF (defaults) vs exact ({machine()})\n")
+    print(table(rows))
+    return {"rows": rows}
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -66,125 +284,77 @@ def quality(args) -> dict:
     if not corpus.exists():
         build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=args.max_mb_per_domain))
     texts, domains = zip(*((d.text, d.domain) for d in Corpus(corpus)))  # index order = prepare's order
-    results = {}
+    arms = {"global exact": OrderingConfig(), "global IVF": OrderingConfig(knn_index="ivf-flat"),
+            f"chunks of {args.chunk_docs} (old, exact)": OrderingConfig(chunk_docs=args.chunk_docs),
+            "random": OrderingConfig(batching="random")}
     tokenizer = TokenizerConfig(vocab_size=args.vocab_size)
-    for batching in ("similarity", "random"):
-        out = work / batching
-        config = PrepareConfig(context_len=args.context_len, seed=args.seed, tokenizer=tokenizer,
-                               ordering=OrderingConfig(batching=batching))
+    results = {}
+    for name, ordering in arms.items():
+        out = work / name.split()[0]
+        config = PrepareConfig(context_len=args.context_len, seed=args.seed, tokenizer=tokenizer, ordering=ordering)
         start = time.perf_counter()
-        prepare(corpus, out, config, overwrite=True)
+        result = prepare(corpus, out, config, overwrite=True)
         seconds = time.perf_counter() - start
-        tokenizer = TokenizerConfig(source=str(out / "tokenizer.json"))  # the same tokenizer for both
-        results[batching] = {"pairs": adjacent_pairs(out), "seconds": seconds}
+        tokenizer = TokenizerConfig(source=str(out))  # the same tokenizer for every arm
+        graph = result.manifest["ordering"]["graph"]
+        results[name] = {"pairs": adjacent_pairs(out), "seconds": seconds,
+                         "search": (graph or {}).get("search")}
     word_tfidf = TfidfVectorizer(sublinear_tf=True, min_df=2, max_features=200_000).fit_transform(texts)
     domain_of = np.array(domains)
     rng = np.random.default_rng(0)
     rows = []
-    for batching, r in results.items():
+    for name, r in results.items():
         pairs = r["pairs"]
-        cos = pair_cosines(word_tfidf, pairs)
-        row = {"batching": batching, "adjacent_pairs": len(pairs), "word_tfidf_cosine": float(cos.mean()),
-               "same_domain": float((domain_of[pairs[:, 0]] == domain_of[pairs[:, 1]]).mean()),
-               "prepare_seconds": round(r["seconds"], 1)}
+        row = {"ordering": name, "adjacent pairs": len(pairs),
+               "word TF-IDF cosine": float(pair_cosines(word_tfidf, pairs).mean()),
+               "same domain": float((domain_of[pairs[:, 0]] == domain_of[pairs[:, 1]]).mean()),
+               "prepare s": round(r["seconds"], 1),
+               "kNN recall@10": (r["search"] or {}).get("recall_at_k", "exact" if r["search"] else "")}
         if args.minilm_pairs:
             sample = pairs[rng.choice(len(pairs), size=min(args.minilm_pairs, len(pairs)), replace=False)]
-            row["minilm_cosine"] = float(minilm_pair_cosines(texts, sample).mean())
+            row["MiniLM cosine"] = float(minilm_pair_cosines(texts, sample).mean())
         rows.append(row)
     print(f"\nOrdering quality on the built-in corpus ({len(texts)} documents, context {args.context_len}; {machine()})\n")
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    print(table(rows))
     return {"documents": len(texts), "context_len": args.context_len, "rows": rows}
 
 
 def minilm_pair_cosines(texts, pairs: np.ndarray) -> np.ndarray:
-    from diffmoe.data.embed import minilm_embedding
+    from diffmoe.data.embed import minilm_vectors
 
     docs = np.unique(pairs)
     position = {d: i for i, d in enumerate(docs.tolist())}
-    vectors = minilm_embedding([texts[d][:2000] for d in docs]).vectors
+    vectors = minilm_vectors([texts[d][:2000] for d in docs], device="cpu")
     return pair_cosines(vectors, np.vectorize(position.get)(pairs))
-
-
-# ------------------------------------------------------------------------------------------ throughput
-def short_documents(corpus: Path, min_chars: int = 200):
-    """(text, domain) pieces of the corpus's documents, cut at line ends once >= min_chars."""
-    for doc in Corpus(corpus):
-        piece = []
-        size = 0
-        for line in doc.text.splitlines(keepends=True):
-            piece.append(line)
-            size += len(line)
-            if size >= min_chars:
-                yield "".join(piece), doc.domain
-                piece, size = [], 0
-
-
-_CHILD = """
-import json, resource, sys, time
-sys.path.insert(0, {src!r})
-from diffmoe.data import OrderingConfig, PrepareConfig, TokenizerConfig, prepare
-start = time.perf_counter()
-result = prepare({corpus!r}, {out!r}, PrepareConfig(context_len={context_len}, tokenizer=TokenizerConfig(vocab_size={vocab})),
-                 overwrite=True)
-print(json.dumps({{"seconds": time.perf_counter() - start, "stages": result.seconds,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "documents": result.manifest["documents"], "train_tokens": result.manifest["splits"]["train"]["tokens"]}}))
-"""
-
-
-def throughput(args) -> dict:
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
-    corpus = work / "corpus"
-    if not corpus.exists():
-        build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=None))
-    pieces = list(short_documents(corpus))
-    order = np.random.default_rng(0).permutation(len(pieces))
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if max(sizes) > len(pieces):
-        raise SystemExit(f"the built-in corpus gives only {len(pieces)} short documents")
-    rows = []
-    for n in sizes:
-        path = work / f"docs_{n}.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
-            for i in order[:n]:
-                fh.write(json.dumps({"text": pieces[i][0], "domain": pieces[i][1]}, ensure_ascii=False) + "\n")
-        code = _CHILD.format(src=str(SRC), corpus=str(path), out=str(work / f"out_{n}"),
-                             context_len=args.context_len, vocab=args.vocab_size)
-        result = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                                           text=True).stdout.strip().splitlines()[-1])
-        rows.append({"documents": n, "MB": round(path.stat().st_size / 1e6, 1),
-                     "seconds": round(result["seconds"], 1), "docs_per_s": round(n / result["seconds"]),
-                     "peak_rss_mb": round(result["peak_rss_mb"]), **result["stages"],
-                     "near_duplicates": result["documents"]["near_duplicates"]})
-        print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"\nprepare throughput, TF-IDF similarity batching ({machine()})\n")
-    columns = list(rows[0])
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
-    return {"rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["quality", "throughput"])
+    parser.add_argument("what", choices=["throughput", "ann", "quality"])
     parser.add_argument("--workdir", help="keep corpora and datasets here (default: a new temporary folder)")
+    parser.add_argument("--sizes", help="documents (throughput: 100000; ann: 100000,1000000)")
+    parser.add_argument("--workers", default="1,2", help="throughput: worker counts, side by side")
+    parser.add_argument("--repeats", type=int, default=3, help="throughput: runs of every entry (medians)")
+    parser.add_argument("--baseline", help="throughput: also run the prepare of this src folder (another checkout)")
+    parser.add_argument("--files", type=int, default=16, help="throughput: the corpus is cut into this many files")
+    parser.add_argument("--task-mb", type=float, default=8.0, help="throughput: MB of input per read task")
+    parser.add_argument("--dims", type=int, default=384, help="ann: vector dimensions")
+    parser.add_argument("--exact-full-max", type=int, default=100_000,
+                        help="ann: time exact search of every query up to this size, else 2000 queries scaled")
     parser.add_argument("--max-mb-per-domain", type=lambda v: None if v == "all" else float(v), default=None,
                         help="quality: cap on the built-in corpus per domain, or 'all' (default)")
+    parser.add_argument("--chunk-docs", type=int, default=2500, help="quality: chunk of the old local ordering")
     parser.add_argument("--context-len", type=int, default=512)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minilm-pairs", type=int, default=0,
                         help="quality: also score this many sampled pairs with all-MiniLM-L6-v2")
-    parser.add_argument("--sizes", default="10000,30000,100000", help="throughput: corpus sizes in documents")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
-    numbers = quality(args) if args.what == "quality" else throughput(args)
+    args.sizes = args.sizes or ("100000" if args.what == "throughput" else "100000,1000000")
+    numbers = {"throughput": throughput, "ann": ann, "quality": quality}[args.what](args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), **numbers}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"machine": machine(), **numbers}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

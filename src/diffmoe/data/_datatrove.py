@@ -18,16 +18,15 @@ class TaskStep(PipelineStep):
     name = "task"
     type = "diffmoe prepare"
 
-    def __init__(self, stage, work: Path, tokenize_threads: int, coordinator: int):
+    def __init__(self, stage, work: Path):
         super().__init__()
         self.name = stage.name
         self.stage, self.work = stage, str(work)
-        self.tokenize_threads, self.coordinator = tokenize_threads, coordinator
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from .engine import run_marked_task
 
-        run_marked_task(self.stage, Path(self.work), rank, self.tokenize_threads, self.coordinator)
+        run_marked_task(self.stage, Path(self.work), rank)
         yield from ()
 
 

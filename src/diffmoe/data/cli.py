@@ -80,7 +80,8 @@ def _add_prepare(subparsers) -> None:
     g.add_argument("--knn-index", choices=KNN_INDEXES, default=o.knn_index,
                    help=f"exact, ivf-flat, ivf-pq, or auto (exact up to --knn-exact-max-docs, default "
                         f"{o.knn_exact_max_docs})")
-    g.add_argument("--knn-exact-max-docs", type=int, default=o.knn_exact_max_docs, help=argparse.SUPPRESS)
+    g.add_argument("--knn-exact-max-docs", type=int, default=o.knn_exact_max_docs,
+                   help=f"auto: exact search up to this many documents (default {o.knn_exact_max_docs})")
     g.add_argument("--knn-nprobe", type=int, default=o.knn_nprobe,
                    help="IVF lists scanned per query (default: raised until --knn-recall is reached)")
     g.add_argument("--knn-recall", type=float, default=o.knn_recall_target,

@@ -36,7 +36,7 @@ class OrderingConfig:
     knn_index: str = "auto"
     """``exact``, ``ivf-flat``, ``ivf-pq``, or ``auto``: exact up to ``knn_exact_max_docs`` documents, then
     IVF-Flat, IVF-PQ when flat codes exceed ``knn_memory_gb`` (:mod:`diffmoe.data.knn`)."""
-    knn_exact_max_docs: int = 100_000
+    knn_exact_max_docs: int = 50_000
     knn_nprobe: int | None = None
     """Inverted lists scanned per query; None: doubled from 8 until ``knn_recall_target`` is reached."""
     knn_recall_target: float = 0.9

@@ -15,8 +15,8 @@ env_command, ...) come from a YAML file (:meth:`EngineConfig.from_yaml`), with p
 
 Every task writes its outputs under temporary names and renames them, then its *marker*
 (``work/markers/STAGE/NNNNN.json``); a task with a marker is never run again, so a killed ``prepare``
-resumes where it stopped. Tasks compute with one BLAS / torch thread each (their results must not depend
-on how many run at once); tokenization, which is exact, may use ``cores // workers`` threads.
+resumes where it stopped. A task runs on one thread (BLAS, OpenMP, torch, tokenizers): its results never
+depend on a thread count, and ``workers`` tasks use ``workers`` cores.
 """
 
 from __future__ import annotations
@@ -115,21 +115,27 @@ class TaskProgress:
 
 
 # ------------------------------------------------------------------------------------------ tasks
-def run_marked_task(stage: ShardStage, work: Path, index: int, tokenize_threads: int, coordinator: int) -> None:
-    """Run task ``index`` of ``stage`` unless its marker exists, with one BLAS / torch thread, then mark it."""
+def run_marked_task(stage: ShardStage, work: Path, index: int) -> None:
+    """Run task ``index`` of ``stage`` unless its marker exists, on one thread (BLAS, OpenMP, torch and the
+    tokenizers' pool alike: a task is one core, parallelism comes from running tasks side by side, and no
+    result depends on a thread count), then mark it."""
     markers = Markers(work, stage.name)
     if markers.done(index):
         return
-    if os.getpid() != coordinator:  # a worker process: its first tokenizer call sizes rayon's pool
-        os.environ["RAYON_NUM_THREADS"] = str(tokenize_threads)
     from threadpoolctl import threadpool_limits
 
     torch_threads = _torch_threads(1)
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by every encode_batch call
     try:
         with threadpool_limits(limits=1):
             info = stage.run_task(index, TaskProgress(work, stage.name, index))
     finally:
         _torch_threads(torch_threads)
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     markers.write(index, info)
 
 
@@ -267,11 +273,9 @@ class Engine:
         cfg = self.config
         options = {**cfg.options, **cfg.stages.get(stage.name, {})}
         concurrency = min(self.workers, len(pending)) if self.workers else -1
-        threads = max(1, cpu_count() // max(1, concurrency)) if cfg.executor == "local" else \
-            int(options.get("cpus_per_task", 1))
         from ._datatrove import TaskStep
 
-        step = TaskStep(stage, self.work, threads, os.getpid())
+        step = TaskStep(stage, self.work)
         logs = self._logs(stage.name)
         if cfg.executor == "local":
             self._local(step, tasks, concurrency, logs, options)

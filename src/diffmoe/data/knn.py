@@ -3,7 +3,7 @@ L2-normalised vectors): exact search below a size threshold, faiss IVF above it.
 
 Index choice (``index="auto"``; ``n`` vectors of ``d`` dimensions):
 
-- ``n <= exact_max_docs`` (default 100,000): ``exact``, faiss ``IndexFlatIP`` (scikit-learn's brute force
+- ``n <= exact_max_docs`` (default 50,000): ``exact``, faiss ``IndexFlatIP`` (scikit-learn's brute force
   without faiss), queried in blocks;
 - else ``ivf-flat``: ``IVF{K},Flat`` with ``K`` the power of two nearest ``4 sqrt(n)`` (16 to 65,536),
   trained on a seeded sample of ``max(39 K, 20,000)`` vectors (at most ``n``; faiss' k-means warns below
@@ -30,7 +30,7 @@ from .errors import DataError
 
 KNN_BACKENDS = ("auto", "faiss", "sklearn")
 KNN_INDEXES = ("auto", "exact", "ivf-flat", "ivf-pq")
-_QUERY_BLOCK = 8192
+_QUERY_BLOCK = 32768
 _FIRST_NPROBE = 8
 _RERANK = 10
 """ivf-pq: candidates per neighbour re-ranked exactly (PQ codes alone mis-rank close vectors)."""
@@ -43,7 +43,7 @@ class SearchOptions:
     k: int = 10
     index: str = "auto"
     backend: str = "auto"
-    exact_max_docs: int = 100_000
+    exact_max_docs: int = 50_000
     nprobe: int | None = None
     recall_target: float = 0.9
     recall_queries: int = 1000
@@ -89,7 +89,7 @@ def search(vectors: np.ndarray, options: SearchOptions, out: np.ndarray,
     """Fill ``out`` (int64 [n, k'], k' = min(k, n - 1)) with each row's nearest other rows, most similar
     first (-1 where fewer were found). ``vectors``: float32 [n, d], rows L2-normalised (may be memory-mapped).
 
-    Queries run in blocks of 8192; ``block_done(b)`` is called after block ``b`` is written (so a caller
+    Queries run in blocks of 32768; ``block_done(b)`` is called after block ``b`` is written (so a caller
     can checkpoint) and the search starts at ``start_block``. Returns a description for the manifest:
     index, backend, k, and for IVF nlist, nprobe and the measured recall.
     """
@@ -238,18 +238,27 @@ def _tune_nprobe(searcher: _IvfSearcher, vectors: np.ndarray, options: SearchOpt
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k other rows of rows ``queries`` (int64 [q, k]), scanning the base in blocks."""
+    """Exact top-k other rows of rows ``queries`` (int64 [q, k]), scanning the base in blocks (ties: lower id)."""
     q = np.ascontiguousarray(vectors[queries], dtype=np.float32)
     best_s = np.full((len(q), k + 1), -np.inf, dtype=np.float32)
     best_i = np.full((len(q), k + 1), -1, dtype=np.int64)
-    for start in range(0, len(vectors), 1 << 16):
-        block = np.asarray(vectors[start:start + (1 << 16)], dtype=np.float32)
-        s = np.concatenate([best_s, q @ block.T], axis=1)
-        ids = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(block)), (len(q), len(block)))],
-                             axis=1)
-        top = np.argsort(-s, axis=1, kind="stable")[:, :k + 1]
-        best_s, best_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(ids, top, axis=1)
+    for start in range(0, len(vectors), 8192):
+        block = np.asarray(vectors[start:start + 8192], dtype=np.float32)
+        s = q @ block.T
+        take = min(k + 1, s.shape[1])
+        top = np.argpartition(-s, take - 1, axis=1)[:, :take]
+        s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], axis=1)
+        ids = np.concatenate([best_i, top + start], axis=1)
+        order = _top_rows(s, ids, k + 1)
+        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(ids, order, 1)
     return _drop_self(best_i, np.asarray(queries), k)
+
+
+def _top_rows(scores: np.ndarray, ids: np.ndarray, m: int) -> np.ndarray:
+    """Per row, the positions of the ``m`` highest scores (ties: lower id first), best first."""
+    by_id = np.argsort(ids, axis=1, kind="stable")
+    by_score = np.argsort(-np.take_along_axis(scores, by_id, 1), axis=1, kind="stable")
+    return np.take_along_axis(by_id, by_score, 1)[:, :m]
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

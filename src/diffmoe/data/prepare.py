@@ -190,6 +190,7 @@ class _Run:
                 vocab = resolve(tc)
             vocab.save(self.work)
             self.globals.mark("tokenizer", info)
+        shutil.rmtree(self.work / "sample", ignore_errors=True)  # scratch space: the BPE is trained
         return Vocab.load(self.work)
 
     def _empty_message(self, stats: ReadStats) -> str:
@@ -220,7 +221,10 @@ class _Run:
         return {}
 
     def _order(self, vocab: Vocab) -> dict:
-        """The kNN graph (imported, or embedded and searched), near-duplicates and the training order."""
+        """The kNN graph (imported, or embedded and searched), near-duplicates and the training order;
+        returns what the manifest records of them."""
+        if self.globals.done("order"):  # resumed after the order was decided: nothing before it is needed
+            return self.globals.info("order")
         ordering = self.config.ordering
         status = np.load(self.g / "status.npy")
         candidates = np.flatnonzero(status != od.EXACT_DUP)
@@ -231,11 +235,11 @@ class _Run:
         imported = None
         if ordering.neighbours is not None:
             imported = self._global("import", lambda: self._import_graph(candidates, len(table)))
-        info = {"embedding": None, "knn": None}
+        graph = {"embedding": None, "search": None, "imported": imported is not None}
         if imported is None or not imported["sims"]:
-            info["embedding"] = self._timed("embed", self._embed, vocab, candidates)
+            graph["embedding"] = self._embed(vocab, candidates)
         if imported is None:
-            info["knn"] = self._timed("knn", self._global, "knn", lambda: self._search(len(candidates)))
+            graph["search"] = self._timed("knn", self._global, "knn", lambda: self._search(len(candidates)))
         if imported is None or not imported["sims"]:
             self._timed("score", self.engine.run, ScoreStage(self.work, self.config))
             sims = np.concatenate([np.load(self.work / "sim" / f"{t:05d}.npy") for t in range(len(self.tasks))])
@@ -243,14 +247,17 @@ class _Run:
             sims = np.load(self.g / "knn_sims.npy")
         if self.save_neighbours is not None:
             self._export_graph(candidates, len(table), sims)
-        result = self._timed("order", self._global, "order", lambda: self._dedup_and_walk(candidates, sims))
-        return {**info, **result, "imported": ordering.neighbours is not None}
+        result = self._timed("order", self._global, "order",
+                             lambda: {**graph, **self._dedup_and_walk(candidates, sims)})
+        shutil.rmtree(self.work / "sim", ignore_errors=True)  # scratch space: the order is decided
+        return result
 
     def _embed(self, vocab: Vocab, candidates: np.ndarray) -> dict:
         ordering = self.config.ordering
         fit = {}
         if ordering.embedding == "tfidf":
-            fit = self._global("fit", lambda: self._fit_tfidf(vocab, candidates))
+            fit = self._timed("fit", self._global, "fit", lambda: self._fit_tfidf(vocab, candidates))
+        start = time.perf_counter()
         infos = self.engine.run(EmbedStage(self.work, self.config))
         dims = ordering.lsa_dims if ordering.embedding == "tfidf" else MINILM_DIMS
 
@@ -267,7 +274,8 @@ class _Run:
             return {"dims": d}
 
         vectors = self._global("vectors", concatenate)
-        shutil.rmtree(self.work / "emb", ignore_errors=True)
+        shutil.rmtree(self.work / "emb", ignore_errors=True)  # (scratch space: every vector is in vectors.npy)
+        self.timings.add("embed", time.perf_counter() - start, self.documents, self.text_bytes)
         return {"method": ordering.embedding, **fit, "dims": vectors["dims"],
                 "documents": sum(i["documents"] for i in infos)}
 
@@ -456,13 +464,12 @@ class _Run:
 
     def _ordering_info(self, graph: dict | None) -> dict:
         ordering = asdict(self.config.ordering)
-        knn = None if graph is None else graph.get("knn")
-        ordering["knn_backend"] = None if knn is None else knn.get("backend")
+        search = None if graph is None else graph["search"]
+        ordering["knn_backend"] = None if search is None else search.get("backend")
         if self.config.ordering.embedding != "tfidf":
             ordering.pop("lsa_dims")
             ordering.pop("fit_docs")
-        ordering["graph"] = None if graph is None else {
-            "embedding": graph["embedding"], "search": knn, "imported": graph["imported"]}
+        ordering["graph"] = None if graph is None else {k: graph[k] for k in ("embedding", "search", "imported")}
         return ordering
 
     def _run_info(self, resumed: bool) -> dict:

@@ -38,6 +38,8 @@ from .tokens import TOKEN_DTYPE, DocumentTable, task_dir
 _BATCH_DOCS = 512
 _BATCH_CHARS = 8 << 20
 _BLOCK_DOCS = 4096
+_SCORE_BLOCK = 1 << 16
+"""Query rows scored together: their neighbours' TF-IDF rows are built once per block."""
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
@@ -234,8 +236,8 @@ class ScoreStage(_DocStage):
         table = DocumentTable(work) if tfidf else None
         model = TfidfModel.load(work / "global") if tfidf else None
         vectors = None if tfidf else self._global("vectors.npy")
-        for start in range(0, len(rows), _BLOCK_DOCS):
-            block = rows[start:start + _BLOCK_DOCS]
+        for start in range(0, len(rows), _SCORE_BLOCK):
+            block = rows[start:start + _SCORE_BLOCK]
             nbr = np.asarray(neighbours[block])
             valid = nbr >= 0
             q = np.repeat(np.arange(len(block)), nbr.shape[1]).reshape(nbr.shape)[valid]

@@ -3,6 +3,7 @@
     python benchmarks/bench_prepare.py throughput [--sizes 100000] [--workers 1,2] [--repeats 3]
     python benchmarks/bench_prepare.py ann        [--sizes 100000,1000000] [--dims 384]
     python benchmarks/bench_prepare.py quality    [--minilm-pairs 1000]
+    python benchmarks/bench_prepare.py project    --throughput-json T.json --ann-json A.json
 
 throughput: cuts the built-in corpus into short documents (line-aligned pieces of >= 200 characters,
 ~320 bytes each) and prepares the first N of a seeded shuffle, written as ``--files`` JSON lines files
@@ -23,6 +24,13 @@ graph (exact at this size), the global graph searched with IVF, the old local or
 chunks of ``--chunk-docs``), and random batching. Over pairs of documents adjacent inside a training
 row: the mean cosine under embeddings the ordering never used (word TF-IDF; optionally MiniLM on a
 sample of pairs), and how often both share a domain.
+
+project: the wall time of a corpus of ``--target-tokens`` on one and on 8 machines of 64 cores, from a
+throughput and an ann run: the per-shard stages at their measured MB/s per core, times the cores, times the
+measured 2-worker efficiency (assumed to hold); the kNN search scaled from the largest IVF run by
+(documents ratio)^1.5 (IVF with K ~ sqrt(n) lists) and by the dims ratio, over the cores of one machine; the
+BPE by its sample size; the TF-IDF fit as measured (a fixed sample); the other global stages linearly in
+documents, on one core. An estimate to check against a real run, not a measurement.
 
 Writes markdown tables to stdout and, with ``--json``, the numbers.
 """
@@ -192,6 +200,56 @@ def summarise(n: int, size: int, runs: dict[str, list[dict]]) -> dict:
     return {"documents": n, "mb": mb, "stages": stage_rows, "runs": run_rows, "raw": runs}
 
 
+# ------------------------------------------------------------------------------------------ projection
+PARALLEL = {"sample", "tokenize", "embed", "score", "write", "documents"}
+"""Stages that run as tasks (per-shard): their time falls with the cores running them."""
+
+
+def project(args) -> dict:
+    """Wall time of ``prepare`` on a corpus of ``--target-tokens`` from measured rates (see the docstring)."""
+    measured = json.loads(Path(args.throughput_json).read_text())["sections"][-1]
+    ann_rows = json.loads(Path(args.ann_json).read_text())["rows"]
+    one = measured["raw"]["1 worker"]
+    two = measured["raw"].get("2 workers")
+    n_docs, text_mb = one[0]["documents"], one[0]["text_bytes"] / 1e6
+    target_mb, target_docs = args.target_text_gb * 1e3, args.target_docs
+    ivf = max((r for r in ann_rows if r["search"] != "exact"), key=lambda r: r["documents"])
+    rows = []
+    for stage in stage_seconds(one[0]):
+        t1 = statistics.median(stage_seconds(r)[stage] for r in one)
+        if stage in PARALLEL:
+            t2 = statistics.median(stage_seconds(r)[stage] for r in two) if two else t1 / 2
+            efficiency = min(1.0, t1 / t2 / 2)
+            per_core_mb_s = text_mb / t1
+            model = f"{per_core_mb_s:.2f} MB/s per core x cores x {efficiency:.2f} (measured 2-worker efficiency)"
+            times = [target_mb / (per_core_mb_s * c * efficiency) for c in args.cores]
+        elif stage == "knn":
+            scale = (target_docs / ivf["documents"]) ** 1.5 * (args.target_dims / ivf["dims"])
+            base = ivf["build + search s (all n queries)"]
+            model = (f"IVF at {ivf['documents']:,} x {ivf['dims']}: {base:.0f} s on 2 cores, x (n ratio)^1.5 x dims "
+                     "ratio, / cores (one machine: the global stages run on one)")
+            times = [base * scale * 2 / args.cores[0]] * len(args.cores)
+        elif stage in ("fit", "tokenizer"):
+            model = "a fixed-size sample: as measured"
+            times = [t1] * len(args.cores)
+        elif stage == "bpe":
+            sample_mb = min(args.train_mb, text_mb)
+            model = f"linear in its sample ({sample_mb:.0f} MB here, {args.train_mb:.0f} MB at the target)"
+            times = [t1 * args.train_mb / sample_mb] * len(args.cores)
+        else:
+            model = f"one process, linear in documents ({n_docs / max(t1, 1e-9):,.0f} docs/s measured)"
+            times = [t1 * target_docs / n_docs] * len(args.cores)
+        rows.append({"stage": stage, "model": model,
+                     **{f"{c} cores (h)": round(t / 3600, 2) for c, t in zip(args.cores, times)}})
+    rows.append({"stage": "total", "model": "",
+                 **{f"{c} cores (h)": round(sum(r[f"{c} cores (h)"] for r in rows), 2) for c in args.cores}})
+    print(f"\nProjected prepare wall time: {args.target_tokens:.3g} tokens, {args.target_text_gb:g} GB of text, "
+          f"{target_docs:.3g} documents, {args.target_dims}-d search vectors; cores {args.cores} (8 x 64 = 512: "
+          "the per-shard stages spread over 8 machines, the global ones on one)\n")
+    print(table(rows))
+    return {"rows": rows}
+
+
 # ------------------------------------------------------------------------------------------ ann
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -216,10 +274,14 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 queries = np.sort(np.random.default_rng(99).choice({n}, 1000, replace=False))
 out = np.zeros(({n}, 10), dtype=np.int64)
 result = {{"n": {n}, "d": {d}, "method": {method!r}}}
-if {method!r} == "exact":
+if {method!r} == "exact":  # faiss IndexFlatIP, as prepare's exact search: every query, or a sample scaled
+    import faiss
     sample = np.sort(np.random.default_rng(98).choice({n}, min({n}, {exact_queries}), replace=False))
     start = time.perf_counter()
-    exact_neighbours(x, sample, 10)
+    index = faiss.IndexFlatIP({d})
+    index.add(x)
+    for s in range(0, len(sample), 32768):
+        index.search(x[sample[s:s + 32768]], 11)
     t = time.perf_counter() - start
     result.update(search_s=t * {n} / len(sample), timed_queries=len(sample), build_s=0.0, recall=1.0)
 else:
@@ -330,7 +392,7 @@ def minilm_pair_cosines(texts, pairs: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["throughput", "ann", "quality"])
+    parser.add_argument("what", choices=["throughput", "ann", "quality", "project"])
     parser.add_argument("--workdir", help="keep corpora and datasets here (default: a new temporary folder)")
     parser.add_argument("--sizes", help="documents (throughput: 100000; ann: 100000,1000000)")
     parser.add_argument("--workers", default="1,2", help="throughput: worker counts, side by side")
@@ -349,10 +411,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minilm-pairs", type=int, default=0,
                         help="quality: also score this many sampled pairs with all-MiniLM-L6-v2")
+    parser.add_argument("--throughput-json", help="project: the --json of a throughput run")
+    parser.add_argument("--ann-json", help="project: the --json of an ann run")
+    parser.add_argument("--target-tokens", type=float, default=150e9, help="project: corpus tokens (Lory: 150B)")
+    parser.add_argument("--target-text-gb", type=float, default=600, help="project: GB of text (~4 bytes per token)")
+    parser.add_argument("--target-docs", type=float, default=230e6, help="project: documents (~650 tokens each)")
+    parser.add_argument("--target-dims", type=int, default=128, help="project: search vector dims (LSA: 128)")
+    parser.add_argument("--train-mb", type=float, default=256, help="project: BPE training sample MB")
+    parser.add_argument("--cores", type=lambda v: [int(c) for c in v.split(",")], default=[64, 512],
+                        help="project: core counts (default 64 = one machine, 512 = 8 machines)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     args.sizes = args.sizes or ("100000" if args.what == "throughput" else "100000,1000000")
-    numbers = {"throughput": throughput, "ann": ann, "quality": quality}[args.what](args)
+    numbers = {"throughput": throughput, "ann": ann, "quality": quality, "project": project}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), **numbers}, indent=2, default=str) + "\n")
 

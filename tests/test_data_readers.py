@@ -145,3 +145,39 @@ def test_missing_and_unsupported_paths(tmp_path):
         list(Corpus(tmp_path / "bad.jsonl.gz"))
     with pytest.raises(DataError, match="on_bad_input"):
         Corpus(tmp_path, ReadOptions(on_bad_input="ignore"))
+
+
+def test_domain_from_top_dir_field_and_none(tmp_path):
+    write_jsonl(tmp_path / "c" / "web" / "a.jsonl", [{"text": "one", "domain": "news", "lang": "en"},
+                                                      {"text": "two", "lang": "fr"}])
+    (tmp_path / "c" / "books").mkdir()
+    (tmp_path / "c" / "books" / "b.txt").write_text("three")
+
+    def domains(domain_from):
+        return [d.domain for d in Corpus(tmp_path / "c", ReadOptions(domain_from=domain_from))]
+
+    assert domains("auto") == ["books", "news", "web"]  # the record's domain field, else the folder
+    assert domains("top-dir") == ["books", "web", "web"]
+    assert domains("field:lang") == ["books", "en", "fr"]  # text files have no fields: their folder
+    assert domains("none") == ["corpus", "corpus", "corpus"]
+    write_jsonl(tmp_path / "c" / "web" / "b.jsonl", [{"text": "four"}])
+    with pytest.raises(DataError, match=r"b\.jsonl:1: no 'lang' field to take the domain from"):
+        list(Corpus(tmp_path / "c", ReadOptions(domain_from="field:lang")))
+    with pytest.raises(DataError, match="invalid domain_from='folder'"):
+        Corpus(tmp_path / "c", ReadOptions(domain_from="folder"))
+
+
+def test_several_specs_globs_and_a_damaged_zstd_stream(tmp_path):
+    zstd = pytest.importorskip("zstandard")
+    write_jsonl(tmp_path / "a" / "x.jsonl", [{"text": "from a"}])
+    write_jsonl(tmp_path / "b" / "sub" / "y.jsonl", [{"text": "from b"}])
+    (tmp_path / "b" / "sub" / "z.txt").write_text("not matched")
+    docs = list(Corpus([tmp_path / "a", str(tmp_path / "b" / "**" / "*.jsonl")]))
+    assert [(d.text, d.source, d.id, d.domain) for d in docs] == [
+        ("from a", "a/x.jsonl", "a/x.jsonl:1", "x"), ("from b", "b/sub/y.jsonl", "b/sub/y.jsonl:1", "sub")]
+    with pytest.raises(DataError, match=r"the pattern matches no file"):
+        Corpus(str(tmp_path / "a" / "*.parquet"))
+    raw = zstd.ZstdCompressor().compress(b'{"text": "a document"}\n' * 200)
+    (tmp_path / "bad.jsonl.zst").write_bytes(raw[:20] + b"\x00" * 16 + raw[36:])
+    with pytest.raises(DataError, match=r"bad\.jsonl\.zst: not a readable zstd file"):
+        list(Corpus(tmp_path / "bad.jsonl.zst"))

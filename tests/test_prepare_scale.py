@@ -96,6 +96,7 @@ def test_sigkill_at_random_moments_then_the_same_command_resumes(corpus, tmp_pat
     final = subprocess.run(cmd + ["--keep-work"], env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resuming the interrupted prepare" in final.stdout
+    assert "\r" not in final.stderr and "| stage | wall s | documents/s | MB/s |" in final.stdout
     same_dataset(reference, out)
     for marker, mtime in marked.items():  # a finished task is never run again
         assert (markers / marker).stat().st_mtime_ns == mtime, marker
@@ -183,6 +184,7 @@ def test_every_input_kind_in_one_corpus_is_read_completely(tmp_path, capsys):
                            ordering=OrderingConfig(batching="random", dedup_threshold=None))
     config.read.hf_data_files = str(tmp_path / "streamed" / "*.jsonl")
     specs = [str(root), f"file://{tmp_path / 'remote'}", str(tmp_path / "globbed" / "*.jsonl"), "hf:json"]
+    capsys.readouterr()  # (datasets' own progress bars above)
     manifest = prepare(specs, tmp_path / "ds", config, verbose=True, engine=EngineConfig(workers=2)).manifest
     records = documents(tmp_path / "ds")
     per_source = {}
@@ -198,8 +200,11 @@ def test_every_input_kind_in_one_corpus_is_read_completely(tmp_path, capsys):
     assert manifest["sources"]["kinds"] == {"arrow": 1, "hf": 2, "jsonl": 5, "jsonl.gz": 2, "jsonl.zst": 2,
                                             "parquet": 1, "text": 3}
     assert manifest["sources"]["ignored"] == {".json (a JSON document, not JSON lines)": 1, ".png": 1}
-    out = capsys.readouterr().out
-    assert "warning: not read: 1 .json (a JSON document, not JSON lines), 1 .png" in out
+    captured = capsys.readouterr()
+    assert "warning: not read: 1 .json (a JSON document, not JSON lines), 1 .png" in captured.out
+    # progress off a terminal: one plain line per stage as it ends, no carriage returns; the timing table
+    assert "\r" not in captured.err and "tokenize: done, " in captured.err and "documents: done, " in captured.err
+    assert "| stage | wall s | documents/s | MB/s |" in captured.out and "| total |" in captured.out
     domains = {r["source"]: r["domain"] for r in records}
     assert domains["main/text/a.txt"] == "text" and domains["remote/r.jsonl"] == "r"
     assert domains["main/saved/data-00000-of-00001.arrow"] == "saved" and domains["json/hf:json/00000"] == "json"
@@ -390,3 +395,21 @@ def test_executor_config_errors_name_the_option(tmp_path):
         EngineConfig.from_yaml(tmp_path / "stage.yaml")
     with pytest.raises(DataError, match=r"invalid workers=0"):
         EngineConfig(workers=0).validate()
+
+
+def test_a_script_without_a_main_guard_runs_once_on_several_workers(corpus, tmp_path):
+    """Workers never re-import the caller's __main__, so top-level code is not run again in them."""
+    script = tmp_path / "script.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from diffmoe.data import EngineConfig, prepare
+from test_prepare_scale import many_tasks
+print("top-level code ran")
+prepare({str(corpus)!r}, {str(tmp_path / 'out')!r}, many_tasks(batching="random"), engine=EngineConfig(workers=2))
+""")
+    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("top-level code ran") == 1
+    assert read_manifest(tmp_path / "out")["run"]["workers"] == 2

@@ -143,14 +143,14 @@ class _Run:
                   f"{self.engine.workers or 'unlimited'} workers")
         if self.ignored:
             self._say("warning: not read: " + ", ".join(f"{n} {ext}" for ext, n in sorted(self.ignored.items())))
-        vocab = self._timed("tokenizer", self._tokenizer)
+        vocab = self._tokenizer()
         infos = self._timed("tokenize", self.engine.run, TokenizeStage(self.work, cfg, self.files, self.tasks))
         stats = ReadStats()
         for info in infos:
             stats.add(info["stats"])
         self.documents, self.text_bytes = stats.documents, stats.bytes
-        # the tokenize stage's timing covers the whole corpus: fill in what it read
-        self.timings.stages[-1].documents, self.timings.stages[-1].bytes = stats.documents, stats.bytes
+        for timing in self.timings.stages:  # every stage's rates are over the whole corpus, now known
+            timing.documents, timing.bytes = stats.documents, stats.bytes
         merged = self._global("merge", lambda: merge_tasks(self.work, len(self.tasks)))
         if merged["documents"] == 0:
             raise DataError(self._empty_message(stats))
@@ -179,15 +179,16 @@ class _Run:
                 total = sum(f.bytes for f in self.files)
                 rate = min(1.0, tc.train_mb * 1e6 / total) if total else 1.0
                 limit = int(rate * 2**64) if rate < 1 else None
-                sampled = self.engine.run(SampleStage(self.work, self.config, self.files, self.tasks, limit))
+                sampled = self._timed("sample", self.engine.run,
+                                      SampleStage(self.work, self.config, self.files, self.tasks, limit))
                 info = {"sample_documents": sum(s["documents"] for s in sampled),
                         "sample_bytes": sum(s["bytes"] for s in sampled)}
                 self._say(f"training a byte-level BPE of {tc.vocab_size} tokens on {info['sample_bytes'] / 1e6:,.1f} "
                           f"MB of text")
                 cap = None if total else tc.train_mb * 1e6  # streamed datasets: the first train_mb of text
-                vocab = resolve(tc, lambda: sample_texts(self.work, len(self.tasks), cap))
+                vocab = self._timed("bpe", resolve, tc, lambda: sample_texts(self.work, len(self.tasks), cap))
             else:
-                vocab = resolve(tc)
+                vocab = self._timed("tokenizer", resolve, tc)
             vocab.save(self.work)
             self.globals.mark("tokenizer", info)
         shutil.rmtree(self.work / "sample", ignore_errors=True)  # scratch space: the BPE is trained

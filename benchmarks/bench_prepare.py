@@ -15,19 +15,21 @@ scratch disk of the work directory per GB of input. ``--baseline SRC`` also runs
 
 ann: synthetic clustered vectors (``--dims``, 1 per 1000 documents as cluster centres, L2-normalised);
 for each size, faiss IVF at the default settings (nprobe tuned to recall@10 >= 0.9 on 1000 seeded
-queries) against exact search: build and search time for every vector as a query, memory, recall@10
-measured on 1000 other queries. Exact search of every query is timed on 2000 queries and scaled by
+queries) against exact search: build and search time for every vector as a query, the index's memory
+(computed: 4 n d bytes of vectors, plus ids and centroids for IVF), recall@10 measured on 1000 other
+queries. Exact search of every query is timed on 2000 queries and scaled by
 n / 2000 when it would take longer than ``--exact-full-max`` documents.
 
 quality: the whole built-in corpus (all MB per domain), prepared with the same tokenizer by: the global
 graph (exact at this size), the global graph searched with IVF, the old local ordering (exact within
 chunks of ``--chunk-docs``), and random batching. Over pairs of documents adjacent inside a training
 row: the mean cosine under embeddings the ordering never used (word TF-IDF; optionally MiniLM on a
-sample of pairs), and how often both share a domain.
+sample of pairs), and how often both share a domain. ``--shuffled``: the same documents in one file in a
+seeded random order, as in a web crawl where similar documents are far apart in read order.
 
 project: the wall time of a corpus of ``--target-tokens`` on one and on 8 machines of 64 cores, from a
-throughput and an ann run: the per-shard stages at their measured MB/s per core, times the cores, times the
-measured 2-worker efficiency (assumed to hold); the kNN search scaled from the largest IVF run by
+throughput and an ann run: the per-shard stages at their measured MB/s per core (1 worker), times the
+cores, times the tokenize stage's measured 2-worker efficiency (assumed to hold at any core count); the kNN search scaled from the largest IVF run by
 (documents ratio)^1.5 (IVF with K ~ sqrt(n) lists) and by the dims ratio, over the cores of one machine; the
 BPE by its sample size; the TF-IDF fit as measured (a fixed sample); the other global stages linearly in
 documents, on one core. An estimate to check against a real run, not a measurement.
@@ -214,14 +216,19 @@ def project(args) -> dict:
     n_docs, text_mb = one[0]["documents"], one[0]["text_bytes"] / 1e6
     target_mb, target_docs = args.target_text_gb * 1e3, args.target_docs
     ivf = max((r for r in ann_rows if r["search"] != "exact"), key=lambda r: r["documents"])
+
+    def median_time(runs, stage):
+        return statistics.median(stage_seconds(r)[stage] for r in runs)
+
+    # the parallel efficiency of the largest per-shard stage (the smaller ones are dominated by the fixed
+    # cost of starting a pool, which does not grow with the corpus)
+    efficiency = min(1.0, median_time(one, "tokenize") / median_time(two, "tokenize") / 2) if two else 1.0
     rows = []
     for stage in stage_seconds(one[0]):
-        t1 = statistics.median(stage_seconds(r)[stage] for r in one)
+        t1 = median_time(one, stage)
         if stage in PARALLEL:
-            t2 = statistics.median(stage_seconds(r)[stage] for r in two) if two else t1 / 2
-            efficiency = min(1.0, t1 / t2 / 2)
             per_core_mb_s = text_mb / t1
-            model = f"{per_core_mb_s:.2f} MB/s per core x cores x {efficiency:.2f} (measured 2-worker efficiency)"
+            model = f"{per_core_mb_s:.2f} MB/s per core (1 worker) x cores x {efficiency:.2f} (tokenize's 2-worker efficiency)"
             times = [target_mb / (per_core_mb_s * c * efficiency) for c in args.cores]
         elif stage == "knn":
             scale = (target_docs / ivf["documents"]) ** 1.5 * (args.target_dims / ivf["dims"])
@@ -263,14 +270,13 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 _ANN_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 sys.path.insert(0, {src!r})
 sys.path.insert(0, {bench!r})
 from bench_prepare import clustered
 from diffmoe.data.knn import SearchOptions, exact_neighbours, recall_at_k, search
 x = clustered({n}, {d})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 queries = np.sort(np.random.default_rng(99).choice({n}, 1000, replace=False))
 out = np.zeros(({n}, 10), dtype=np.int64)
 result = {{"n": {n}, "d": {d}, "method": {method!r}}}
@@ -290,9 +296,13 @@ else:
     total = time.perf_counter() - start
     truth = exact_neighbours(x, queries, 10)
     result.update(info=info, total_s=total, recall=recall_at_k(out[queries], truth))
-result["memory_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 print(json.dumps(result))
 """
+
+
+def index_bytes(method: str, n: int, d: int, nlist: int | None) -> int:
+    """Memory of the index: float32 vectors (flat codes), plus ids and centroids for IVF."""
+    return 4 * n * d + (8 * n + 4 * nlist * d if method != "exact" else 0)
 
 
 def ann(args) -> dict:
@@ -313,7 +323,8 @@ def ann(args) -> dict:
                          "build + search s (all n queries)": round(r.get("total_s", r.get("search_s", 0)), 1),
                          "timed": "all" if method != "exact" or r.get("timed_queries") == n else
                          f"{r['timed_queries']} queries, scaled",
-                         "memory MB": round(r["memory_mb"]), "recall@10": round(r["recall"], 4),
+                         "index MB (computed)": round(index_bytes(method, n, args.dims, info.get("nlist")) / 1e6),
+                         "recall@10": round(r["recall"], 4),
                          "tuning recall@10": info.get("recall_at_k", "")})
     print(f"\nGlobal kNN: faiss IVF (defaults) vs exact ({machine()})\n")
     print(table(rows))
@@ -345,19 +356,29 @@ def quality(args) -> dict:
     corpus = work / "corpus"
     if not corpus.exists():
         build_builtin_corpus(corpus, BuiltinCorpusConfig(max_mb_per_domain=args.max_mb_per_domain))
+    if args.shuffled:  # the same documents in one file, in a seeded random order: neighbours far apart
+        shuffled = work / "corpus_shuffled"
+        if not shuffled.exists():
+            docs = list(Corpus(corpus))
+            shuffled.mkdir()
+            with open(shuffled / "all.jsonl", "w", encoding="utf-8") as fh:
+                for i in np.random.default_rng(0).permutation(len(docs)):
+                    fh.write(json.dumps({"text": docs[i].text, "domain": docs[i].domain}, ensure_ascii=False) + "\n")
+        corpus = shuffled
     texts, domains = zip(*((d.text, d.domain) for d in Corpus(corpus)))  # index order = prepare's order
     arms = {"global exact": OrderingConfig(), "global IVF": OrderingConfig(knn_index="ivf-flat"),
             f"chunks of {args.chunk_docs} (old, exact)": OrderingConfig(chunk_docs=args.chunk_docs),
             "random": OrderingConfig(batching="random")}
     tokenizer = TokenizerConfig(vocab_size=args.vocab_size)
     results = {}
-    for name, ordering in arms.items():
-        out = work / name.split()[0]
+    for i, (name, ordering) in enumerate(arms.items()):
+        out = work / f"arm{i}{'-shuffled' if args.shuffled else ''}"
         config = PrepareConfig(context_len=args.context_len, seed=args.seed, tokenizer=tokenizer, ordering=ordering)
         start = time.perf_counter()
         result = prepare(corpus, out, config, overwrite=True)
         seconds = time.perf_counter() - start
-        tokenizer = TokenizerConfig(source=str(out))  # the same tokenizer for every arm
+        if i == 0:
+            tokenizer = TokenizerConfig(source=str(out))  # the first arm's tokenizer for every other arm
         graph = result.manifest["ordering"]["graph"]
         results[name] = {"pairs": adjacent_pairs(out), "seconds": seconds,
                          "search": (graph or {}).get("search")}
@@ -406,6 +427,8 @@ def main() -> None:
     parser.add_argument("--max-mb-per-domain", type=lambda v: None if v == "all" else float(v), default=None,
                         help="quality: cap on the built-in corpus per domain, or 'all' (default)")
     parser.add_argument("--chunk-docs", type=int, default=2500, help="quality: chunk of the old local ordering")
+    parser.add_argument("--shuffled", action="store_true",
+                        help="quality: the corpus's documents in one file in a seeded random order")
     parser.add_argument("--context-len", type=int, default=512)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)

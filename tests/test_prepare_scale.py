@@ -273,6 +273,21 @@ def test_a_llama_style_tokenizer_keeps_its_vocabulary_eos_and_bos(corpus, tmp_pa
             assert tokens.tolist() == expected[:len(tokens)]
         saved = Tokenizer.from_file(str(tmp_path / bos / "tokenizer.json"))
         assert (saved.encode("hello").ids[0] == 1) == (bos == "auto")  # a prompt starts like a document
+    # a model trained on it exports with the dataset's BOS and EOS (transformers' tokenizer starts a prompt
+    # with <s>, as training documents start)
+    transformers = pytest.importorskip("transformers")
+    from diffmoe.config import ModelConfig
+    from diffmoe.hf.export import export_native
+    from diffmoe.model import Decoder
+
+    model = Decoder(ModelConfig(vocab_size=400, d_model=32, n_layers=1, n_heads=4, d_ff=48, max_seq_len=64))
+    hf = export_native(model, tmp_path / "hf", eod_id=2, tokenizer_dir=tmp_path / "auto" / "tokenizer.json")
+    generation = json.loads((hf / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    assert json.loads((hf / "config.json").read_text())["bos_token_id"] == 1
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(hf))
+    assert (hf_tok.bos_token, hf_tok.eos_token) == ("<s>", "</s>")
+    assert hf_tok("hello")["input_ids"] == [1] + original.encode("hello", add_special_tokens=False).ids
     config = small_config()
     config.tokenizer = TokenizerConfig(source=str(tmp_path / "llama"), eod_token="<|endoftext|>")
     with pytest.raises(DataError, match=r"'<\|endoftext\|>' is not in the vocabulary of .*llama.*never extended"):

@@ -157,7 +157,7 @@ class _Run:
         if len(merged["domains"]) > MANY_DOMAINS:
             self._say(f"warning: {len(merged['domains'])} domains (one per top-level file or folder); pass "
                       "--domain-from none or field:NAME for fewer")
-        split = self._timed("split", self._global, "split", self._split)
+        self._timed("split", self._global, "split", self._split)
         graph = self._order(vocab) if cfg.ordering.needs_graph else None
         if graph is None:
             self._timed("order", self._global, "order", self._order_without_graph)
@@ -167,7 +167,7 @@ class _Run:
         written = self._timed("write", self.engine.run, WriteStage(self.work, self.out, shards, dtype,
                                                                    vocab.eod_id, cfg.context_len + 1))
         self._timed("documents", self.engine.run, DocumentsStage(self.work, cfg))
-        manifest = self._timed("finish", self._finish, vocab, infos, stats, split, graph, packed, written, resumed)
+        manifest = self._timed("finish", self._finish, vocab, infos, stats, graph, packed, written, resumed)
         say(self.timings.table(stats.documents, stats.bytes), self.verbose)
         return manifest
 
@@ -402,8 +402,8 @@ class _Run:
         return {"dtype": dtype.name, "splits": splits}
 
     # ------------------------------------------------------------------------------------------ finish
-    def _finish(self, vocab: Vocab, infos: list[dict], stats: ReadStats, split: dict, graph: dict | None,
-                packed: dict, written: list[dict], resumed: bool) -> dict:
+    def _finish(self, vocab: Vocab, infos: list[dict], stats: ReadStats, graph: dict | None, packed: dict,
+                written: list[dict], resumed: bool) -> dict:
         cfg, out = self.config, self.out
         table = DocumentTable(self.work)
         st.write_bytes_atomic(out / "tokenizer.json", vocab.to_str().encode("utf-8"))

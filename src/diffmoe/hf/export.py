@@ -122,9 +122,10 @@ def hf_config(cfg: ModelConfig, arch: str, eod_id: int) -> dict:
     return out
 
 
-def _tokenizer_files(tokenizer_dir: Path, eod_id: int) -> tuple[Path, dict]:
-    """(tokenizer.json path, tokenizer_config.json content) for a tokenizer dir (a prepared dataset or
-    any directory holding a tokenizer.json)."""
+def _tokenizer_files(tokenizer_dir: Path, eod_id: int) -> tuple[Path, dict, int]:
+    """(tokenizer.json path, tokenizer_config.json content, BOS id) for a tokenizer dir (a prepared dataset
+    or any directory holding a tokenizer.json). The BOS is the dataset's own when its manifest names one
+    (a pretrained tokenizer's ``<s>``: the saved tokenizer.json puts it in front of a prompt), else the eod."""
     from tokenizers import Tokenizer
 
     from ..data.errors import DataError
@@ -132,22 +133,35 @@ def _tokenizer_files(tokenizer_dir: Path, eod_id: int) -> tuple[Path, dict]:
     path = tokenizer_dir / "tokenizer.json" if tokenizer_dir.is_dir() else tokenizer_dir
     if not path.is_file():
         raise DataError(f"no tokenizer.json in {tokenizer_dir}")
-    eod = Tokenizer.from_file(str(path)).id_to_token(eod_id)
+    tokenizer = Tokenizer.from_file(str(path))
+    eod = tokenizer.id_to_token(eod_id)
     if eod is None:
         raise DataError(f"{path}: the end-of-document id {eod_id} is not in the vocabulary")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eod, "eos_token": eod,
-              "pad_token": eod, "unk_token": eod, "add_bos_token": False, "add_eos_token": False,
+    bos_id = eod_id
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        bos = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {}).get("bos_id")
+        bos_id = bos if isinstance(bos, int) else eod_id
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.id_to_token(bos_id),
+              "eos_token": eod, "pad_token": eod, "unk_token": eod, "add_bos_token": False, "add_eos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
-    return path, config
+    return path, config, bos_id
+
+
+def _with_bos(config: dict, tok: tuple[Path, dict, int] | None) -> dict:
+    """A model config with the dataset's BOS id (when the tokenizer files come along)."""
+    return config if tok is None else {**config, "bos_token_id": tok[2]}
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_generation_and_tokenizer(directory: Path, eod_id: int, tok: tuple[Path, dict] | None) -> None:
-    """generation_config.json (greedy, bos = eos = pad = eod) and, given one, the tokenizer files."""
-    _write_json(directory / "generation_config.json", {"bos_token_id": eod_id, "eos_token_id": eod_id,
+def _write_generation_and_tokenizer(directory: Path, eod_id: int, tok: tuple[Path, dict, int] | None) -> None:
+    """generation_config.json (greedy, eos = pad = eod, bos = the dataset's BOS or the eod) and, given one,
+    the tokenizer files."""
+    bos_id = tok[2] if tok is not None else eod_id
+    _write_json(directory / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eod_id,
                                                        "pad_token_id": eod_id, "do_sample": False})
     if tok is not None:
         shutil.copyfile(tok[0], directory / "tokenizer.json")
@@ -199,7 +213,7 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
         tensors = mapping.to_hf(state, arch, cfg.n_layers, moe_layers, cfg.tie_embeddings)
 
     def fill(tmp: Path) -> None:
-        _write_json(tmp / "config.json", hf_config(cfg, arch, eod_id))
+        _write_json(tmp / "config.json", _with_bos(hf_config(cfg, arch, eod_id), tok))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_generation_and_tokenizer(tmp, eod_id, tok)
 
@@ -259,7 +273,7 @@ def export_custom(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     dtype = model.embed.weight.dtype
 
     def fill(tmp: Path) -> None:
-        _write_json(tmp / "config.json", custom_config(cfg, eod_id, dtype))
+        _write_json(tmp / "config.json", _with_bos(custom_config(cfg, eod_id, dtype), tok))
         for name in REMOTE_FILES:
             shutil.copyfile(REMOTE_DIR / name, tmp / name)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -270,6 +270,15 @@ class Engine:
         return self.work / "logs" / stage
 
     def _execute(self, stage: ShardStage, tasks: int, pending: list[int]) -> None:
+        from loguru import logger
+
+        logger.disable("datatrove")  # its console log here; diffmoe shows progress, per-task logs stay in logs/
+        try:
+            self._submit(stage, tasks, pending)
+        finally:
+            logger.enable("datatrove")
+
+    def _submit(self, stage: ShardStage, tasks: int, pending: list[int]) -> None:
         cfg = self.config
         options = {**cfg.options, **cfg.stages.get(stage.name, {})}
         concurrency = min(self.workers, len(pending)) if self.workers else -1
@@ -293,8 +302,6 @@ class Engine:
             self._wait_for_slurm(stage.name, tasks, executor.job_id)
 
     def _local(self, step, tasks: int, workers: int, logs: Path, options: dict) -> None:
-        from loguru import logger
-
         from ._datatrove import QuietLocalExecutor
 
         options = {"start_method": "forkserver", **options}
@@ -304,11 +311,7 @@ class Engine:
             # the forkserver imports the stages once, and not the caller's __main__ (which then needs no guard)
             multiprocess.get_context("forkserver").set_forkserver_preload(
                 ["diffmoe.data._datatrove", "diffmoe.data.stages"])
-        logger.disable("datatrove")
-        try:
-            QuietLocalExecutor(pipeline=[step], tasks=tasks, workers=workers, logging_dir=str(logs), **options).run()
-        finally:
-            logger.enable("datatrove")
+        QuietLocalExecutor(pipeline=[step], tasks=tasks, workers=workers, logging_dir=str(logs), **options).run()
 
     def _wait_for_slurm(self, stage: str, tasks: int, job_id) -> None:
         markers = Markers(self.work, stage)

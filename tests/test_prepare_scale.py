@@ -338,7 +338,7 @@ def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
 def test_ivf_search_reaches_its_recall_target_against_exact_search(index):
     from diffmoe.data.knn import SearchOptions, exact_neighbours, recall_at_k, search
 
-    x = clustered(20_000, 32, 200)
+    x = clustered(10_000, 32, 100)
     out = np.zeros((len(x), 10), dtype=np.int64)
     info = search(x, SearchOptions(k=10, index=index, recall_queries=500, seed=1), out)
     assert info["index"] == index and info["nlist"] == 512 and info["recall_at_k"] >= 0.9

@@ -204,8 +204,11 @@ class EngineConfig:
             if not isinstance(data, dict):
                 raise DataError(f"{path}: an executor config is a mapping of option: value")
         data = dict(data)
+        poll_s = data.pop("poll_s", 30.0)
+        if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or poll_s <= 0:
+            raise DataError(f"executor config: poll_s={poll_s!r}: must be a positive number of seconds")
         config = cls(executor=executor, workers=workers, stages=data.pop("stages", None) or {},
-                     init=data.pop("init", None) or {}, poll_s=float(data.pop("poll_s", 30.0)), options=data)
+                     init=data.pop("init", None) or {}, poll_s=float(poll_s), options=data)
         config.validate()
         return config
 
@@ -314,14 +317,12 @@ class Engine:
         QuietLocalExecutor(pipeline=[step], tasks=tasks, workers=workers, logging_dir=str(logs), **options).run()
 
     def _wait_for_slurm(self, stage: str, tasks: int, job_id) -> None:
+        """Until every task is marked, or the array (datatrove chains arrays: the last one ends last) is gone;
+        :meth:`run` then names the tasks that did not finish."""
         markers = Markers(self.work, stage)
-        while True:
-            if all(markers.done(i) for i in range(tasks)):
-                return
+        while not all(markers.done(i) for i in range(tasks)):
             if job_id in (None, -1) or not _slurm_job_alive(str(job_id)):
-                if all(markers.done(i) for i in range(tasks)):
-                    return
-                return  # Engine.run names the tasks that did not finish
+                return
             time.sleep(self.config.poll_s)
 
 

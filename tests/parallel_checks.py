@@ -19,7 +19,8 @@ def ddp_plan(world: int, compile: bool = False) -> ParallelPlan:
 def model_config(ffn: str) -> ModelConfig:
     cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=32, ffn=ffn)
     cfg.moe.num_experts = 4
-    cfg.moe.lory.segment_len = 8
+    if "lory" in cfg.moe.families:
+        cfg.moe.families["lory"].segment_len = 8
     return cfg
 
 

@@ -92,7 +92,7 @@ def test_bench_generate_decodes_what_generate_decodes(monkeypatch):
 
     cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=32, ffn="lory",
                       moe=MoEConfig(num_experts=4))
-    cfg.moe.lory.segment_len = 4
+    cfg.moe.families["lory"].segment_len = 4
     torch.manual_seed(0)
     model = Decoder(cfg).eval()
     prompt = torch.randint(0, 64, (1, 8))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from diffmoe.moe import MoEConfig, RoutingContext, build_ffn
+from diffmoe.moe import FAMILIES, MoEConfig, RoutingContext, build_ffn
 
 D, FF = 16, 24
 T = 4
@@ -13,12 +13,12 @@ T = 4
 
 def build(kind, **family):
     moe = MoEConfig(num_experts=4)
-    for name, value in family.items():
-        setattr(getattr(moe, kind), name, value)
     if kind == "lory":
-        moe.lory.segment_len = family.get("segment_len", T)
+        family.setdefault("segment_len", T)
     if kind == "sparsemixer":
-        moe.sparsemixer.jitter_eps = 0.3
+        family["jitter_eps"] = 0.3
+    if FAMILIES[kind].config is not None:
+        moe.families[kind] = FAMILIES[kind].config(**family)
     torch.manual_seed(0)
     layer = build_ffn(kind, D, FF, moe)
     if hasattr(layer, "router"):

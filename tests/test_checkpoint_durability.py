@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from diffmoe.config import ConfigError, load_config
+from diffmoe.moe import ExpertChoiceConfig
 from diffmoe.train import train
 from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_run
 from diffmoe.train.metrics import read_metrics
@@ -88,7 +89,7 @@ def test_a_resume_that_changes_the_training_is_refused_unless_accepted(full_run,
 
     cadence = _cfg(tiny_dataset, log_every=2, eval_every=3)  # only what is logged and when: free
     cadence.model.moe.dispatch = "grouped_mm"  # the same arithmetic
-    cadence.model.moe.expert_choice.capacity_factor = 3.0  # a family the (dense) model does not use
+    cadence.model.moe.families["expert_choice"] = ExpertChoiceConfig(capacity_factor=3.0)  # a family the (dense) model does not use
     train(cadence, run, resume=True, show_progress=False)
     assert load_config(str(run / "config.yaml")).train.log_every == 1  # the config it trained with stays
 

@@ -39,13 +39,24 @@ def test_unknown_ffn_kind_lists_choices():
 
 
 def test_config_round_trips_through_dict():
-    cfg = ModelConfig(n_layers=3, ffn=["dense", "lory", "sparsemixer"])
-    cfg.moe.lory.segment_len = 64
-    cfg.moe.topk.capacity_factor = 1.25
-    cfg.moe.topk.eval_capacity_factor = 2.0
+    cfg = ModelConfig(n_layers=4, ffn=["dense", "lory", "sparsemixer", "topk"])
+    cfg.moe.families["lory"].segment_len = 64
+    cfg.moe.families["topk"].capacity_factor = 1.25
+    cfg.moe.families["topk"].eval_capacity_factor = 2.0
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg
-    assert again.layer_ffn(1) == "lory" and again.moe.lory.segment_len == 64
+    assert again.layer_ffn(1) == "lory" and again.moe.families["lory"].segment_len == 64
+
+
+def test_a_saved_config_holds_only_the_families_in_use():
+    cfg = ModelConfig.from_dict({"ffn": ["dense", "lory"], "n_layers": 2,
+                                 "moe": {"lory": {"segment_len": 8}, "topk": {"top_k": 1}, "expert_choice": {}}})
+    assert list(cfg.moe.families) == ["lory"] and cfg.moe.families["lory"].segment_len == 8
+    saved = cfg.to_dict()["moe"]
+    assert "lory" in saved and not {"topk", "sparsemixer", "expert_choice"} & set(saved)
+    assert "lory" not in ModelConfig().to_dict()["moe"]  # a dense model: the shared fields only
+    with pytest.raises(ConfigError, match=r"moe\.topk\.top_k=0"):  # an unused section is still checked
+        ModelConfig.from_dict({"moe": {"topk": {"top_k": 0}}})
 
 
 def test_constraints_of_unused_kinds_are_not_enforced():
@@ -58,7 +69,7 @@ def training_config(ffn, **families):
     from diffmoe.moe import MoEConfig
 
     return RunConfig(model=ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64,
-                                       ffn=ffn, moe=MoEConfig(num_experts=4, **families)))
+                                       ffn=ffn, moe=MoEConfig(num_experts=4, families=families)))
 
 
 @pytest.mark.parametrize("ffn, families, message", [
@@ -101,12 +112,12 @@ def test_train_refuses_before_writing_and_records_warnings_in_metrics(tiny_datas
     from test_train import run_config
 
     cfg = run_config(tiny_dataset, "lory", steps=1)
-    cfg.model.moe.lory.segment_len = 32  # < max_seq_len 64, but every training sequence is one segment
+    cfg.model.moe.families["lory"].segment_len = 32  # < max_seq_len 64, but every training sequence is one segment
     with pytest.raises(ConfigError, match=r"model\.moe\.lory\.segment_len=32: .*\(32 positions\)"):
         train(cfg, tmp_path / "refused", show_progress=False)
     assert not (tmp_path / "refused").exists()
     cfg = run_config(tiny_dataset, "topk", steps=1)
-    cfg.model.moe.topk.eval_capacity_factor = 2.0
+    cfg.model.moe.families["topk"].eval_capacity_factor = 2.0
     train(cfg, tmp_path / "warned", show_progress=False)
     warnings = [r for r in read_metrics(tmp_path / "warned") if r["kind"] == "warning"]
     assert [(r["step"], r["message"].split(":")[0]) for r in warnings] == [

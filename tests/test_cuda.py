@@ -93,7 +93,7 @@ def test_lory_bf16_close_to_fp32_on_cuda():
 
 def test_kv_cache_decoding_on_cuda():
     cfg = tiny_model_config(ffn=["lory", "sparsemixer"])
-    cfg.moe.lory.segment_len = 8
+    cfg.moe.families["lory"].segment_len = 8
     model = Decoder(cfg).cuda().eval()
     ids = torch.randint(0, 97, (2, 24), device="cuda")
     with torch.no_grad():

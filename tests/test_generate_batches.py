@@ -16,7 +16,8 @@ DECODING = ["dense", "lory", "topk", "sparsemixer", ["lory", "topk"]]
 def build(ffn, n_layers=2):
     cfg = tiny_model_config(ffn=ffn, n_layers=n_layers)
     cfg.moe.num_experts = 4
-    cfg.moe.lory.segment_len = T
+    if "lory" in cfg.moe.families:
+        cfg.moe.families["lory"].segment_len = T
     model = Decoder(cfg).eval()
     for _, layer in model.moe_layers():  # decisive routing so that routing changes would show
         torch.nn.init.normal_(layer.router.weight, std=1.0)

@@ -24,9 +24,8 @@ EOD = 5
 
 def tiny(ffn="dense", tied=False, renormalize=True, capacity_factor=None, eval_capacity_factor=None, n_layers=3,
          seed=0):
-    moe = MoEConfig(num_experts=4, d_ff=24, topk=TopKConfig(top_k=2, renormalize=renormalize,
-                                                            capacity_factor=capacity_factor,
-                                                            eval_capacity_factor=eval_capacity_factor))
+    moe = MoEConfig(num_experts=4, d_ff=24, families={"topk": TopKConfig(
+        top_k=2, renormalize=renormalize, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor)})
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=48,
                       max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe,
                       init_std=0.1)

@@ -72,11 +72,11 @@ def test_import_matches_transformers(tmp_path, arch, extra, layout):
 
 def test_config_fields(tmp_path):
     _, cfg = read_hf_config(save(hf_model("qwen2_moe", norm_topk_prob=True), tmp_path / "q", "legacy"))
-    assert cfg.ffn == ["topk", "dense", "topk"] and cfg.moe.topk.renormalize and cfg.moe.d_ff == 24
+    assert cfg.ffn == ["topk", "dense", "topk"] and cfg.moe.families["topk"].renormalize and cfg.moe.d_ff == 24
     assert (cfg.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.max_seq_len) == (2, 5000.0, 1e-6, 64)
     _, cfg = read_hf_config(save(hf_model("mixtral", router_aux_loss_coef=0.02), tmp_path / "m", "legacy"))
-    assert cfg.ffn == "topk" and cfg.moe.num_experts == 4 and cfg.moe.topk.top_k == 2
-    assert cfg.moe.topk.capacity_factor is None and cfg.moe.balance_coef == pytest.approx(0.04)
+    assert cfg.ffn == "topk" and cfg.moe.num_experts == 4 and cfg.moe.families["topk"].top_k == 2
+    assert cfg.moe.families["topk"].capacity_factor is None and cfg.moe.balance_coef == pytest.approx(0.04)
 
 
 REFUSED = [  # (arch, config.json edits, field named in the message)

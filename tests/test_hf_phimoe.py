@@ -29,7 +29,7 @@ EOD, V = 5, 97
 
 
 def tiny(tied=False, jitter_eps=0.3, d_model=32, n_heads=4, expert_ff=24, seed=0):
-    moe = MoEConfig(num_experts=4, d_ff=expert_ff, sparsemixer=SparseMixerConfig(jitter_eps=jitter_eps))
+    moe = MoEConfig(num_experts=4, d_ff=expert_ff, families={"sparsemixer": SparseMixerConfig(jitter_eps=jitter_eps)})
     cfg = ModelConfig(vocab_size=V, d_model=d_model, n_layers=3, n_heads=n_heads, n_kv_heads=2,
                       d_ff=48, max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn="sparsemixer",
                       moe=moe, init_std=0.1)
@@ -79,7 +79,7 @@ def test_config(exported):
     assert conf["rms_norm_eps"] == pytest.approx(cfg.norm_eps * cfg.d_model / D)
     assert conf["tie_word_embeddings"] is False and conf["lm_head_bias"] is False
     assert conf["attention_bias"] is False and conf["sliding_window"] is None
-    assert conf["router_jitter_noise"] == cfg.moe.sparsemixer.jitter_eps and conf["input_jitter_noise"] == 0
+    assert conf["router_jitter_noise"] == cfg.moe.families["sparsemixer"].jitter_eps and conf["input_jitter_noise"] == 0
     assert conf["num_local_experts"] == 4 and conf["num_experts_per_tok"] == 2
     assert conf["rope_parameters"] == {"rope_type": "default", "rope_theta": 5000.0}
     assert "transformers >= 5" in conf["note"]

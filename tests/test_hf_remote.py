@@ -28,7 +28,7 @@ def tiny(ffn, tied=False, seed=0, **moe_options):
     families = dict(lory=LoryConfig(segment_len=6), topk=TopKConfig(top_k=2, capacity_factor=1.0,
                                                                      eval_capacity_factor=1.0),
                     expert_choice=ExpertChoiceConfig(capacity_factor=1.5))
-    moe = MoEConfig(num_experts=4, d_ff=24, **{**families, **moe_options})
+    moe = MoEConfig(num_experts=4, d_ff=24, families={**families, **moe_options})
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
                       rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe, init_std=0.1)
     torch.manual_seed(seed)
@@ -104,14 +104,37 @@ def test_needs_trust_remote_code(exported):
         AutoModelForCausalLM.from_pretrained(exported[3], trust_remote_code=False)
 
 
-def test_remote_files_import_only_torch_and_transformers():
-    from diffmoe.hf.export import REMOTE_DIR, REMOTE_FILES
+def test_remote_files_import_only_torch_and_transformers(exported):
+    """The shipped files (the assembled modeling file: skeleton, shared blocks, each family's class)."""
+    from diffmoe.hf.export import REMOTE_FILES
 
     for name in REMOTE_FILES:
-        text = (REMOTE_DIR / name).read_text()
+        text = (exported[3] / name).read_text()
         imports = {line.split()[1].split(".")[0] for line in text.splitlines()
                    if line.startswith(("import ", "from "))}
         assert imports <= {"math", "torch", "transformers", ""}, (name, imports)
+
+
+def test_export_assembles_the_families_in_use_and_refuses_one_without_export_code(tmp_path):
+    from dataclasses import replace
+
+    from diffmoe.hf.export import configuration_source, modeling_source
+    from diffmoe.moe import FAMILIES
+
+    mixed = tiny(**CASES["mixed"]).cfg
+    text = modeling_source(mixed)
+    assert "FFN_CLASSES = {'lory': RemoteLory, 'topk': RemoteTopK, 'sparsemixer': RemoteSparseMixer}" in text
+    assert "class RemoteExpertChoice" not in text and "class RemoteLory" in text
+    dense = modeling_source(tiny(ffn="dense").cfg)
+    assert configuration_source(text) != configuration_source(dense)  # one config class per modeling code
+    saved = FAMILIES["topk"]
+    FAMILIES["topk"] = replace(saved, remote=None)
+    try:
+        with pytest.raises(ValueError, match=r"FFN kind\(s\) topk declare no export class"):
+            export_custom(tiny(ffn="topk"), tmp_path / "hf", EOD, None)
+    finally:
+        FAMILIES["topk"] = saved
+    assert not (tmp_path / "hf").exists()
 
 
 GENERATES = ["dense", "lory", "lory-tied-own-mean", "topk-capacity-trained", "sparsemixer", "mixed"]

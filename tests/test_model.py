@@ -5,6 +5,7 @@ import torch
 
 from diffmoe import Decoder
 from diffmoe.eval.generate import generate, generate_stream
+from diffmoe.moe import LoryConfig
 
 from conftest import tiny_model_config
 
@@ -14,9 +15,10 @@ T = 8  # Lory segment length in these tests
 def build(ffn, first_segment="uniform", **kw):
     cfg = tiny_model_config(ffn=ffn, **kw)
     cfg.moe.num_experts = 4
-    cfg.moe.lory.segment_len = T
-    cfg.moe.lory.first_segment = first_segment
-    cfg.moe.sparsemixer.jitter_eps = 0.3
+    if "lory" in cfg.moe.families:
+        cfg.moe.families["lory"] = LoryConfig(segment_len=T, first_segment=first_segment)
+    if "sparsemixer" in cfg.moe.families:
+        cfg.moe.families["sparsemixer"].jitter_eps = 0.3
     model = Decoder(cfg)
     for _, layer in model.moe_layers():  # decisive routing so that routing changes would show
         torch.nn.init.normal_(layer.router.weight, std=1.0)
@@ -124,7 +126,7 @@ def test_dense_to_moe_keeps_the_output(ffn, renormalize):
     from diffmoe.moe.topk import TopKConfig
 
     dense = build("dense").eval()
-    kw = {} if renormalize is None else {"moe": MoEConfig(topk=TopKConfig(renormalize=renormalize))}
+    kw = {} if renormalize is None else {"moe": MoEConfig(families={"topk": TopKConfig(renormalize=renormalize)})}
     moe = build(ffn, **kw).eval()
     moe.dense_to_moe(dense)
     ids = torch.randint(0, 97, (2, 20))

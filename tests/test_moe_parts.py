@@ -113,7 +113,7 @@ def test_every_family_trains_under_torch_compile_as_in_eager():
 
     cfg = tiny_model_config(ffn=["topk", "sparsemixer", "expert_choice", "lory"], n_layers=4)
     cfg.moe.num_experts = 4
-    cfg.moe.lory.segment_len = 8
+    cfg.moe.families["lory"].segment_len = 8
     ids = torch.randint(0, 97, (2, 24))
     grads = []
     for compiled in (False, True):

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from diffmoe import Decoder
-from diffmoe.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config, save_config
-from diffmoe.moe import FAMILIES, Capabilities, MoELayer, Routing, register
+from diffmoe.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, load_config, save_config
+from diffmoe.moe import FAMILIES, Capabilities, Family, MoELayer, Routing, register
+from diffmoe.moe.base import family_config
+from diffmoe.moe.remote import RemoteMoE, dispatch_top
 from diffmoe.schema import check
 from diffmoe.train import train
 from diffmoe.train.metrics import read_metrics
@@ -30,10 +32,10 @@ class ToyConfig:
 class ToyMoE(MoELayer):
     """Top-1 token choice with a router temperature."""
 
-    def __init__(self, d_model, d_ff, num_experts=4, temperature=1.0):
-        ToyConfig(temperature).validate(num_experts)
+    def __init__(self, d_model, d_ff, num_experts=4, config=None, **options):
+        config = family_config(ToyConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts)
-        self.temperature = temperature
+        self.temperature = config.temperature
 
     @property
     def capabilities(self):
@@ -47,9 +49,17 @@ class ToyMoE(MoELayer):
                        chosen=idx)
 
 
+class RemoteToy(RemoteMoE):
+    """The eval-mode copy a custom-code export ships."""
+
+    def forward(self, x, ctx):
+        gate, idx = (self.logits(x.reshape(-1, x.shape[-1])) / self.opt["temperature"]).softmax(-1).max(-1)
+        return dispatch_top(self, x, gate[:, None], idx[:, None], ctx["valid"].reshape(-1, 1))
+
+
 @pytest.fixture
 def toy():
-    register("toy", ToyMoE, ToyConfig)
+    register(Family("toy", ToyMoE, ToyConfig, remote=RemoteToy))
     yield
     del FAMILIES["toy"]
 
@@ -57,7 +67,7 @@ def toy():
 def test_a_registered_family_is_a_kind_with_its_own_config(toy):
     cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=32, ffn=["toy", "dense"])
     cfg.moe.num_experts = 4
-    cfg.moe.toy.temperature = 0.5
+    cfg.moe.families["toy"].temperature = 0.5
     layer = Decoder(cfg).blocks[0].ffn
     assert isinstance(layer, ToyMoE) and layer.temperature == 0.5 and layer.num_experts == 4
     assert cfg.to_dict()["moe"]["toy"] == {"temperature": 0.5}
@@ -71,7 +81,7 @@ def test_a_registered_family_is_a_kind_with_its_own_config(toy):
     with pytest.raises(ConfigError, match="expert_choice, toy"):
         ModelConfig(ffn="switch")
     with pytest.raises(ValueError, match="already registered"):
-        register("toy", ToyMoE, ToyConfig)
+        register(Family("toy", ToyMoE, ToyConfig, remote=RemoteToy))
 
 
 def test_a_registered_family_computes_its_routing_through_the_shared_parts(toy):
@@ -95,12 +105,34 @@ def test_a_registered_family_trains_from_a_yaml_config(toy, tiny_dataset, tmp_pa
                     train=TrainConfig(steps=3, lr=3e-3, log_every=1, routing_log_every=1, tensorboard=False))
     save_config(cfg, str(tmp_path / "toy.yaml"))
     loaded = load_config(str(tmp_path / "toy.yaml"))
-    assert loaded == cfg and loaded.model.moe.toy == ToyConfig()
+    assert loaded == cfg and loaded.model.moe.families["toy"] == ToyConfig()
     summary = train(loaded, tmp_path / "run", show_progress=False)
     assert summary["step"] == 3 and summary["heldout"]["all"]["tokens"] > 0
     routing = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "routing"]
     assert len(routing) == 3 and len(routing[-1]["layer1.load"]) == 4
     assert sum(routing[-1]["layer1.load"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_registered_family_exports_with_custom_code_and_is_benchmarked(toy, tmp_path):
+    """Its remote class goes into the export's modeling file: transformers computes its logits; the layer
+    benchmark builds it."""
+    transformers = pytest.importorskip("transformers")
+    from diffmoe.bench.layer_specs import Shape, layer_specs
+    from diffmoe.hf.export import export_custom
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=32, ffn=["toy", "dense"],
+                      moe=MoEConfig(num_experts=4, families={"toy": ToyConfig(temperature=0.5)}))
+    torch.manual_seed(0)
+    model = Decoder(cfg).eval()
+    out = export_custom(model, tmp_path / "hf", 0, None)
+    assert "class RemoteToy(RemoteMoE)" in (out / "modeling_diffmoe.py").read_text()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+    shape = Shape(tokens=32, seq_len=16, d_model=16, d_ff=24, experts=4, segment_len=8)
+    spec = next(s for s in layer_specs(shape, torch.device("cpu"), torch.float32, ()) if s.family == "toy")
+    assert isinstance(spec.build(), ToyMoE) and spec.flop_factor == 1.0
 
 
 def test_built_in_family_configs_validate_themselves():
@@ -117,12 +149,14 @@ def test_built_in_family_configs_validate_themselves():
 
 
 def test_no_routing_family_is_named_outside_moe():
-    """Generic code asks a layer what it can do; only moe/, the config and the CLI may name families."""
+    """Generic code asks a layer (or its family's declaration) what it can do: the model, training,
+    evaluation, parallelism and the transformers interop (hf/, the custom-code skeleton included) name no
+    family."""
     names = [k for k in FAMILIES if k != "dense"] + [f.layer.__name__ for k, f in FAMILIES.items() if k != "dense"]
     names += ["lory", "sparsemixer", "grin", "expert choice"]
     pattern = re.compile(r"(?<![.\w])(" + "|".join(map(re.escape, names)) + r")(?!\w)", re.IGNORECASE)
-    paths = [path for folder in ("model", "train", "eval") for path in sorted((SRC / folder).glob("*.py"))]
-    paths += sorted((SRC / "parallel").rglob("*.py"))  # and the planner's subpackage
+    paths = [path for folder in ("model", "train", "eval", "parallel", "hf") for path in sorted((SRC / folder).rglob("*.py"))]
+    assert SRC / "train" / "metrics.py" in paths and SRC / "hf" / "remote" / "modeling_diffmoe.py" in paths
     found = []
     for path in paths:
         for n, line in enumerate(path.read_text().splitlines(), 1):

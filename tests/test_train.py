@@ -22,8 +22,10 @@ def run_config(data, ffn="dense", steps=20, grad_accum=1, **train_kw):
     """grad_accum: micro-batches of 4 sequences per step (the global batch is 4 x grad_accum)."""
     model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, ffn=ffn,
                         moe=MoEConfig(num_experts=4, d_ff=None if ffn == "lory" else 32))
-    model.moe.lory.segment_len = 8
-    model.moe.sparsemixer.jitter_eps = 0.2  # wide bands: routing noise really matters for resume
+    if "lory" in model.moe.families:
+        model.moe.families["lory"].segment_len = 8
+    if "sparsemixer" in model.moe.families:
+        model.moe.families["sparsemixer"].jitter_eps = 0.2  # wide bands: routing noise really matters for resume
     kw = dict(steps=steps, lr=3e-3, log_every=1, routing_log_every=5, eval_every=1000, checkpoint_every=1000,
               tensorboard=False)
     kw.update(train_kw)

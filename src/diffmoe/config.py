@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from . import schema
 from .moe import FAMILIES, MoEConfig, MoELayer
-from .moe import ExpertChoiceConfig, LoryConfig, SparseMixerConfig, TopKConfig  # noqa: F401  (also importable here)
 from .schema import ConfigError, check, positive_int
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
@@ -38,9 +37,12 @@ class ModelConfig:
     sqrt(2 * n_layers) (GPT-2 / OLMo scaled init)."""
     ffn: str | list[str] = "dense"
     moe: MoEConfig = field(default_factory=MoEConfig)
+    """The shared MoE fields and the config of every family the layers use (its defaults when not given;
+    a family no layer uses is validated, then dropped)."""
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.validate()  # every family given, used or not
+        self.moe = self.moe.in_use(self.kinds)
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -78,6 +80,10 @@ class ModelConfig:
         for kind in kinds:
             check(kind in FAMILIES, "ffn", kind, f"unknown FFN kind; choose one of {', '.join(FAMILIES)}")
         self.moe.validate(prefix="moe", kinds=kinds)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer``'s FFN is an MoE layer (router and experts)."""
+        return issubclass(FAMILIES[self.layer_ffn(layer)].layer, MoELayer)
 
     @property
     def has_moe(self) -> bool:
@@ -248,10 +254,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.train.betas, list):
+            self.train.betas = tuple(self.train.betas)
         self.validate()
 
     def validate(self) -> None:
-        self.model.validate()
+        """The data and train sections, and what they require of the model (the model config validated
+        itself when it was built, and is validated again when a model is built from it)."""
         d, t = self.data, self.train
         check(positive_int(d.batch_size), "data.batch_size", d.batch_size, "must be a positive integer")
         check(d.micro_batch_size is None or positive_int(d.micro_batch_size), "data.micro_batch_size",
@@ -303,10 +312,7 @@ class RunConfig:
             raise ConfigError(f"invalid config: train.grad_accum={train['grad_accum']!r}: removed; data.batch_size is "
                               "now the global batch (sequences per optimizer step) and accumulation is derived "
                               "from it: set data.batch_size to the old batch_size x grad_accum x ranks")
-        cfg = schema.build(cls, data, "")
-        cfg.train.betas = tuple(cfg.train.betas)
-        cfg.validate()
-        return cfg
+        return schema.build(cls, data, "")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> RunConfig:

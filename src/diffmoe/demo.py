@@ -66,10 +66,10 @@ def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
     return {
         "dense": ModelConfig(**base, ffn="dense"),
         "lory": ModelConfig(**base, ffn="lory",
-                            moe=MoEConfig(num_experts=8, lory=LoryConfig(segment_len=cfg.segment_len))),
+                            moe=MoEConfig(num_experts=8, families={"lory": LoryConfig(segment_len=cfg.segment_len)})),
         "sparsemixer": ModelConfig(**base, ffn="sparsemixer",
-                                   moe=MoEConfig(num_experts=8, d_ff=d_ff // 2, balance_coef=0.01,
-                                                 sparsemixer=SparseMixerConfig(jitter_eps=0.01, input_jitter_eps=0.0))),
+                                   moe=MoEConfig(num_experts=8, d_ff=d_ff // 2, balance_coef=0.01, families={
+                                       "sparsemixer": SparseMixerConfig(jitter_eps=0.01, input_jitter_eps=0.0)})),
     }
 
 

@@ -68,7 +68,7 @@ def scale_init(experts: Experts) -> None:
 
 def lory_layer() -> torch.nn.Module:
     torch.manual_seed(0)
-    layer = build_ffn("lory", D, FF, MoEConfig(num_experts=E, lory=LoryConfig(segment_len=T)))
+    layer = build_ffn("lory", D, FF, MoEConfig(num_experts=E, families={"lory": LoryConfig(segment_len=T)}))
     layer.reset_parameters(std=D ** -0.5, out_std=FF ** -0.5, router_std=1.0)
     return layer
 
@@ -159,7 +159,7 @@ def lory_decoder() -> Decoder:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2, d_ff=FF, max_seq_len=L, ffn="lory",
                       init_std=D ** -0.5)
-    cfg.moe.num_experts, cfg.moe.router_init_std, cfg.moe.lory.segment_len = E, 1.0, T
+    cfg.moe.num_experts, cfg.moe.router_init_std, cfg.moe.families["lory"].segment_len = E, 1.0, T
     return Decoder(cfg)
 
 

@@ -42,7 +42,8 @@ def model_config(kind: str) -> ModelConfig:
     cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=32, ffn=kind,
                       tie_embeddings=kind == "lory")
     cfg.moe.num_experts = 4
-    cfg.moe.lory.segment_len = 4
+    if "lory" in cfg.moe.families:
+        cfg.moe.families["lory"].segment_len = 4
     cfg.moe.balance_coef = 0.05
     cfg.moe.z_loss_coef = 0.01
     return cfg

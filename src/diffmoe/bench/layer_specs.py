@@ -1,8 +1,11 @@
 """What the layer benchmark measures: the shapes and sweeps, the dense FLOP model, and every layer
-(diffmoe's MoE layers and transformers' reference blocks) to build at a shape."""
+(diffmoe's MoE layers and transformers' reference blocks) to build at a shape: curated rows for the
+built-in families, and every other registered family at its defaults (its ``top_k`` and
+``segment_len``, where its config has them, set from the shape)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -12,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub-kernel implementations must 
 import torch
 from torch import nn
 
-from ..moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
+from ..moe import FAMILIES, ExpertChoiceMoE, LoryMoE, MoEConfig, SparseMixerMoE, SwiGLU, TopKMoE
 from ..moe.dispatch import resolve_impl
 
 HF_INIT_STD = 0.02
@@ -41,7 +44,7 @@ class Shape:
 @dataclass
 class LayerSpec:
     name: str
-    family: str  # dense | lory | topk | sparsemixer | expert_choice | hf (sweeps pick families)
+    family: str  # an FFN kind (dense, lory, topk, ...), or hf (sweeps pick families)
     build: Callable[[], nn.Module]
     flop_factor: float  # FLOPs as a multiple of the dense FFN's
     note: str = ""
@@ -58,7 +61,9 @@ class Sweep:
     hf_impls: tuple[str, ...] = ("eager", "grouped_mm")
 
 
-ALL_FAMILIES = ("dense", "lory", "topk", "sparsemixer", "expert_choice", "hf")
+CURATED = ("dense", "lory", "topk", "sparsemixer", "expert_choice")
+"""The families :func:`layer_specs` builds rows of its own for (several dispatches, the benchmark's options)."""
+ALL_FAMILIES = (*FAMILIES, "hf")
 SWEEPS = {
     "experts": Sweep("experts", "experts E", lambda s: [replace(s, experts=e) for e in (4, 8, 16, 32, 64)],
                      ALL_FAMILIES),
@@ -126,6 +131,13 @@ def layer_specs(shape: Shape, device: torch.device, dtype: torch.dtype,
     if k == 2:
         specs.insert(4, LayerSpec(f"SparseMixerMoE top-2 [auto={auto}]", "sparsemixer",
                                   lambda: SparseMixerMoE(d, f, E), 2.0, column="SparseMixerMoE"))
+    for kind, family in FAMILIES.items():
+        if kind not in CURATED:
+            with torch.device("meta"):  # the FLOPs of its experts per token, without allocating it
+                factor = registered_layer(kind, shape).experts_per_token
+            specs.append(LayerSpec(f"{family.layer.__name__} [auto={auto}]", kind,
+                                   (lambda kind=kind: registered_layer(kind, shape)), factor,
+                                   "registered family, defaults", column=family.layer.__name__))
     elem = torch.finfo(dtype).bits // 8
     impls = [i for i in hf_implementations() if hf_impls is None or i in hf_impls]
     for family, label in (("mixtral", "Mixtral"), ("phimoe", "Phimoe")):
@@ -138,3 +150,15 @@ def layer_specs(shape: Shape, device: torch.device, dtype: torch.dtype,
                                    (lambda fam=family, im=impl: build_hf_block(fam, im, shape)), float(k),
                                    "transformers", known, f"HF {label} [{impl}]"))
     return specs
+
+
+def registered_layer(kind: str, shape: Shape) -> nn.Module:
+    """A registered family's layer at ``shape``: its config's defaults, with ``top_k`` and ``segment_len``
+    from the shape where the config has those fields."""
+    family = FAMILIES[kind]
+    config = family.config() if family.config is not None else None
+    if config is not None:
+        names = {f.name for f in dataclasses.fields(config)}
+        config = replace(config, **{k: v for k, v in (("top_k", shape.top_k), ("segment_len", shape.segment_len))
+                                    if k in names})
+    return family.layer.from_config(shape.d_model, shape.d_ff, MoEConfig(num_experts=shape.experts), config)

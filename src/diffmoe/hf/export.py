@@ -1,19 +1,17 @@
-"""Export a diffmoe ``Decoder`` to a transformers checkpoint that loads with a *native* class (no remote code).
+"""Export a diffmoe ``Decoder`` to a transformers checkpoint.
 
-    dense in every layer                                 -> LlamaForCausalLM   (``llama``)
-    topk in every layer, renormalize, dropless eval      -> MixtralForCausalLM (``mixtral``)
-    topk (any renormalize, dropless eval), maybe mixed   -> Qwen2MoeForCausalLM (``qwen2_moe``)
-    with dense layers
-    sparsemixer in every layer                           -> PhimoeForCausalLM  (``phimoe``), in the
-                                                            widened residual stream of :mod:`.phimoe`
-                                                            (needs transformers >= 5 to load)
+:func:`export_native` writes a checkpoint that loads with a *native* transformers class (no remote
+code): ``llama``, ``mixtral``, ``qwen2_moe`` or ``phimoe`` (the latter in the widened residual stream of
+:mod:`.phimoe`; needs transformers >= 5 to load). Each routing family declares which of these compute
+its layers exactly, given its config (``Family.native``); a model is exported as the first architecture
+that holds all of its layers (:func:`native_plan`). When none does, :func:`native_arch` returns None and
+:func:`export_native` raises a ValueError naming the reason. An export computes the model's eval mode.
 
-An export computes the model's eval mode: top-k trained with a ``capacity_factor`` evaluates dropless
-unless it sets ``eval_capacity_factor``. Anything else (an evaluation capacity, sparsemixer mixed with
-other kinds, lory, expert choice) has no exact native class:
-:func:`native_arch` returns None and :func:`export_native` raises a ValueError naming the reason.
-:func:`export_custom` writes any model, with the custom code of ``diffmoe/hf/remote`` (loaded with
-``trust_remote_code=True``) and diffmoe's own state dict; :func:`export_run` picks between the two.
+:func:`export_custom` writes any model whose families all declare an export class (``Family.remote``),
+with custom code (loaded with ``trust_remote_code=True``): ``modeling_diffmoe.py`` is assembled from the
+skeleton in ``diffmoe/hf/remote``, the shared blocks of :mod:`diffmoe.moe.remote` and the export class
+of every family the model uses (:func:`modeling_source`), next to diffmoe's own state dict.
+:func:`export_run` picks between the two.
 
 The directory holds ``config.json`` (every field that changes a logit written explicitly, so no class
 default and no transformers version changes the model), ``model.safetensors`` (legacy per-expert
@@ -23,15 +21,19 @@ names, read by transformers 4.57 and 5.x; the widened PhiMoE export needs 5.x),
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..moe import FAMILIES
 from . import mapping, phimoe
 
 FORMATS = ("auto", "native", "custom")
@@ -39,33 +41,39 @@ _CLASSES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2
             "phimoe": "PhimoeForCausalLM"}
 
 
-def _why_not_native(cfg: ModelConfig) -> tuple[str | None, str]:
-    """(arch, reason): the native architecture, or None and why there is none."""
-    kinds = [cfg.layer_ffn(i) for i in range(cfg.n_layers)]
-    if all(k == "dense" for k in kinds):
-        return "llama", ""
-    if all(k == "sparsemixer" for k in kinds):
-        return "phimoe", ""
-    if "sparsemixer" in kinds and not {"lory", "expert_choice"} & set(kinds):
-        return None, ("FFN kind sparsemixer mixed with other kinds has no native transformers class: "
-                      "PhiMoE has SparseMixer-v2 in every layer (needs the custom-code export)")
-    other = sorted({k for k in kinds if k not in ("dense", "topk")})
-    if other:
-        return None, (f"FFN kind(s) {', '.join(other)} have no native transformers class "
-                      "(needs the custom-code export)")
-    topk = cfg.moe.topk
-    if topk.eval_capacity_factor is not None:
-        return None, (f"moe.topk.eval_capacity_factor={topk.eval_capacity_factor} drops tokens, but the native "
-                      "transformers MoE classes are dropless (needs the custom-code export)")
-    if all(k == "topk" for k in kinds) and topk.renormalize:
-        return "mixtral", ""
-    return "qwen2_moe", ""
+ARCHS = ("llama", "mixtral", "qwen2_moe", "phimoe")
+"""The native architectures, in the order of preference when several compute a model."""
+
+
+def native_plan(cfg: ModelConfig) -> tuple[str | None, dict, str]:
+    """(arch, the ``config.json`` fields the layers' families set for it, "") for the first of :data:`ARCHS`
+    that computes every layer of ``cfg`` exactly (each family says which do: its ``Family.native``), or
+    (None, {}, why none does)."""
+    offers: dict[str, dict[str, dict]] = {}
+    for kind in dict.fromkeys(cfg.kinds):
+        native = FAMILIES[kind].native
+        archs = native.archs(cfg.moe.family(kind)) if native is not None else \
+            f"FFN kind {kind} has no native transformers class"
+        if isinstance(archs, str):
+            return None, {}, f"{archs} (needs the custom-code export)"
+        offers[kind] = archs
+    common = [arch for arch in ARCHS if all(arch in archs for archs in offers.values())]
+    if not common:
+        narrow = min(offers, key=lambda kind: len(offers[kind]))
+        others = ", ".join(kind for kind in offers if kind != narrow)
+        return None, {}, (f"FFN kind {narrow} mixed with other kinds ({others}) has no native transformers class: "
+                          f"layers of kind {narrow} fit only {', '.join(offers[narrow])}, which cannot hold the "
+                          "others (needs the custom-code export)")
+    fields: dict = {}
+    for archs in offers.values():
+        fields.update(archs[common[0]])
+    return common[0], fields, ""
 
 
 def native_arch(cfg: ModelConfig) -> str | None:
     """``llama``, ``mixtral``, ``qwen2_moe`` or ``phimoe`` when a native transformers class computes exactly
     this model (``phimoe``: transformers >= 5); None otherwise."""
-    return _why_not_native(cfg)[0]
+    return native_plan(cfg)[0]
 
 
 def hf_config(cfg: ModelConfig, arch: str, eod_id: int) -> dict:
@@ -104,19 +112,21 @@ def hf_config(cfg: ModelConfig, arch: str, eod_id: int) -> dict:
     if arch == "llama":
         out["pretraining_tp"] = 1
         return out
+    planned, fields, why = native_plan(cfg)
+    if planned != arch:
+        raise ConfigError(f"cannot export natively as {arch}: " + (why or f"the model's layers make it {planned}"))
+    moe = cfg.moe
     if arch == "phimoe":
         out.pop("mlp_bias")
         out.update(phimoe.config_fields(cfg))
-        return out
-    moe = cfg.moe
-    k = moe.topk.top_k
     expert_ff = moe.d_ff or cfg.d_ff
-    out.update(num_experts_per_tok=k, router_aux_loss_coef=moe.balance_coef / k, output_router_logits=False)
+    out.update(router_aux_loss_coef=moe.balance_coef / fields["num_experts_per_tok"], output_router_logits=False,
+               **fields)
     if arch == "mixtral":
         out.update(num_local_experts=moe.num_experts, intermediate_size=expert_ff, router_jitter_noise=0.0)
-    else:  # qwen2_moe
-        out.update(num_experts=moe.num_experts, norm_topk_prob=bool(moe.topk.renormalize),
-                   mlp_only_layers=[i for i in range(cfg.n_layers) if cfg.layer_ffn(i) == "dense"],
+    elif arch == "qwen2_moe":
+        out.update(num_experts=moe.num_experts,
+                   mlp_only_layers=[i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
                    decoder_sparse_step=1, moe_intermediate_size=expert_ff, shared_expert_intermediate_size=0,
                    use_sliding_window=False, max_window_layers=cfg.n_layers, qkv_bias=False)
     return out
@@ -198,7 +208,7 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     from safetensors.torch import save_file
 
     cfg = model.cfg
-    arch, why = _why_not_native(cfg)
+    arch, _, why = native_plan(cfg)
     if arch is None:
         raise ConfigError(f"cannot export natively: {why}")
     if not 0 <= eod_id < cfg.vocab_size:
@@ -206,7 +216,7 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     out = Path(out)
     tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    moe_layers = {i for i in range(cfg.n_layers) if cfg.layer_ffn(i) != "dense"}
+    moe_layers = {i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)}
     if arch == "phimoe":
         tensors = phimoe.to_phimoe(state, cfg)
     else:
@@ -222,8 +232,45 @@ def export_native(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
 
 REMOTE_DIR = Path(__file__).parent / "remote"
 REMOTE_FILES = ("configuration_diffmoe.py", "modeling_diffmoe.py")
-EC_NOTE = ("expert_choice layers select tokens over the whole batch, future tokens included: the scores leak "
-           "future tokens and depend on the batch, and the model cannot generate token by token")
+
+
+def remote_classes(cfg: ModelConfig) -> dict[str, type]:
+    """FFN kind -> the export class of its family, for the kinds ``cfg`` uses; a ConfigError naming the kinds
+    whose family declares none."""
+    missing = [kind for kind in dict.fromkeys(cfg.kinds) if FAMILIES[kind].remote is None]
+    if missing:
+        raise ConfigError(f"cannot export with custom code: FFN kind(s) {', '.join(missing)} declare no export "
+                          "class (Family.remote)")
+    return {kind: FAMILIES[kind].remote for kind in dict.fromkeys(cfg.kinds)}
+
+
+def modeling_source(cfg: ModelConfig) -> str:
+    """The ``modeling_diffmoe.py`` of a custom-code export of ``cfg``: the skeleton, the shared blocks of
+    :mod:`diffmoe.moe.remote`, the export class of each family in use, and ``FFN_CLASSES``."""
+    from ..moe import remote
+
+    used = remote_classes(cfg)
+    classes = {kind: used[kind] for kind in FAMILIES if kind in used}  # registry order: one text per family set
+    parts = [(REMOTE_DIR / "modeling_diffmoe.py").read_text(encoding="utf-8"),
+             f"# ---- {remote.__name__} ----\n" + inspect.getsource(remote)]
+    for cls in dict.fromkeys(classes.values()):
+        if cls.__module__ != remote.__name__:
+            parts.append(f"# ---- {cls.__module__}.{cls.__qualname__} ----\n" + textwrap.dedent(inspect.getsource(cls)))
+    table = ", ".join(f"{kind!r}: {cls.__name__}" for kind, cls in classes.items())
+    parts.append(f"FFN_CLASSES = {{{table}}}\n")
+    return "\n\n".join(part.rstrip() + "\n" for part in parts)
+
+
+def configuration_source(modeling: str) -> str:
+    """``configuration_diffmoe.py``, ending with the digest of the ``modeling`` code it ships with.
+
+    transformers binds the first model class it loads for a config class to that class, and reuses it for
+    later checkpoints whose config module is the same file (it caches modules by their text): exports with
+    different modeling code (other families) must have different configuration files, or loading a second
+    one in the same process builds the first one's model."""
+    digest = hashlib.sha256(modeling.encode("utf-8")).hexdigest()
+    text = (REMOTE_DIR / "configuration_diffmoe.py").read_text(encoding="utf-8")
+    return text + f"\n# ships with modeling_diffmoe.py of sha256 {digest}\n"
 
 
 def custom_config(cfg: ModelConfig, eod_id: int, dtype: torch.dtype = torch.float32) -> dict:
@@ -250,15 +297,16 @@ def custom_config(cfg: ModelConfig, eod_id: int, dtype: torch.dtype = torch.floa
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
-    if "expert_choice" in cfg.kinds:
-        out["note"] = EC_NOTE
+    notes = [cls.note for cls in dict.fromkeys(remote_classes(cfg).values()) if cls.note]
+    if notes:
+        out["note"] = " ".join(notes)
     return out
 
 
 def export_custom(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (a :class:`~diffmoe.model.Decoder`, any FFN kinds) to the directory ``out`` as a
     transformers checkpoint with custom code (load with ``trust_remote_code=True``): ``config.json``
-    (:func:`custom_config`), the two files of ``diffmoe/hf/remote``, diffmoe's own state dict as
+    (:func:`custom_config`), ``configuration_diffmoe.py`` and the assembled ``modeling_diffmoe.py`` (:func:`modeling_source`), diffmoe's own state dict as
     ``model.safetensors`` (tied weights stored once), ``generation_config.json`` and the tokenizer
     files. Written complete or not at all, as :func:`export_native`."""
     from safetensors.torch import save_file
@@ -269,13 +317,14 @@ def export_custom(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     if not 0 <= eod_id < cfg.vocab_size:
         raise ConfigError(f"eod_id={eod_id} outside the vocabulary (vocab_size={cfg.vocab_size})")
     tok = _tokenizer_files(Path(tokenizer_dir), eod_id) if tokenizer_dir is not None else None
+    modeling = modeling_source(cfg)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state(model).items()}
     dtype = model.embed.weight.dtype
 
     def fill(tmp: Path) -> None:
         _write_json(tmp / "config.json", _with_bos(custom_config(cfg, eod_id, dtype), tok))
-        for name in REMOTE_FILES:
-            shutil.copyfile(REMOTE_DIR / name, tmp / name)
+        (tmp / "configuration_diffmoe.py").write_text(configuration_source(modeling), encoding="utf-8")
+        (tmp / "modeling_diffmoe.py").write_text(modeling, encoding="utf-8")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_generation_and_tokenizer(tmp, eod_id, tok)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelConfig, MoEConfig, RunConfig, TopKConfig, save_config
+from ..config import ConfigError, ModelConfig, MoEConfig, RunConfig, save_config
+from ..moe import FAMILIES
 from .mapping import ARCHS, from_hf
 
 _OTHER = {  # model types refused by name, with the reason
@@ -91,23 +92,33 @@ def read_hf_config(hf_dir) -> tuple[str, ModelConfig]:
     n_layers, ffn, moe = c["num_hidden_layers"], "dense", MoEConfig()
     k = c.get("num_experts_per_tok", 2)
     balance = c.get("router_aux_loss_coef", 0.0) * k  # HF's f counts all k slots: its coef = balance_coef / k
+    if arch in ("mixtral", "qwen2_moe"):
+        kind, read = _importing_family(arch)
+        families = {kind: read(c)}
     if arch == "mixtral":
-        ffn = "topk"
+        ffn = kind
         moe = MoEConfig(num_experts=c["num_local_experts"], d_ff=c["intermediate_size"], balance_coef=balance,
-                        topk=TopKConfig(top_k=k, renormalize=True, capacity_factor=None))
+                        families=families)
     elif arch == "qwen2_moe":
         step, dense_only = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or [])
         experts = c.get("num_experts", 0)
-        ffn = ["topk" if i not in dense_only and experts > 0 and (i + 1) % step == 0 else "dense"
+        ffn = [kind if i not in dense_only and experts > 0 and (i + 1) % step == 0 else "dense"
                for i in range(n_layers)]
         moe = MoEConfig(num_experts=max(experts, 1), d_ff=c["moe_intermediate_size"], balance_coef=balance,
-                        topk=TopKConfig(top_k=k, renormalize=bool(c.get("norm_topk_prob", False)),
-                                        capacity_factor=None))
+                        families=families)
     cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=d, n_layers=n_layers, n_heads=heads,
                       n_kv_heads=c.get("num_key_value_heads") or heads, d_ff=c["intermediate_size"],
                       max_seq_len=max_len, rope_theta=_rope_theta(c), norm_eps=c.get("rms_norm_eps", 1e-6),
                       tie_embeddings=bool(c.get("tie_word_embeddings", False)), ffn=ffn, moe=moe)
     return arch, cfg
+
+
+def _importing_family(arch: str):
+    """(kind, config.json dict -> family config) of the family whose layers ``arch``'s MoE layers import as."""
+    for kind, family in FAMILIES.items():
+        if family.native is not None and arch in family.native.imports:
+            return kind, family.native.imports[arch]
+    raise ConfigError(f"cannot import {arch}: no registered routing family reads its MoE layers")
 
 
 def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
@@ -155,7 +166,7 @@ def _ignorable(name: str, hf: dict[str, torch.Tensor], tied: bool) -> bool:
 
 def _map_weights(hf: dict[str, torch.Tensor], arch: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The HF tensors as a diffmoe state dict; a missing or left-over tensor is a ``ValueError``."""
-    moe_layers = {i for i in range(cfg.n_layers) if cfg.layer_ffn(i) != "dense"}
+    moe_layers = {i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)}
     tracked = _Used(hf)
     try:
         state = from_hf(tracked, arch, cfg.n_layers, moe_layers, cfg.moe.num_experts, cfg.tie_embeddings)

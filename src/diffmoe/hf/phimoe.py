@@ -1,4 +1,5 @@
-"""SparseMixer-v2 models to transformers' ``PhimoeForCausalLM`` through the exact widened stream.
+"""Models whose every layer PhiMoE's routing computes (the family that declares ``phimoe`` in its
+``Family.native``) to transformers' ``PhimoeForCausalLM``, through the exact widened stream.
 
 PhiMoE's norms are ``nn.LayerNorm`` (mean-centred, eps = ``rms_norm_eps``); diffmoe's are RMSNorm. At
 equal width no weights make them agree, but in a residual stream widened from d to D > d they do:
@@ -31,7 +32,7 @@ import torch
 from ..config import ModelConfig
 
 ALIGN = 8
-NOTE = ("diffmoe SparseMixer-v2 export in a widened residual stream (hidden_size = d_model + k, LayerNorm "
+NOTE = ("diffmoe export in a widened residual stream (hidden_size = d_model + k, LayerNorm "
         "weight 1 / bias 0 acting as RMSNorm): needs transformers >= 5, because 4.x derives head_dim as "
         "hidden_size / num_attention_heads instead of reading head_dim")
 
@@ -61,7 +62,7 @@ def basis(d: int, D: int | None = None, dtype: torch.dtype = torch.float64) -> t
 
 
 def to_phimoe(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """diffmoe ``state`` (``Decoder.state_dict()``, every layer SparseMixer-v2) -> the tensors of the widened
+    """diffmoe ``state`` (``Decoder.state_dict()``, every layer a PhiMoE layer) -> the tensors of the widened
     ``PhimoeForCausalLM`` checkpoint (legacy per-expert names, fp32). Computed in float64."""
     d, n = cfg.d_model, cfg.n_layers
     D = widened_width(d)
@@ -103,7 +104,8 @@ def to_phimoe(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
 
 
 def config_fields(cfg: ModelConfig) -> dict:
-    """The PhiMoE-specific ``config.json`` fields (they override the shared ones of the native export)."""
+    """The PhiMoE-specific ``config.json`` fields (they override the shared ones of the native export; the
+    routing's own, ``num_experts_per_tok`` and the jitter, come from the family's ``Family.native``)."""
     d = cfg.d_model
     D = widened_width(d)
     moe = cfg.moe
@@ -114,10 +116,6 @@ def config_fields(cfg: ModelConfig) -> dict:
         "head_dim": cfg.head_dim,
         "tie_word_embeddings": False,
         "num_local_experts": moe.num_experts,
-        "num_experts_per_tok": 2,
-        "router_jitter_noise": float(moe.sparsemixer.jitter_eps),
-        "input_jitter_noise": 0.0,
-        "router_aux_loss_coef": moe.balance_coef / 2,
         "output_router_logits": False,
         "attention_bias": False,
         "lm_head_bias": False,

@@ -8,7 +8,8 @@ losses and statistics computed from what a family returns.
     ExpertChoiceMoE  expert choice, token or segment level
     SwiGLU           the dense FFN baseline
 
-``FAMILIES`` maps each config ``ffn`` kind to its layer and config classes; ``register`` adds one.
+``FAMILIES`` maps each config ``ffn`` kind to its :class:`Family` (layer, config, export);
+``register`` adds one.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from .dense import SwiGLU
 from .expert_choice import ExpertChoiceConfig, ExpertChoiceMoE
 from .experts import Experts
 from .lory import LoryConfig, LoryMoE
-from .registry import FAMILIES, Family, build_ffn, register
+from .family import Family, Native
+from .registry import FAMILIES, build_ffn, register
 from .router import Router
-from .routing import Capabilities, Routing, RoutingContext, balance_loss, z_loss
+from .routing import Capabilities, Routing, RoutingContext, balance_and_z, balance_loss, z_loss
 from .sparsemixer import HeunMultiplier, SparseMixerConfig, SparseMixerMoE, sparsemixer_route
 from .topk import TopKConfig, TopKMoE
 
 __all__ = [
     "Capabilities", "Experts", "ExpertChoiceConfig", "ExpertChoiceMoE", "FAMILIES", "Family", "HeunMultiplier",
-    "LoryConfig", "LoryMoE", "MoEConfig", "MoELayer", "Router", "Routing", "RoutingContext", "SparseMixerConfig",
-    "SparseMixerMoE", "SwiGLU", "TopKConfig", "TopKMoE", "balance_loss", "build_ffn", "register",
+    "LoryConfig", "LoryMoE", "MoEConfig", "MoELayer", "Native", "Router", "Routing", "RoutingContext", "SparseMixerConfig",
+    "SparseMixerMoE", "SwiGLU", "TopKConfig", "TopKMoE", "balance_and_z", "balance_loss", "build_ffn", "register",
     "sparsemixer_route", "z_loss",
 ]

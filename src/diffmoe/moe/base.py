@@ -1,10 +1,14 @@
 """The MoE layer every routing family builds on: router, experts, and the forward that wires them.
 
 A layer is called as ``layer(x)`` with x [batch, seq, d_model] and returns [batch, seq, d_model]. A
-family implements ``route`` (which experts, with which weights: a :class:`~diffmoe.moe.routing.Routing`);
-the base class runs the experts on it and records, after each forward:
+family implements ``route`` (which experts, with which weights: a :class:`~diffmoe.moe.routing.Routing`)
+and declares what generic code reads of it: its auxiliary losses (:meth:`MoELayer.losses`, each scaled
+by the layer attribute :attr:`MoELayer.loss_coefs` names), the statistics worth logging
+(:attr:`MoELayer.logged_stats`), its :class:`~diffmoe.moe.routing.Capabilities` and, optionally, an
+update after every optimizer step (:meth:`MoELayer.post_step`). The base class runs the experts and records,
+after each forward:
 
-- ``layer.aux_losses``: dict name -> unscaled scalar loss (``balance``, ``z``), with graph;
+- ``layer.aux_losses``: dict name -> unscaled scalar loss, with graph;
 - ``layer.aux_loss``: the scaled sum to add to the LM loss (a zero tensor when there is none);
 - ``layer.stats``: dict name -> detached tensor for logging and analysis
   (:func:`~diffmoe.moe.routing.routing_stats`).
@@ -13,8 +17,7 @@ the base class runs the experts on it and records, after each forward:
 from __future__ import annotations
 
 import abc
-import dataclasses
-import inspect
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,25 +25,38 @@ from torch import nn
 from ..schema import check, positive_int
 from .experts import Experts
 from .router import Router
-from .routing import Capabilities, Routing, RoutingContext, auxiliary_losses, routing_stats
-
+from .routing import Capabilities, Routing, RoutingContext, routing_stats
 
 class MoELayer(nn.Module, abc.ABC):
     """Base class: ``router`` (:class:`Router`, d_model -> E), ``experts`` (:class:`Experts`).
 
-    balance_coef, z_loss_coef: weights of the auxiliary losses in ``aux_loss`` (families whose routing
-    sets ``logits``); global_balance: all-reduce the balance loss's counts over the data-parallel ranks;
-    dispatch_impl: how dispatched tokens run (:func:`diffmoe.moe.dispatch.resolve_impl`).
+    balance_coef, z_loss_coef: weights of the balance and router z losses, for families that train with
+    them; global_balance: all-reduce the balance loss's counts over the data-parallel ranks;
+    dispatch_impl: how dispatched tokens run (:func:`diffmoe.moe.dispatch.resolve_impl`). A family's
+    constructor takes its config dataclass as it is, or that dataclass's fields as keywords
+    (:func:`family_config`).
     """
 
-    expert_sharding: str | None = None
+    shared_options: ClassVar[tuple[str, ...]] = ()
+    """The options of the shared ``moe`` config the layer takes (``balance_coef``, ``z_loss_coef``,
+    ``global_balance``, ``dispatch_impl``), passed by :meth:`from_config`."""
+
+    loss_coefs: ClassVar[dict[str, str]] = {}
+    """Auxiliary loss name -> the layer attribute holding its coefficient (a float, or a tensor a
+    :meth:`post_step` updates): ``aux_loss`` = sum of coefficient x :meth:`losses` [name]."""
+
+    logged_stats: ClassVar[dict[str, tuple[str, ...] | None]] = {}
+    """The family's own ``stats`` worth logging in training (besides the shared load, entropy and experts
+    in use): name -> None for a scalar, or the labels of a vector's entries (logged as ``name_label``)."""
+
+    expert_sharding: ClassVar[str | None] = None
     """How the experts of this family may be sharded across ranks besides FSDP (read by
     ``train.parallel`` validation and :func:`diffmoe.parallel.parallelize`): ``"ep"`` (whole experts
     per rank, tokens exchanged: families that dispatch tokens independently of the batch), ``"etp"``
     (every rank holds a d_ff slice of every expert, activations exchanged: families that merge
     experts) or None (data parallel only)."""
 
-    merges_experts: bool = False
+    merges_experts: ClassVar[bool] = False
     """True for a family whose ``route`` returns ``segment_weights``: each routing segment runs one
     expert merged in parameter space from all E (no token leaves its rank, the experts' gradients are
     dense); False (the default) for one that dispatches tokens to experts (``token_idx`` /
@@ -65,15 +81,13 @@ class MoELayer(nn.Module, abc.ABC):
 
     @classmethod
     def from_config(cls, d_model: int, d_ff: int, moe, config) -> "MoELayer":
-        """The registry's constructor: ``cls(d_model, moe.d_ff or d_ff, moe.num_experts, **options)``, where
-        the options are the fields of the family's ``config`` and those shared options of ``moe`` that the
-        constructor takes (``balance_coef``, ``z_loss_coef``, ``global_balance``, ``dispatch_impl``)."""
-        options = dataclasses.asdict(config) if config is not None else {}
+        """The registry's constructor: the family's ``config`` as it is, the shared ``moe`` config's
+        ``num_experts`` and ``d_ff`` (default: the model's ``d_ff``) and the options in
+        :attr:`shared_options`."""
         shared = {"balance_coef": moe.balance_coef, "z_loss_coef": moe.z_loss_coef,
                   "global_balance": moe.global_balance, "dispatch_impl": moe.dispatch}
-        accepted = inspect.signature(cls).parameters
-        options.update({name: value for name, value in shared.items() if name in accepted})
-        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, **options)
+        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config=config,
+                   **{name: shared[name] for name in cls.shared_options})
 
     @property
     def capabilities(self) -> Capabilities:
@@ -89,6 +103,19 @@ class MoELayer(nn.Module, abc.ABC):
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         """Which experts, with which weights, for x [B, L, d]: what each family implements."""
 
+    def losses(self, routing: Routing) -> dict[str, torch.Tensor]:
+        """The unscaled auxiliary losses of one call's routing, one per name of :attr:`loss_coefs` (none
+        by default)."""
+        return {}
+
+    @classmethod
+    def post_step(cls, layers: list["MoELayer"], reduce) -> None:
+        """Called by the trainer after every optimizer step, on every rank, once per layer class with all of
+        the model's layers of the class: the place for state that changes once per step (a loss coefficient
+        steered by the step's statistics, shared by the layers). ``reduce(tensor) -> tensor`` sums a tensor
+        over the ranks, so that every rank updates alike; every rank must call it the same number of times.
+        Nothing by default."""
+
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         """x [B, L, d] -> [B, L, d]."""
         B, L, d = x.shape
@@ -102,11 +129,22 @@ class MoELayer(nn.Module, abc.ABC):
 
     def record(self, routing: Routing) -> None:
         """Set ``aux_losses``, ``aux_loss`` and ``stats`` from one call's routing."""
-        self.aux_losses = auxiliary_losses(routing, self.global_balance)
-        coefs = {"balance": self.balance_coef, "z": self.z_loss_coef}
+        self.aux_losses = self.losses(routing)
         total = routing.inputs.new_zeros((), dtype=torch.float32)
         for name, value in self.aux_losses.items():
-            if coefs[name]:
-                total = total + coefs[name] * value
+            coef = getattr(self, self.loss_coefs[name])
+            if isinstance(coef, torch.Tensor) or coef:
+                total = total + coef * value
         self.aux_loss = total
         self.stats = routing_stats(routing, self.num_experts)
+
+
+def family_config(cls: type, config: Any, options: dict[str, Any], num_experts: int) -> Any:
+    """A family layer's config: ``config`` as given, or ``cls(**options)`` built from keywords (not both),
+    validated against ``num_experts``."""
+    if config is None:
+        config = cls(**options)
+    elif options:
+        raise TypeError(f"pass a {cls.__name__} or its fields as keywords, not both (got {', '.join(options)})")
+    config.validate(num_experts)
+    return config

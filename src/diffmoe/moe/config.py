@@ -1,6 +1,6 @@
-"""The ``moe`` section of a model config: the fields every family shares, and one sub-config per
-registered family, read and written as ``moe.<kind>`` (``moe.lory.segment_len``, in YAML
-``moe: {lory: {segment_len: 256}}``)."""
+"""The ``moe`` section of a model config: the fields every family shares, and the config of each family
+the model uses, read and written as ``moe.<kind>`` (in YAML ``moe: {lory: {segment_len: 256}}``; in
+Python ``cfg.moe.families["lory"]``)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from .dispatch import DISPATCH_IMPLS
 from .registry import FAMILIES
 
 
-@dataclass(init=False)
+@dataclass
 class MoEConfig:
-    """Shared by every MoE layer kind; each kind also reads its own sub-config ``moe.<kind>``.
+    """The fields every MoE family shares, and the config of each family in use.
 
-    ``MoEConfig(num_experts=8, lory=LoryConfig(segment_len=64))``: the shared fields by position or
-    name, a family's sub-config by its kind (or all of them in ``families``); families not given get
-    their defaults.
+    ``MoEConfig(num_experts=8, families={"lory": LoryConfig(segment_len=64)})``; a family missing from
+    ``families`` has its defaults (:meth:`family`). A model config keeps (and writes) the families its
+    layers use.
     """
 
     num_experts: int = 8
@@ -38,48 +38,20 @@ class MoEConfig:
     router_init_std: float | None = None
     """Router init std; None uses the model's ``init_std``."""
     families: dict[str, Any] = field(default_factory=dict)
-    """kind -> that family's config; a registered family missing here gets its defaults. Reached as
-    attributes (``moe.lory``) and written to YAML as ``moe.<kind>`` sections."""
+    """kind -> that family's config dataclass, written to YAML as the section ``moe.<kind>``."""
 
-    def __init__(self, *args: Any, families: dict[str, Any] | None = None, **options: Any):
-        shared = [f for f in dataclasses.fields(self) if f.name != "families"]
-        if len(args) > len(shared):
-            raise TypeError(f"MoEConfig takes at most {len(shared)} positional arguments, got {len(args)}")
-        given = {f.name: value for f, value in zip(shared, args)}
-        for f in shared:
-            if f.name in options:
-                if f.name in given:
-                    raise TypeError(f"MoEConfig got multiple values for argument {f.name!r}")
-                given[f.name] = options.pop(f.name)
-        unknown = [name for name in options if name not in FAMILIES]
-        if unknown:
-            raise TypeError(f"MoEConfig got unexpected keyword arguments {unknown}; fields: "
-                            f"{', '.join(self._known())}")
-        object.__setattr__(self, "families", {**(families or {}), **options})
-        for f in shared:
-            setattr(self, f.name, given.get(f.name, f.default))
-        taken = {f.name for f in dataclasses.fields(self)}
-        for kind in FAMILIES:
-            check(kind not in taken and not hasattr(type(self), kind), "ffn", kind,
-                  "this FFN kind is also the name of a moe field or method; register it under another name")
-            getattr(self, kind, None)  # materialise the defaults of every registered family
+    def family(self, kind: str) -> Any:
+        """The config of family ``kind``: the one in :attr:`families`, else its defaults (None for a family
+        without a config)."""
+        if kind in self.families:
+            return self.families[kind]
+        config = FAMILIES[kind].config if kind in FAMILIES else None
+        return config() if config is not None else None
 
-    def __getattr__(self, name: str) -> Any:
-        """A family's sub-config by its kind (only called when ordinary lookup fails)."""
-        families = self.__dict__.get("families")
-        family = FAMILIES.get(name)
-        if families is not None and name not in families and family is not None and family.config is not None:
-            families[name] = family.config()
-        if families is not None and name in families:
-            return families[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        family = FAMILIES.get(name)
-        if family is not None and family.config is not None:
-            self.families[name] = value
-        else:
-            super().__setattr__(name, value)
+    def in_use(self, kinds) -> "MoEConfig":
+        """A copy whose :attr:`families` are exactly the configured families among ``kinds``."""
+        used = [k for k in dict.fromkeys(kinds) if k in FAMILIES and FAMILIES[k].config is not None]
+        return dataclasses.replace(self, families={kind: self.family(kind) for kind in used})
 
     # ------------------------------------------------------------------------------------------
     def validate(self, prefix: str = "moe", kinds=()) -> None:
@@ -95,8 +67,11 @@ class MoEConfig:
         check(self.dispatch in DISPATCH_IMPLS, f"{prefix}.dispatch", self.dispatch,
               f"choose one of {', '.join(DISPATCH_IMPLS)}")
         shared = {f.name for f in dataclasses.fields(self)}
-        for kind, config in self.families.items():
-            family = FAMILIES.get(kind)
+        used = [kind for kind in kinds if kind in FAMILIES and FAMILIES[kind].config is not None]
+        for kind in dict.fromkeys([*self.families, *used]):
+            config, family = self.family(kind), FAMILIES.get(kind)
+            check(kind not in shared, "ffn", kind, "this FFN kind is also the name of a moe field; register it under "
+                  "another name")
             if family is None or family.config is None:
                 raise ConfigError(f"invalid config: unknown field {prefix}.{kind}; known: {', '.join(self._known())}")
             check(isinstance(config, family.config), f"{prefix}.{kind}", config, f"must be a {family.config.__name__}")
@@ -112,7 +87,7 @@ class MoEConfig:
         config opts in by defining ``check_training(context_len) -> list[str]``."""
         warnings = []
         for kind in dict.fromkeys(kinds):
-            checker = getattr(self.families.get(kind), "check_training", None)
+            checker = getattr(self.family(kind), "check_training", None)
             if checker is None:
                 continue
             try:
@@ -124,10 +99,7 @@ class MoEConfig:
     def to_dict(self) -> dict:
         data = schema.fields_dict(self)
         data.pop("families")
-        for kind, family in FAMILIES.items():
-            if family.config is not None:
-                data[kind] = schema.fields_dict(getattr(self, kind))
-        return data
+        return {**data, **{kind: schema.fields_dict(config) for kind, config in self.families.items()}}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "moe") -> "MoEConfig":

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .family import Family, Native
+from .remote import RemoteSwiGLU
 from .routing import Capabilities, RoutingContext
 
 
@@ -34,3 +36,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+FAMILY = Family("dense", SwiGLU, remote=RemoteSwiGLU, native=Native(lambda config: {"llama": {}, "qwen2_moe": {}}))

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..schema import check, positive_int
-from .base import MoELayer
+from .base import MoELayer, family_config
+from .family import Family
+from .remote import RemoteMoE, remote_segments
 from .routing import Capabilities, Routing, RoutingContext, segment_means
 
 GRANULARITY = ("token", "segment")
@@ -55,20 +57,16 @@ class ExpertChoiceMoE(MoELayer):
     segments, that no expert chose).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int = 8,
-        capacity_factor: float = 1.0,
-        granularity: str = "token",
-        segment_len: int = 256,
-        dispatch_impl: str = "auto",
-    ):
-        ExpertChoiceConfig(capacity_factor, granularity, segment_len).validate(num_experts)
+    shared_options = ("dispatch_impl",)
+    logged_stats = {"unrouted": None}
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, config: ExpertChoiceConfig | None = None, *,
+                 dispatch_impl: str = "auto", **options):
+        config = family_config(ExpertChoiceConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, dispatch_impl=dispatch_impl)
-        self.capacity_factor, self.granularity, self.segment_len = capacity_factor, granularity, segment_len
-        self.experts_per_token = capacity_factor
+        self.capacity_factor, self.granularity = config.capacity_factor, config.granularity
+        self.segment_len = config.segment_len
+        self.experts_per_token = config.capacity_factor
 
     @property
     def capabilities(self) -> Capabilities:
@@ -92,3 +90,36 @@ class ExpertChoiceMoE(MoELayer):
         return Routing(inputs=xp.reshape(-1, d), probs=scores, token_idx=token_idx,
                        expert_idx=chosen.repeat_interleave(T), gate=gate.reshape(-1).repeat_interleave(T),
                        chosen=chosen, extra_stats={"unrouted": 1.0 - selected.float().mean()})
+
+
+class RemoteExpertChoice(RemoteMoE):
+    """The custom-code export of expert choice: each expert takes its capacity of the batch's highest-scoring
+    tokens (or segments), padding excluded."""
+
+    decodes = False
+    note = ("expert_choice layers select tokens over the whole batch, future tokens included: the scores leak "
+            "future tokens and depend on the batch, and the model cannot generate token by token")
+
+    def forward(self, x, ctx):
+        if ctx["cache"] is not None:
+            raise ValueError("expert choice routing cannot decode token by token (it selects over the whole batch)")
+        B, L, d = x.shape
+        T = self.opt["segment_len"] if self.opt["granularity"] == "segment" else 1
+        valid = ctx["valid"]
+        if T > 1 and not bool(valid.all()):
+            raise ValueError("segment-level expert choice does not support padded batches")
+        xp, means = remote_segments(x, T)
+        items = means.shape[0] * means.shape[1]
+        scores = self.probs(means.reshape(items, d))  # [items, E]
+        cand = valid.reshape(-1) if T == 1 else torch.ones(items, dtype=torch.bool, device=x.device)
+        n = int(cand.sum())
+        cap = max(1, min(n, round(n * self.opt["capacity_factor"] / self.E)))
+        item = scores.masked_fill(~cand.unsqueeze(1), float("-inf")).t().topk(cap, dim=-1).indices  # [E, cap]
+        gate = scores.t().gather(1, item)
+        tokens = (item.reshape(-1, 1) * T + torch.arange(T, device=x.device)).reshape(-1)
+        experts = torch.arange(self.E, device=x.device).repeat_interleave(cap * T)
+        y = self.experts.dispatch(xp.reshape(-1, d), experts, tokens, gate.reshape(-1).repeat_interleave(T))
+        return y.view(B, -1, d)[:, :L]
+
+
+FAMILY = Family("expert_choice", ExpertChoiceMoE, ExpertChoiceConfig, remote=RemoteExpertChoice)

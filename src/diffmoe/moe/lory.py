@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from ..schema import check, positive_int
-from .base import MoELayer
+from .base import MoELayer, family_config
+from .family import Family
 from .merge import Merged, merged_swiglu
+from .remote import RemoteMoE, remote_merged_swiglu, remote_segments
 from .routing import Capabilities, Routing, RoutingContext, segment_means, upcast
 
 FIRST_SEGMENT = ("uniform", "own_mean")
@@ -104,19 +106,11 @@ class LoryMoE(MoELayer):
     expert_sharding = "etp"
     merges_experts = True
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int = 8,
-        segment_len: int = 256,
-        first_segment: str = "uniform",
-        routing: str = "segment",
-    ):
-        LoryConfig(segment_len, first_segment, routing).validate(num_experts)
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, config: LoryConfig | None = None, **options):
+        config = family_config(LoryConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts)
-        self.segment_len, self.first_segment = segment_len, first_segment
-        self.routing = routing
+        self.segment_len, self.first_segment = config.segment_len, config.first_segment
+        self.routing = config.routing
 
     @property
     def routing(self) -> str:
@@ -254,3 +248,43 @@ class LoryMoE(MoELayer):
 def _detach_merged(merged: Merged) -> Merged:
     """Decoding keeps merged weights across calls; they carry no graph between calls."""
     return tuple(w.detach() for w in merged)  # type: ignore[return-value]
+
+
+class RemoteLory(RemoteMoE):
+    """The custom-code export of Lory. With a cache (generation): route once on the mean of the prompt's
+    real tokens, keep the merged expert on the cache for the decode steps (``prompt`` routing). Without
+    one (scoring): the config's routing, causal ``segment`` routing as trained."""
+
+    routes_on_prompt = True
+
+    def forward(self, x, ctx):
+        cache, layer, valid = ctx["cache"], ctx["layer"], ctx["valid"]
+        B, L, d = x.shape
+        if cache is not None or self.opt["routing"] == "prompt":  # one merged expert per row
+            store = getattr(cache, "diffmoe_lory", None)  # layer -> merged experts, set at prefill
+            if ctx["past"] > 0:
+                if store is None or layer not in store:
+                    raise ValueError("Lory decoding needs the cache of its prefill (the merged experts)")
+                return remote_merged_swiglu(x, store[layer])
+            w = valid.to(torch.promote_types(x.dtype, torch.float32)).unsqueeze(-1)
+            mean = (x.to(w.dtype) * w).sum(1) / w.sum(1).clamp(min=1)  # over the prompt's real tokens
+            merged = self.experts.merge(self.probs(mean))
+            if cache is not None:
+                if store is None:
+                    store = cache.diffmoe_lory = {}
+                store[layer] = [m.detach() for m in merged]
+            return remote_merged_swiglu(x, merged)
+        T, E = self.opt["segment_len"], self.E
+        xp, means = remote_segments(x, T)
+        N = xp.shape[1]
+        probs = self.probs(means)  # [B, N, E]
+        source = probs[:, :-1] if self.opt["routing"] == "segment" else probs[:, :1].expand(B, N - 1, E)
+        first = torch.full_like(probs[:, 0], 1.0 / E) if self.opt["first_segment"] == "uniform" else probs[:, 0]
+        weights = torch.cat([first.unsqueeze(1), source], 1).reshape(B * N, E)
+        xs, out = xp.reshape(B * N, T, d), []
+        for s in range(0, B * N, E):  # at most E merged experts at a time
+            out.append(remote_merged_swiglu(xs[s:s + E], self.experts.merge(weights[s:s + E])))
+        return torch.cat(out).view(B, N * T, d)[:, :L]
+
+
+FAMILY = Family("lory", LoryMoE, LoryConfig, remote=RemoteLory)

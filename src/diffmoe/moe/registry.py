@@ -1,43 +1,32 @@
-"""The one map from an FFN kind (the config's ``ffn``) to its layer class and its config dataclass.
+"""The one map from an FFN kind (the config's ``ffn``) to everything generic code needs of its family.
 
-Adding a routing family takes one new file in ``moe/`` (a config dataclass with ``validate`` and an
-:class:`~diffmoe.moe.base.MoELayer` subclass with ``route``) and one :func:`register` line below;
-CONTRIBUTING in the README walks through it.
+A routing family is one file in ``moe/`` that ends with a :class:`Family` (its config dataclass, its layer
+class, the eval-mode class a custom-code transformers export ships, and optionally how native
+transformers classes hold its layers) and one line in :data:`BUILT_IN` below. The layer class itself
+declares its auxiliary losses, logged statistics, capabilities and per-step update (see
+:class:`~diffmoe.moe.base.MoELayer`). docs/architecture.md walks through adding one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from .dense import SwiGLU
-from .expert_choice import ExpertChoiceConfig, ExpertChoiceMoE
-from .lory import LoryConfig, LoryMoE
-from .sparsemixer import SparseMixerConfig, SparseMixerMoE
-from .topk import TopKConfig, TopKMoE
-
-
-@dataclass(frozen=True)
-class Family:
-    """layer: an ``nn.Module`` class with ``from_config(d_model, d_ff, moe, config)``; config: its
-    dataclass (``moe.<kind>`` in a model config, with ``validate(num_experts | None)``), or None."""
-
-    layer: type[nn.Module]
-    config: type | None = None
+from . import dense, expert_choice, lory, sparsemixer, topk
+from .family import Family
 
 
 FAMILIES: dict[str, Family] = {}
 """kind -> Family, in registration order (the order error messages list them in)."""
 
 
-def register(kind: str, layer: type[nn.Module], config: type | None = None) -> None:
-    """Make ``kind`` a valid ``ffn`` value built as ``layer``, configured by ``moe.<kind>`` (``config``)."""
+def register(family: Family) -> None:
+    """Make ``family.kind`` a valid ``ffn`` value."""
+    kind = family.kind
     if not kind.isidentifier():
         raise ValueError(f"FFN kind {kind!r} must be a Python identifier (it names the config section moe.{kind})")
     if kind in FAMILIES:
         raise ValueError(f"FFN kind {kind!r} is already registered (to {FAMILIES[kind].layer.__name__})")
-    FAMILIES[kind] = Family(layer, config)
+    FAMILIES[kind] = family
 
 
 def build_ffn(kind: str, d_model: int, d_ff: int, moe) -> nn.Module:
@@ -46,12 +35,9 @@ def build_ffn(kind: str, d_model: int, d_ff: int, moe) -> nn.Module:
         from ..schema import ConfigError
 
         raise ConfigError(f"invalid config: ffn={kind!r}: unknown FFN kind; choose one of {', '.join(FAMILIES)}")
-    family = FAMILIES[kind]
-    return family.layer.from_config(d_model, d_ff, moe, getattr(moe, kind) if family.config else None)
+    return FAMILIES[kind].layer.from_config(d_model, d_ff, moe, moe.family(kind))
 
 
-register("dense", SwiGLU)
-register("lory", LoryMoE, LoryConfig)
-register("topk", TopKMoE, TopKConfig)
-register("sparsemixer", SparseMixerMoE, SparseMixerConfig)
-register("expert_choice", ExpertChoiceMoE, ExpertChoiceConfig)
+BUILT_IN = (dense.FAMILY, lory.FAMILY, topk.FAMILY, sparsemixer.FAMILY, expert_choice.FAMILY)
+for _family in BUILT_IN:
+    register(_family)

@@ -1,7 +1,7 @@
 """What a routing family returns, and the one place auxiliary losses and statistics come from.
 
 A family's ``route`` decides *which experts with which weights* and returns a :class:`Routing`; the
-layer runs the experts on it (:class:`diffmoe.moe.base.MoELayer`), and :func:`auxiliary_losses` and
+layer runs the experts on it (:class:`diffmoe.moe.base.MoELayer`), and :meth:`MoELayer.losses` and
 :func:`routing_stats` turn the same object into the losses to train with and the statistics to log.
 :class:`Capabilities` is what generic code may ask of any FFN layer instead of testing its class.
 """
@@ -75,7 +75,7 @@ class Routing:
       the leading dimensions;
     - ``chosen`` [A'] int64: the expert of every assignment chosen, before a capacity drops any
       (discrete routing); None for merged experts, whose load is their mean weight;
-    - ``logits`` [n, E]: set by families trained with the balance and router z losses;
+    - ``logits`` [n, E]: the router's logits, for families whose losses need them;
     - ``extra_stats``: the family's own statistics (detached when recorded).
 
     A family computes nothing here that it does not need: under ``torch.compile`` every tensor created
@@ -135,11 +135,9 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def auxiliary_losses(routing: Routing, global_counts: bool) -> dict[str, torch.Tensor]:
-    """Unscaled auxiliary losses of one call: ``balance`` and ``z`` for families that set ``logits``
-    (balanced over ``chosen``), none otherwise."""
-    if routing.logits is None:
-        return {}
+def balance_and_z(routing: Routing, global_counts: bool) -> dict[str, torch.Tensor]:
+    """The unscaled ``balance`` (over ``chosen``) and router ``z`` losses of a token-choice routing that
+    set ``logits``: what top-k and SparseMixer-v2 train with."""
     return {"balance": balance_loss(routing.probs, routing.chosen, global_counts), "z": z_loss(routing.logits)}
 
 

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..schema import check, positive_int
-from .base import MoELayer
-from .routing import Capabilities, Routing, RoutingContext
+from .base import MoELayer, family_config
+from .family import Family, Native
+from .remote import RemoteMoE, dispatch_top
+from .routing import Capabilities, Routing, RoutingContext, balance_and_z
 
 HEUN_P_ONE = 0.25  # probability that s = 1 when the sampled expert is not the band's argmax
 
@@ -126,22 +128,16 @@ class SparseMixerMoE(MoELayer):
     """
 
     expert_sharding = "ep"
+    shared_options = ("balance_coef", "z_loss_coef", "global_balance", "dispatch_impl")
+    loss_coefs = {"balance": "balance_coef", "z": "z_loss_coef"}
+    logged_stats = {"band_multi": ("slot1", "slot2")}
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int = 16,
-        jitter_eps: float = 0.01,
-        input_jitter_eps: float = 0.01,
-        balance_coef: float = 0.01,
-        z_loss_coef: float = 0.0,
-        global_balance: bool = True,
-        dispatch_impl: str = "auto",
-    ):
-        SparseMixerConfig(jitter_eps, input_jitter_eps).validate(num_experts)
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 16, config: SparseMixerConfig | None = None, *,
+                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, global_balance: bool = True,
+                 dispatch_impl: str = "auto", **options):
+        config = family_config(SparseMixerConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
-        self.jitter_eps, self.input_jitter_eps = jitter_eps, input_jitter_eps
+        self.jitter_eps, self.input_jitter_eps = config.jitter_eps, config.input_jitter_eps
         self.experts_per_token = 2.0
 
     @property
@@ -160,3 +156,30 @@ class SparseMixerMoE(MoELayer):
         return Routing(inputs=xf, probs=logits.softmax(-1), token_idx=token_idx, expert_idx=expert_idx,
                        gate=mult.reshape(-1), chosen=expert_idx, logits=logits,
                        extra_stats={"band_multi": (band_size > 1).float().mean(0)})
+
+    def losses(self, routing: Routing) -> dict[str, torch.Tensor]:
+        return balance_and_z(routing, self.global_balance)
+
+
+class RemoteSparseMixer(RemoteMoE):
+    """The custom-code export of SparseMixer-v2 in eval mode: deterministic top-2, each gate the slot's
+    masked-softmax probability."""
+
+    def forward(self, x, ctx):
+        d = x.shape[-1]
+        logits = self.logits(x.reshape(-1, d))
+        scores, gates, picks = logits, [], []
+        for _ in range(2):
+            top = scores.max(-1, keepdim=True).values
+            band = ~(((top - scores) / logits.abs().clamp(min=top)) > 2 * self.opt["jitter_eps"])
+            sel = scores.masked_fill(~band, float("-inf")).argmax(-1, keepdim=True)
+            gates.append(logits.masked_fill(~band, float("-inf")).softmax(-1).gather(-1, sel))
+            picks.append(sel)
+            scores = scores.scatter(-1, sel, float("-inf"))
+        gate, idx = torch.cat(gates, -1), torch.cat(picks, -1)
+        return dispatch_top(self, x, gate, idx, ctx["valid"].reshape(-1, 1).expand_as(idx))
+
+
+FAMILY = Family("sparsemixer", SparseMixerMoE, SparseMixerConfig, remote=RemoteSparseMixer, native=Native(
+    lambda config: {"phimoe": {"num_experts_per_tok": 2, "router_jitter_noise": float(config.jitter_eps),
+                               "input_jitter_noise": 0.0}}))

@@ -6,10 +6,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..schema import check, positive_int
-from .base import MoELayer
-from .routing import Capabilities, Routing, RoutingContext
+from .base import MoELayer, family_config
+from .family import Family, Native
+from .remote import RemoteMoE, dispatch_top
+from .routing import Capabilities, Routing, RoutingContext, balance_and_z
 
 
 @dataclass
@@ -78,26 +81,18 @@ class TopKMoE(MoELayer):
     """
 
     expert_sharding = "ep"
+    shared_options = ("balance_coef", "z_loss_coef", "global_balance", "dispatch_impl")
+    loss_coefs = {"balance": "balance_coef", "z": "z_loss_coef"}
+    logged_stats = {"dropped": None}
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int = 8,
-        top_k: int = 2,
-        renormalize: bool = True,
-        capacity_factor: float | None = None,
-        eval_capacity_factor: float | None = None,
-        balance_coef: float = 0.01,
-        z_loss_coef: float = 0.0,
-        global_balance: bool = True,
-        dispatch_impl: str = "auto",
-    ):
-        TopKConfig(top_k, renormalize, capacity_factor, eval_capacity_factor).validate(num_experts)
+    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, config: TopKConfig | None = None, *,
+                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, global_balance: bool = True,
+                 dispatch_impl: str = "auto", **options):
+        config = family_config(TopKConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
-        self.top_k, self.renormalize = top_k, renormalize
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.experts_per_token = float(top_k)
+        self.top_k, self.renormalize = config.top_k, config.renormalize
+        self.capacity_factor, self.eval_capacity_factor = config.capacity_factor, config.eval_capacity_factor
+        self.experts_per_token = float(config.top_k)
 
     @property
     def capacity_in_force(self) -> float | None:
@@ -130,3 +125,45 @@ class TopKMoE(MoELayer):
             extra["dropped"] = 1.0 - keep.float().mean()
         return Routing(inputs=xf, probs=probs, token_idx=token_idx, expert_idx=expert_idx, gate=flat_gate,
                        chosen=chosen, logits=logits, extra_stats=extra)
+
+    def losses(self, routing: Routing) -> dict[str, torch.Tensor]:
+        return balance_and_z(routing, self.global_balance)
+
+
+class RemoteTopK(RemoteMoE):
+    """The custom-code export of top-k: dropless, or the evaluation capacity in GShard order."""
+
+    def __init__(self, d, f, moe, opt):
+        super().__init__(d, f, moe, opt)
+        self.decodes = opt.get("eval_capacity_factor") is None
+
+    def forward(self, x, ctx):
+        B, L, d = x.shape
+        k, valid = self.opt["top_k"], ctx["valid"].reshape(-1)
+        gate, idx = self.probs(x.reshape(-1, d)).topk(k, dim=-1)  # [N, k]
+        if self.opt["renormalize"]:
+            gate = gate / gate.sum(-1, keepdim=True)
+        keep = valid.unsqueeze(1).expand_as(idx)
+        if not self.decodes:  # every slot 1 before any slot 2
+            if ctx["cache"] is not None:
+                raise ValueError("top-k with an evaluation capacity cannot decode token by token")
+            capacity = math.ceil(self.opt["eval_capacity_factor"] * int(valid.sum()) * k / self.E)
+            onehot = F.one_hot(idx.t().reshape(-1), self.E) * keep.t().reshape(-1, 1)
+            position = (onehot.cumsum(0) * onehot).sum(-1) - 1
+            keep = keep & (position < capacity).view(k, -1).t()
+        return dispatch_top(self, x, gate, idx, keep)
+
+
+def _native(config: TopKConfig) -> dict[str, dict] | str:
+    if config.eval_capacity_factor is not None:
+        return (f"moe.topk.eval_capacity_factor={config.eval_capacity_factor} drops tokens, but the native "
+                "transformers MoE classes are dropless")
+    qwen = {"num_experts_per_tok": config.top_k, "norm_topk_prob": bool(config.renormalize)}
+    return {"mixtral": {"num_experts_per_tok": config.top_k}, "qwen2_moe": qwen} if config.renormalize else {"qwen2_moe": qwen}
+
+
+FAMILY = Family("topk", TopKMoE, TopKConfig, remote=RemoteTopK, native=Native(_native, imports={
+    "mixtral": lambda c: TopKConfig(top_k=c.get("num_experts_per_tok", 2), renormalize=True),
+    "qwen2_moe": lambda c: TopKConfig(top_k=c.get("num_experts_per_tok", 2),
+                                      renormalize=bool(c.get("norm_topk_prob", False))),
+}))

@@ -30,6 +30,7 @@ from ..report import progress, say
 from ..parallel import distributed
 from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
+from .callbacks import Callback, MoEPostStep
 from .checkpoint import CheckpointError, Checkpointer, list_checkpoints, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
 from .init import build_model, initial_model
@@ -103,6 +104,7 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank, env.world, cfg.to_dict())
         self.plan = ParallelPlan.build(tc.parallel, env.world, env.device.type, tc.compile, tc.bf16)
         self.switch_step = int(round(tc.dense_warmup_frac * tc.steps)) if cfg.model.has_moe else 0
+        self.callbacks: list[Callback] = [MoEPostStep()]
         self.tokens_per_step = cfg.data.batch_size * self.train_set.context_len
 
     # ------------------------------------------------------------------------------------------
@@ -134,6 +136,8 @@ class Trainer:
                     group["lr"] = lr
                 result = train_step(self.model, self.wrapped, self.optimizer, batches, self.accum, tc.grad_clip,
                                     tc.bf16, self.plan, env)
+                for callback in self.callbacks:
+                    callback.post_step(self, step, result)
                 self._count(step, result, state)
                 state["tokens"] += self.tokens_per_step
                 logger.count(self.tokens_per_step)

@@ -19,8 +19,8 @@ def routing_metrics(model) -> dict[str, float | list[float]]:
 
     load: share of assignments (discrete routing) or of routing mass (merged experts) per expert (a
     list); entropy: mean routing entropy; experts_in_use: experts in use by the layer's own criterion
-    (see :func:`diffmoe.moe.routing.routing_stats`); band_multi_slot1/2, where a layer reports
-    ``band_multi``: share of tokens whose band holds more than one expert.
+    (see :func:`diffmoe.moe.routing.routing_stats`); then the statistics the layer's family declares in
+    ``logged_stats`` (a scalar as ``{name}``, a vector's entries as ``{name}_{label}``).
     """
     out: dict[str, float | list[float]] = {}
     for i, layer in model.moe_layers():
@@ -31,10 +31,13 @@ def routing_metrics(model) -> dict[str, float | list[float]]:
         if "entropy" in st:
             out[f"layer{i}.entropy"] = float(st["entropy"])
         out[f"layer{i}.experts_in_use"] = int(st["experts_in_use"])
-        if "band_multi" in st:
-            slot1, slot2 = st["band_multi"].tolist()
-            out[f"layer{i}.band_multi_slot1"] = slot1
-            out[f"layer{i}.band_multi_slot2"] = slot2
+        for name, labels in layer.logged_stats.items():
+            if name not in st:
+                continue
+            if labels is None:
+                out[f"layer{i}.{name}"] = float(st[name])
+            else:
+                out.update({f"layer{i}.{name}_{label}": v for label, v in zip(labels, st[name].tolist())})
     return out
 
 

@@ -1,24 +1,19 @@
 """A diffmoe ``Decoder`` as a transformers causal LM (custom code, ``trust_remote_code=True``).
 
-A reference re-implementation of diffmoe's eval-mode forward, for every FFN kind (``dense``,
-``lory``, ``topk``, ``sparsemixer``, ``expert_choice``, mixed per layer), with diffmoe's own
-parameter names, so diffmoe's ``model.safetensors`` loads unchanged. Self-contained: imports only
-torch and transformers (transformers copies this file to its module cache). No training paths.
+A reference re-implementation of diffmoe's eval-mode forward with diffmoe's own parameter names, so
+diffmoe's ``model.safetensors`` loads unchanged. Self-contained: imports only torch and transformers
+(transformers copies this file to its module cache). No training paths.
 
-Lory: a forward *with* a cache (``cache`` / ``past_key_values`` given, or ``use_cache=True``) routes
-each Lory layer once on the mean of the prompt's real tokens (``attention_mask`` excludes padding),
-merges once and keeps the merged weights on the cache object for the decode steps (diffmoe's
-``prompt`` routing, what ``diffmoe.eval.generate`` does). A forward *without* a cache (scoring,
-perplexity) uses the config's routing, causal ``segment`` routing as trained. ``generate(use_cache=False)``
-is refused for a model with a Lory layer (it would silently route by segments).
-
-Expert choice (and top-k with an evaluation capacity, ``eval_capacity_factor``; top-k trained with a
-``capacity_factor`` evaluates dropless as in diffmoe's eval mode): selection is over the whole batch
-(padding excluded), so a token's output depends on later tokens and on the other rows: scores leak the
-future, and cached token-by-token generation is refused (``generate(use_cache=False)`` recomputes everything).
+This is the model's skeleton. :func:`diffmoe.hf.export.export_custom` appends the shared FFN building
+blocks (``diffmoe/moe/remote.py``) and the export class of every routing family the model uses, and
+ends the file with ``FFN_CLASSES`` (FFN kind -> that class): each layer's FFN is built from it. A layer
+whose class routes once on the prompt (``routes_on_prompt``) keeps that routing on the cache object, so
+a forward *with* a cache (``use_cache=True``, or a cache given) is what generation computes and a forward
+without one is what scoring computes; ``generate(use_cache=False)`` is refused for such a model. A layer
+that cannot decode token by token (``decodes`` False: it selects over the whole batch) makes cached
+generation refused (``generate(use_cache=False)`` recomputes everything).
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -73,166 +68,13 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, d, f):
-        super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
-
-    def forward(self, x, ctx):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Experts(nn.Module):
-    """E SwiGLU experts stacked: w1, w3 [E, f, d], w2 [E, d, f]."""
-
-    def __init__(self, E, d, f):
-        super().__init__()
-        self.w1, self.w3 = nn.Parameter(torch.empty(E, f, d)), nn.Parameter(torch.empty(E, f, d))
-        self.w2 = nn.Parameter(torch.empty(E, d, f))
-
-    def dispatch(self, x, expert_idx, token_idx, gate):
-        """y[n] = sum over assignments a with token_idx[a] = n of gate[a] * expert(expert_idx[a])(x[n])."""
-        y = torch.zeros_like(x)
-        for e in range(self.w1.shape[0]):
-            sel = expert_idx == e
-            if sel.any():
-                t = token_idx[sel]
-                xr = x.index_select(0, t)
-                h = F.silu(xr @ self.w1[e].t()) * (xr @ self.w3[e].t())
-                y.index_add_(0, t, (h @ self.w2[e].t()) * gate[sel].to(x.dtype).unsqueeze(-1))
-        return y
-
-    def merge(self, weights):
-        """Merged (w1, w3, w2) per row of weights [S, E]: [S, f, d], [S, f, d], [S, d, f]."""
-        S, E = weights.shape
-        return [(weights.to(w.dtype) @ w.reshape(E, -1)).view(S, *w.shape[1:]) for w in (self.w1, self.w3, self.w2)]
-
-
-def merged_swiglu(x, merged):
-    """x [S, T, d] through merged experts [S, ...] -> [S, T, d]."""
-    w1, w3, w2 = (w.to(x.dtype) for w in merged)
-    h = F.silu(torch.bmm(x, w1.transpose(1, 2))) * torch.bmm(x, w3.transpose(1, 2))
-    return torch.bmm(h, w2.transpose(1, 2))
-
-
-def segments(x, T):
-    """x [B, L, d] -> (segments [B, N, T, d] zero-padded, means over each segment's real tokens [B, N, d] float32+)."""
-    B, L, d = x.shape
-    N = math.ceil(L / T)
-    xp = F.pad(x, (0, 0, 0, N * T - L)).view(B, N, T, d)
-    counts = (L - torch.arange(N, device=x.device) * T).clamp(max=T)
-    return xp, xp.to(torch.promote_types(x.dtype, torch.float32)).sum(2) / counts.view(1, N, 1)
-
-
-class MoE(nn.Module):
-    """Router (d -> E, logits in float32) and experts; ``kind`` and its options pick the routing."""
-
-    def __init__(self, kind, d, f, moe):
-        super().__init__()
-        self.kind, self.E, self.opt = kind, moe["num_experts"], moe.get(kind, {})
-        self.router = nn.Linear(d, self.E, bias=False)
-        self.experts = Experts(self.E, d, moe.get("d_ff") or f)
-
-    def probs(self, x):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return F.linear(x.to(dtype), self.router.weight.to(dtype)).softmax(-1)
-
-    def forward(self, x, ctx):
-        B, L, d = x.shape
-        if self.kind == "lory":
-            return self.lory(x, ctx)
-        if self.kind == "expert_choice":
-            return self.expert_choice(x, ctx)
-        xf, valid = x.reshape(-1, d), ctx["valid"].reshape(-1)
-        N = xf.shape[0]
-        if self.kind == "topk":
-            k = self.opt["top_k"]
-            gate, idx = self.probs(xf).topk(k, dim=-1)  # [N, k]
-            if self.opt["renormalize"]:
-                gate = gate / gate.sum(-1, keepdim=True)
-            keep = valid.unsqueeze(1).expand(N, k)
-            if self.opt.get("eval_capacity_factor") is not None:  # GShard order: every slot 1 before any slot 2
-                if ctx["cache"] is not None:
-                    raise ValueError("top-k with an evaluation capacity cannot decode token by token")
-                capacity = math.ceil(self.opt["eval_capacity_factor"] * int(valid.sum()) * k / self.E)
-                onehot = F.one_hot(idx.t().reshape(-1), self.E) * keep.t().reshape(-1, 1)
-                position = (onehot.cumsum(0) * onehot).sum(-1) - 1
-                keep = keep & (position < capacity).view(k, N).t()
-        else:  # sparsemixer, eval: deterministic top-2, gate = the slot's masked-softmax probability
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            logits = F.linear(xf.to(dtype), self.router.weight.to(dtype))
-            scores, gates, picks = logits, [], []
-            for _ in range(2):
-                top = scores.max(-1, keepdim=True).values
-                band = ~(((top - scores) / logits.abs().clamp(min=top)) > 2 * self.opt["jitter_eps"])
-                sel = scores.masked_fill(~band, float("-inf")).argmax(-1, keepdim=True)
-                gates.append(logits.masked_fill(~band, float("-inf")).softmax(-1).gather(-1, sel))
-                picks.append(sel)
-                scores = scores.scatter(-1, sel, float("-inf"))
-            gate, idx = torch.cat(gates, -1), torch.cat(picks, -1)
-            keep = valid.unsqueeze(1).expand(N, 2)
-        tokens = torch.arange(N, device=x.device).unsqueeze(1).expand_as(idx)
-        return self.experts.dispatch(xf, idx[keep], tokens[keep], gate[keep]).view(B, L, d)
-
-    def expert_choice(self, x, ctx):
-        """Each expert takes its capacity of the batch's highest-scoring tokens (or segments)."""
-        if ctx["cache"] is not None:
-            raise ValueError("expert choice routing cannot decode token by token (it selects over the whole batch)")
-        B, L, d = x.shape
-        T = self.opt["segment_len"] if self.opt["granularity"] == "segment" else 1
-        valid = ctx["valid"]
-        if T > 1 and not bool(valid.all()):
-            raise ValueError("segment-level expert choice does not support padded batches")
-        xp, means = segments(x, T)
-        items = means.shape[0] * means.shape[1]
-        scores = self.probs(means.reshape(items, d))  # [items, E]
-        cand = valid.reshape(-1) if T == 1 else torch.ones(items, dtype=torch.bool, device=x.device)
-        n = int(cand.sum())
-        cap = max(1, min(n, round(n * self.opt["capacity_factor"] / self.E)))
-        item = scores.masked_fill(~cand.unsqueeze(1), float("-inf")).t().topk(cap, dim=-1).indices  # [E, cap]
-        gate = scores.t().gather(1, item)
-        tokens = (item.reshape(-1, 1) * T + torch.arange(T, device=x.device)).reshape(-1)
-        experts = torch.arange(self.E, device=x.device).repeat_interleave(cap * T)
-        y = self.experts.dispatch(xp.reshape(-1, d), experts, tokens, gate.reshape(-1).repeat_interleave(T))
-        return y.view(B, -1, d)[:, :L]
-
-    def lory(self, x, ctx):
-        cache, layer, valid = ctx["cache"], ctx["layer"], ctx["valid"]
-        B, L, d = x.shape
-        if cache is not None or self.opt["routing"] == "prompt":  # one merged expert per row
-            store = getattr(cache, "diffmoe_lory", None)  # layer -> merged experts, set at prefill
-            if ctx["past"] > 0:
-                if store is None or layer not in store:
-                    raise ValueError("Lory decoding needs the cache of its prefill (the merged experts)")
-                return merged_swiglu(x, store[layer])
-            w = valid.to(torch.promote_types(x.dtype, torch.float32)).unsqueeze(-1)
-            mean = (x.to(w.dtype) * w).sum(1) / w.sum(1).clamp(min=1)  # over the prompt's real tokens
-            merged = self.experts.merge(self.probs(mean))
-            if cache is not None:
-                if store is None:
-                    store = cache.diffmoe_lory = {}
-                store[layer] = [m.detach() for m in merged]
-            return merged_swiglu(x, merged)
-        T, E = self.opt["segment_len"], self.E
-        xp, means = segments(x, T)
-        N = xp.shape[1]
-        probs = self.probs(means)  # [B, N, E]
-        source = probs[:, :-1] if self.opt["routing"] == "segment" else probs[:, :1].expand(B, N - 1, E)
-        first = torch.full_like(probs[:, 0], 1.0 / E) if self.opt["first_segment"] == "uniform" else probs[:, 0]
-        weights = torch.cat([first.unsqueeze(1), source], 1).reshape(B * N, E)
-        xs, out = xp.reshape(B * N, T, d), []
-        for s in range(0, B * N, E):  # at most E merged experts at a time
-            out.append(merged_swiglu(xs[s:s + E], self.experts.merge(weights[s:s + E])))
-        return torch.cat(out).view(B, N * T, d)[:, :L]
-
-
 class Block(nn.Module):
     def __init__(self, c, kind):
         super().__init__()
         d, f = c["d_model"], c["d_ff"]
         self.attn_norm, self.ffn_norm = RMSNorm(d, c["norm_eps"]), RMSNorm(d, c["norm_eps"])
         self.attn = Attention(c)
-        self.ffn = SwiGLU(d, f) if kind == "dense" else MoE(kind, d, f, c["moe"])
+        self.ffn = FFN_CLASSES[kind](d, f, c["moe"], c["moe"].get(kind, {}))
 
     def forward(self, x, cos, sin, mask, ctx):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, ctx["cache"], ctx["layer"])
@@ -272,21 +114,18 @@ class DiffMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def _cannot_decode(self):
-        moe = self.config.diffmoe["moe"]
-        return [f"layer {i} ({k})" for i, k in enumerate(self.kinds)
-                if k == "expert_choice" or (k == "topk" and moe["topk"].get("eval_capacity_factor") is not None)]
-
     def generate(self, *args, **kwargs):
         config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-        if use_cache is False and "lory" in self.kinds:
-            raise ValueError("generate(use_cache=False) is refused for a model with Lory layers: without a cache "
-                             "the forward uses segment routing, not the prompt routing generation needs")
-        unable = self._cannot_decode()
+        on_prompt = [f"layer {i} ({k})" for i, (k, b) in enumerate(zip(self.kinds, self.blocks)) if b.ffn.routes_on_prompt]
+        if use_cache is False and on_prompt:
+            raise ValueError(f"generate(use_cache=False) is refused: {', '.join(on_prompt)} routes once on the prompt "
+                             "and keeps that routing in the cache; without a cache the forward routes otherwise")
+        unable = [f"layer {i} ({k})" for i, (k, b) in enumerate(zip(self.kinds, self.blocks)) if not b.ffn.decodes]
         if use_cache is not False and unable:
-            raise ValueError(f"cannot generate token by token: {', '.join(unable)} selects tokens over the whole "
-                             "batch, future tokens included; generate(use_cache=False) recomputes every step")
+            raise ValueError(f"cannot generate token by token: {', '.join(unable)} does not decode as its full forward "
+                             "computes (it selects over the whole batch, future tokens included); "
+                             "generate(use_cache=False) recomputes every step")
         return super().generate(*args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,

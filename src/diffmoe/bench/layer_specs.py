@@ -57,21 +57,28 @@ class Sweep:
     name: str
     title: str
     shapes: Callable[[Shape], list[Shape]]
-    families: tuple[str, ...]
+    families: tuple[str, ...] | None
+    """The families it measures; None: every registered one (:func:`all_families`)."""
     hf_impls: tuple[str, ...] = ("eager", "grouped_mm")
 
 
 CURATED = ("dense", "lory", "topk", "sparsemixer", "expert_choice")
 """The families :func:`layer_specs` builds rows of its own for (several dispatches, the benchmark's options)."""
-ALL_FAMILIES = (*FAMILIES, "hf")
+
+
+def all_families() -> tuple[str, ...]:
+    """Every registered FFN kind and ``hf`` (transformers' blocks), as registered now."""
+    return (*FAMILIES, "hf")
+
+
 SWEEPS = {
     "experts": Sweep("experts", "experts E", lambda s: [replace(s, experts=e) for e in (4, 8, 16, 32, 64)],
-                     ALL_FAMILIES),
+                     None),
     "segment": Sweep("segment", "Lory segment length T",
                      lambda s: [replace(s, segment_len=t) for t in (64, 128, 256, 512)], ("dense", "lory")),
     "tokens": Sweep("tokens", "tokens per batch",
                     lambda s: [replace(s, tokens=n, seq_len=min(s.seq_len, n)) for n in (1024, 2048, 4096, 8192, 16384)],
-                    ALL_FAMILIES),
+                    None),
     "fine": Sweep("fine", "fine-grained: 64 experts, top-8, d_ff 176",
                   lambda s: [replace(s, experts=64, top_k=8, d_ff=176, ec_capacity=8.0)],
                   ("dense", "topk", "expert_choice", "hf")),

@@ -76,13 +76,15 @@ from ..runtime import malloc_mode
 from . import layer_specs as specs_module
 from .common import DTYPES, dtype_name, gpu_peak_flops, machine_info, start, write_results
 from .layer_report import markdown, shape_line, sweep_markdown
-from .layer_specs import ALL_FAMILIES, HF_INIT_STD, SWEEPS, Shape, Sweep
+from .layer_specs import HF_INIT_STD, SWEEPS, Shape, Sweep, all_families
 from .measure import RssPeak, prepare, run_memory, run_timing, summarize
 
 
-def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, families=ALL_FAMILIES,
+def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, families=None,
                   hf_impls: tuple[str, ...] | None = None) -> dict:
-    """Build, time and measure every selected layer at one shape. Returns the result dict."""
+    """Build, time and measure every selected layer (``families``; None: all) at one shape. Returns the
+    result dict."""
+    families = all_families() if families is None else families
     load_start = os.getloadavg()[0]
     torch.manual_seed(args.seed)
     x = torch.randn(shape.batch, shape.seq_len, shape.d_model, device=device, dtype=dtype, requires_grad=True)
@@ -124,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2, help="k of TopKMoE and transformers' Mixtral block")
     p.add_argument("--ec-capacity", type=float, default=2.0, help="expert choice capacity factor c")
     p.add_argument("--segment-len", type=int, default=256, help="Lory segment length T")
-    p.add_argument("--layers", nargs="+", choices=ALL_FAMILIES, default=list(ALL_FAMILIES),
+    p.add_argument("--layers", nargs="+", choices=all_families(), default=list(all_families()),
                    help="layer families to measure (dense always)")
     p.add_argument("--hf-impls", nargs="+", default=None,
                    help="transformers experts implementations to time (default: every registered one)")
@@ -166,7 +168,7 @@ def run_sweep(sweep: Sweep, base: Shape, args, argv: list[str], device: torch.de
     for shape in sweep.shapes(base):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "diffmoe.bench.layers", *keep, *_shape_argv(shape), "--out", tmp,
-                   "--layers", *sweep.families, "--hf-impls", *sweep.hf_impls, "--no-compare-malloc"]
+                   "--layers", *(sweep.families or all_families()), "--hf-impls", *sweep.hf_impls, "--no-compare-malloc"]
             print(f"sweep {sweep.name}: {shape_line({**asdict(shape), 'batch': shape.batch})}", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

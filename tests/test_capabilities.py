@@ -37,6 +37,7 @@ LAYERS = {
     "sparsemixer": lambda: build("sparsemixer"),
     "expert-choice": lambda: build("expert_choice"),
     "expert-choice-segment": lambda: build("expert_choice", granularity="segment", segment_len=T),
+    "remoe": lambda: build("remoe"),
 }
 L = 5 * T + 1
 

@@ -46,6 +46,7 @@ CASES = {
     "expert_choice-segment": dict(ffn="expert_choice", expert_choice=ExpertChoiceConfig(granularity="segment",
                                                                                       segment_len=4)),
     "mixed": dict(ffn=["lory", "topk", "sparsemixer"], topk=TopKConfig(top_k=2, renormalize=False)),
+    "remoe": dict(ffn=["remoe", "dense", "remoe"]),
 }
 
 
@@ -137,7 +138,7 @@ def test_export_assembles_the_families_in_use_and_refuses_one_without_export_cod
     assert not (tmp_path / "hf").exists()
 
 
-GENERATES = ["dense", "lory", "lory-tied-own-mean", "topk-capacity-trained", "sparsemixer", "mixed"]
+GENERATES = ["dense", "lory", "lory-tied-own-mean", "topk-capacity-trained", "sparsemixer", "mixed", "remoe"]
 
 
 @pytest.mark.parametrize("name", GENERATES)

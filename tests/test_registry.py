@@ -78,7 +78,7 @@ def test_a_registered_family_is_a_kind_with_its_own_config(toy):
         ModelConfig.from_dict({"ffn": "toy", "moe": {"toy": {"temperature": "hot"}}})
     with pytest.raises(ConfigError, match=r"unknown field model\.moe\.toyy"):
         ModelConfig.from_dict({"moe": {"toyy": {}}})
-    with pytest.raises(ConfigError, match="expert_choice, toy"):
+    with pytest.raises(ConfigError, match="expert_choice, remoe, toy"):
         ModelConfig(ffn="switch")
     with pytest.raises(ValueError, match="already registered"):
         register(Family("toy", ToyMoE, ToyConfig, remote=RemoteToy))

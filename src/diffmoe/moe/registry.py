@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import dense, expert_choice, lory, sparsemixer, topk
+from . import dense, expert_choice, lory, remoe, sparsemixer, topk
 from .family import Family
 
 
@@ -38,6 +38,6 @@ def build_ffn(kind: str, d_model: int, d_ff: int, moe) -> nn.Module:
     return FAMILIES[kind].layer.from_config(d_model, d_ff, moe, moe.family(kind))
 
 
-BUILT_IN = (dense.FAMILY, lory.FAMILY, topk.FAMILY, sparsemixer.FAMILY, expert_choice.FAMILY)
+BUILT_IN = (dense.FAMILY, lory.FAMILY, topk.FAMILY, sparsemixer.FAMILY, expert_choice.FAMILY, remoe.FAMILY)
 for _family in BUILT_IN:
     register(_family)

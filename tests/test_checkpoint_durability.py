@@ -10,7 +10,8 @@ import pytest
 from diffmoe.config import ConfigError, load_config
 from diffmoe.moe import ExpertChoiceConfig
 from diffmoe.train import train
-from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_run
+from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints
+from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
 from test_train import losses, run_config
 

@@ -106,7 +106,7 @@ def test_train_step_never_holds_the_full_logits(monkeypatch):
     from diffmoe.parallel import distributed
     from diffmoe.parallel.parallelize import ParallelPlan, parallelize
     from diffmoe.train.optim import build_optimizer
-    from diffmoe.train.step import train_step
+    from diffmoe.train.step import Stepper
 
     monkeypatch.setattr(loss_module, "CHUNK_LOGITS", V * 8)
     model = Decoder(tiny_model_config(vocab_size=V))
@@ -118,8 +118,7 @@ def test_train_step_never_holds_the_full_logits(monkeypatch):
     with torch.no_grad():
         expected = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()
     with LargestTensor() as seen:
-        result = train_step(model, wrapped, optimizer, itertools.repeat((ids[:, :-1], ids[:, 1:])), 1, 1.0, False,
-                            plan, env)
+        result = Stepper(wrapped, optimizer, plan, env, grad_clip=1.0).step(itertools.repeat((ids[:, :-1], ids[:, 1:])), 1)
     assert result.loss == pytest.approx(expected, rel=1e-6)
     assert seen.largest < 4 * 64 * V / 2  # the [N, V] logits would be N * V
 

@@ -112,7 +112,7 @@ def test_fsdp_on_one_gpu_trains_like_the_plain_model():
     from diffmoe.parallel.parallelize import ParallelPlan, parallelize
     from diffmoe.parallel import distributed
     from diffmoe.train.optim import build_optimizer
-    from diffmoe.train.step import train_step
+    from diffmoe.train.step import Stepper
 
     env = distributed.setup("cuda", need_group=True)
     cfg = tiny_model_config(ffn="lory")
@@ -125,7 +125,7 @@ def test_fsdp_on_one_gpu_trains_like_the_plain_model():
         wrapped = parallelize(model, plan, "cuda")
         optimizer = build_optimizer(model, TrainConfig(lr=1e-2))
         batches = itertools.repeat((ids[:, :-1], ids[:, 1:]))
-        losses[mode] = [train_step(model, wrapped, optimizer, batches, 1, 1.0, False, plan, env).loss
-                        for _ in range(3)]
+        stepper = Stepper(wrapped, optimizer, plan, env, grad_clip=1.0)
+        losses[mode] = [stepper.step(batches, 1).loss for _ in range(3)]
     distributed.teardown(env)
     assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)

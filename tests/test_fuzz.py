@@ -237,7 +237,8 @@ def _load_or_checkpoint_error(run: Path, ckpt: Path, damaged: Path) -> None:
     import warnings
 
     from diffmoe.model import Decoder
-    from diffmoe.train.checkpoint import CheckpointError, load_checkpoint, load_run, read_trainer_state
+    from diffmoe.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state
+    from diffmoe.runs import load_run
     from diffmoe.train.optim import build_optimizer
     from diffmoe.config import load_config
 

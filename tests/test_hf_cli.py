@@ -9,7 +9,7 @@ import torch
 
 from diffmoe.cli import main
 from diffmoe.train import train
-from diffmoe.train.checkpoint import load_run
+from diffmoe.runs import load_run
 
 from test_train import run_config
 

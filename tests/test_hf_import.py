@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from diffmoe.hf.importer import import_hf, read_hf_config, read_hf_weights  # noqa: E402
-from diffmoe.train.checkpoint import load_run  # noqa: E402
+from diffmoe.runs import load_run  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=48, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5000.0)

@@ -157,7 +157,7 @@ def test_export_run_trained_sparsemixer_auto_is_phimoe_custom_on_request(tiny_da
 
     from diffmoe.cli import main
     from diffmoe.train import train
-    from diffmoe.train.checkpoint import load_run
+    from diffmoe.runs import load_run
     from test_train import run_config
 
     train(run_config(tiny_dataset, "sparsemixer", steps=2), tmp_path / "run", show_progress=False)

@@ -211,7 +211,7 @@ def test_export_run_picks_custom_for_lory_and_ships_the_tokenizer(tiny_dataset, 
     from diffmoe.cli import main
     from diffmoe.hf.export import export_run
     from diffmoe.train import train
-    from diffmoe.train.checkpoint import load_run
+    from diffmoe.runs import load_run
     from test_train import run_config
 
     train(run_config(tiny_dataset, "lory", steps=1), tmp_path / "run", show_progress=False)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from diffmoe.config import load_config
 from diffmoe.train import train
-from diffmoe.train.checkpoint import load_run
+from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-f588cd4"

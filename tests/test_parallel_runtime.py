@@ -17,7 +17,8 @@ from diffmoe.cli import main
 from diffmoe.config import save_config
 from diffmoe.parallel.dcp import model_state
 from diffmoe.train import train
-from diffmoe.train.checkpoint import list_checkpoints, load_run
+from diffmoe.train.checkpoint import list_checkpoints
+from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
 
 from test_train import losses, run_config

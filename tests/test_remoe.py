@@ -10,7 +10,8 @@ import torch
 
 from diffmoe.moe.remoe import ReMoE, ReMoEConfig
 from diffmoe.train import train
-from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_run
+from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints
+from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
 from test_train import losses, run_config
 

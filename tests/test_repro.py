@@ -319,7 +319,7 @@ def test_prefix_arm_is_measured_with_prefix_routing(tmp_path):
     from diffmoe.data import PackedDataset
     from diffmoe.eval.perplexity import evaluate
     from diffmoe.repro.runner import ensure_data, run_arm
-    from diffmoe.train.checkpoint import load_run
+    from diffmoe.runs import load_run
 
     root = _toy_experiments(tmp_path / "exp")
     exp = Experiments(root)

@@ -14,7 +14,8 @@ from diffmoe.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunC
 from diffmoe.data import PackedDataset
 from diffmoe.eval.perplexity import evaluate
 from diffmoe.train import CheckpointError, TrainingError, train
-from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_run
+from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints
+from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
 
 

@@ -12,7 +12,7 @@ from diffmoe.config import ConfigError, DataConfig, ModelConfig, RunConfig, Trai
 from diffmoe.data.dataset import PackedDataset
 from diffmoe.data.loader import BatchStream
 from diffmoe.train import train
-from diffmoe.train.checkpoint import load_run
+from diffmoe.runs import load_run
 from diffmoe.train.init import initial_model
 
 from test_train import losses, run_config

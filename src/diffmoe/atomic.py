@@ -33,3 +33,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     commit(tmp, path)
+
+
+def sha256_file(path: Path, flush: bool = False) -> str:
+    """The hex SHA-256 of a file's bytes; ``flush``: also fsync it (a checkpoint's files, before their
+    digests are recorded)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+        if flush:
+            os.fsync(fh.fileno())
+    return digest.hexdigest()
+

@@ -126,6 +126,9 @@ class DataConfig:
         return str(self.mixture[0]["path"]) if self.mixture else self.path
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+"""What ``train.loggers`` may name (:mod:`diffmoe.train.loggers`)."""
+
 DTYPES = ("float32", "bfloat16")
 """FSDP2 mixed-precision dtypes (float16 would need a gradient scaler, which diffmoe does not have)."""
 
@@ -241,8 +244,18 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10
     """A step whose loss or gradient is not finite is skipped; this many in a row stop the run."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where records go: ``jsonl`` (metrics.jsonl; required: resume and diffmoe's tools read it),
+    ``tensorboard``, ``wandb`` (the ``wandb`` extra; ``WANDB_MODE=offline`` keeps it local)."""
     tensorboard: bool = True
+    """false leaves TensorBoard out even when ``loggers`` names it (the setting of configs from before
+    ``loggers``)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+    def logger_names(self) -> list[str]:
+        """The loggers in force: ``loggers`` less TensorBoard when ``tensorboard`` is false."""
+        return [name for name in dict.fromkeys(self.loggers) if name != "tensorboard" or self.tensorboard]
 
 
 @dataclass
@@ -286,6 +299,10 @@ class RunConfig:
               "must be two numbers in [0, 1)")
         check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
         check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+        check(isinstance(t.loggers, list) and all(name in LOGGERS for name in t.loggers), "train.loggers", t.loggers,
+              f"must be a list of {', '.join(LOGGERS)}")
+        check("jsonl" in t.loggers, "train.loggers", t.loggers,
+              "must include jsonl (metrics.jsonl: resume, evaluation tools and the reproduction suite read it)")
         m = self.model
         try:
             t.parallel.validate(m)

@@ -24,8 +24,8 @@ import torch
 
 from .atomic import write_text_atomic
 from .config import DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
-from .moe import LoryConfig, SparseMixerConfig
-from .report import say
+from .moe import AuxLosses, LoryConfig, SparseMixerConfig
+from .console import say
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .data.store import read_manifest
     from .eval.analyze import plot_routing, plot_utilisation, routing_by_domain, write_json
     from .train import train
-    from .train.checkpoint import load_run
+    from .runs import load_run
     from .train.metrics import read_metrics
 
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def _export_lory(run_dir: Path, hf_dir: Path, data: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from .hf.export import export_run
-    from .train.checkpoint import load_run
+    from .runs import load_run
 
     export_run(run_dir, hf_dir)
     _, model, _ = load_run(run_dir)
@@ -225,7 +225,9 @@ def _calibrate(models: dict[str, ModelConfig], cfg: DemoConfig, budget_s: float)
         times = []
         for _ in range(4):
             t = time.perf_counter()
-            loss = model(ids[:, :-1], labels=ids[:, 1:]).mean() + model.aux_loss()  # the trainer's loss
+            aux = AuxLosses()
+            loss = model(ids[:, :-1], labels=ids[:, 1:], aux=aux).mean()  # the trainer's loss
+            loss = loss + aux.sum(loss)
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -299,3 +301,18 @@ def suite_spread(report_path: Path, steps: int) -> str | None:
     lines += ["", "A one-seed gap between two models means something only when it is well outside these "
               "spreads; experiments/results/micro/REPORT.md has every comparison."]
     return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    """The ``demo`` command."""
+    p = subparsers.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs, at "
+                   "most 1000 steps each (the whole demo takes about 2 minutes more)")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes))
+    return 0
+

@@ -79,3 +79,12 @@ def scratch_bytes() -> int:
 def release_scratch() -> None:
     """Free this thread's :func:`scratch` buffers (the next request allocates again)."""
     _scratch.__dict__.pop("pool", None)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op on ``x`` computes in: autocast's for ``x``'s device when autocast is on there, else
+    ``x``'s own. The custom kernels (dispatch, merge, the chunked loss, the expert-parallel exchanges) cast
+    to it explicitly and run with autocast off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 1 train_equivalence.py OUT reference   writes OUT/ref-<kind>-<micro>.safetensors
     torchrun --nproc_per_node N train_equivalence.py OUT check       compares every layout with it
 
-For each layer kind and layout: 3 AdamW steps (grad clipping on) of ``train_step`` on a global batch of
+For each layer kind and layout: 3 AdamW steps (grad clipping on) of the trainer's ``Stepper`` on a global batch of
 8 sequences, then the losses, the reported auxiliary loss and every parameter (gathered from its
 shards) must equal the one-process run (fp32, 1e-5). The one-process reference takes the global batch
 as one micro-batch, except for expert choice, whose selection is per micro-batch by definition: its
@@ -30,7 +30,7 @@ from diffmoe.parallel.parallelize import ParallelPlan, parallelize
 from diffmoe.parallel.distributed import DistEnv
 from diffmoe.train.loop import full_state
 from diffmoe.train.optim import build_optimizer
-from diffmoe.train.step import train_step
+from diffmoe.train.step import Stepper
 
 KINDS = ("dense", "lory", "topk", "sparsemixer", "expert_choice")
 GLOBAL, SEQ, STEPS = 8, 16, 3
@@ -109,7 +109,7 @@ def run(kind: str, world: int, rank: int, micro: int, fields: dict) -> dict[str,
     accum = GLOBAL // (micro * world)
     for s in range(STEPS):
         torch.manual_seed(100 + s)
-        result = train_step(model, wrapped, optimizer, stream, accum, tc.grad_clip, False, plan, env)
+        result = Stepper(wrapped, optimizer, plan, env, tc.grad_clip).step(stream, accum)
         out[f"loss.{s}"] = torch.tensor(result.loss)
         out[f"aux.{s}"] = torch.tensor(result.aux_loss)
         out[f"grad_norm.{s}"] = torch.tensor(result.grad_norm)

@@ -7,6 +7,7 @@ entries alike; the first rounds are discarded as warm-up and medians are taken o
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -18,15 +19,13 @@ from typing import Callable
 
 import torch
 
+from ..train.metrics import GPU_PEAK_BF16, gpu_peak_flops  # noqa: F401  (the benchmarks import them from here)
+
 from ..atomic import write_text_atomic
 from ..config import ConfigError
 from ..runtime import malloc_mode, reuse_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Dense bf16 tensor-core peak (FLOP/s, no sparsity) of GPUs we know, for model FLOP utilisation.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-                 "A10G": 70e12, "L4": 121e12, "B200": 2250e12}
-
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else as torch.device."""
@@ -141,17 +140,6 @@ def machine_line(m: dict) -> str:
             f"malloc: {m.get('malloc', 'default')} (see diffmoe.runtime).")
 
 
-def gpu_peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """Peak bf16 FLOP/s of the device: the override, else the table above by GPU name, else None."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    hits = [v for k, v in GPU_PEAK_BF16.items() if k in name]
-    return max(hits) if hits else None
-
-
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
     """FLOP/s of an n x n x n matmul in dtype on device (median of ``repeats`` after one warm-up)."""
     import time
@@ -180,3 +168,40 @@ def write_results(out: Path, stem: str, table: str, result: dict) -> None:
 def fmt_ms(v: float) -> str:
     """Milliseconds with at least 3 significant digits (GPU times are often well under 1 ms)."""
     return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
+
+
+def config_bench_parser(name: str, doc: str, out: str, repeats: int, warmup: int, set_help: str,
+                        threads_help: str | None = None) -> argparse.ArgumentParser:
+    """The options the config benchmarks (``model``, ``generate``, ``scale``) share: config files,
+    ``--set`` overrides, ``--repeats``, ``--warmup``, ``--threads`` and ``--out``."""
+    p = argparse.ArgumentParser(prog=f"diffmoe bench {name}", description=doc.split("\n\n")[0])
+    p.add_argument("configs", nargs="*", type=Path, help="config files (default: see the module docstring)")
+    p.add_argument("--set", nargs="*", default=None, metavar="SECTION.FIELD=VALUE",
+                   help=f"overrides applied to every config ({set_help})")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
+    p.add_argument("--out", type=Path, default=Path(out))
+    return p
+
+
+def device_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    """``--device``, ``--dtype`` and ``--seed`` of the benchmarks that build models on one device."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help=dtype_help)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and refuse ``--repeats`` < 1 or ``--warmup`` < 0."""
+    a = p.parse_args(argv)
+    if a.repeats < 1 or a.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return a
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+

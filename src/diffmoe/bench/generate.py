@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigError, load_config
 from ..eval.generate import generate_stream
 from ..model import Decoder
-from .common import (config_files, dtype_name, fmt_ms, machine_info, machine_line, median_ratio, round_robin,
+from .common import (config_bench_parser, config_files, device_options, markdown_table, parse_checked, dtype_name, fmt_ms, machine_info, machine_line, median_ratio, round_robin,
                      start, sync, write_results)
 
 
@@ -94,39 +94,27 @@ def markdown(result: dict) -> str:
         f"{st['repeats']} generations per entry after {st['warmup']} warm-up rounds (entries round-robin). "
         "per token: the G - 1 steps after the first token; ratios: medians of per-round ratios to the dense config.",
         "",
-        "| config | Lory routing | params (active) | prefill ms | prefill / dense | ms per token | tokens/s "
-        "| per token / dense |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in result["rows"]:
         vs = lambda k: "n/a" if r[k] is None else f"{r[k]:.2f}"  # noqa: E731
-        lines.append(
-            f"| {r['config']} | {r['routing'] or '-'} | {r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M) | "
-            f"{fmt_ms(r['prefill_ms'])} | {vs('prefill_vs_dense')} | {fmt_ms(r['token_ms'])} | "
-            f"{r['tokens_per_s']:,.0f} | {vs('token_vs_dense')} |")
+        rows.append([r["config"], r["routing"] or "-", f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)",
+                     fmt_ms(r["prefill_ms"]), vs("prefill_vs_dense"), fmt_ms(r["token_ms"]),
+                     f"{r['tokens_per_s']:,.0f}", vs("token_vs_dense")])
+    lines += markdown_table(["config", "Lory routing", "params (active)", "prefill ms", "prefill / dense",
+                             "ms per token", "tokens/s", "per token / dense"], rows)
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffmoe bench generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("configs", nargs="*", type=Path, help="config files (default: see the module docstring)")
-    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="overrides applied to every config (e.g. model.d_model=512)")
+    p = config_bench_parser("generate", __doc__, "results/generate", 7, 2, "e.g. model.d_model=512")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lory-segment", action="store_true", help="also decode Lory with segment routing")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/generate"))
-    a = p.parse_args(argv)
-    if a.repeats < 1 or a.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    device_options(p, "weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    a = parse_checked(p, argv)
+    a.set = a.set or []
     if a.prompt_len < 1 or a.new_tokens < 2 or a.batch_size < 1:
         p.error("--prompt-len and --batch-size must be >= 1 and --new-tokens >= 2")
     return a

@@ -1,7 +1,7 @@
 """Model benchmark: training tokens/s of configs, eager and under ``torch.compile``, with FLOP utilisation.
 
 Each config is built and stepped as ``diffmoe train`` does it (the same ``Decoder``, ``parallelize``,
-AdamW from ``build_optimizer`` and the trainer's ``train_step``: forward, cross-entropy + auxiliary
+AdamW from ``build_optimizer`` and the trainer's ``Stepper``: forward, cross-entropy + auxiliary
 losses, backward, gradient clipping, AdamW step, zero_grad), on random token ids of one micro-batch
 (``data.micro_batch_size``, else ``data.batch_size``) x ``model.max_seq_len`` (overridable). Random
 ids do the same work as text, except that a token-choice router sees a different balance.
@@ -49,8 +49,8 @@ from ..model import Decoder
 from ..parallel.parallelize import ParallelPlan, parallelize
 from ..parallel import distributed
 from ..train.optim import build_optimizer
-from ..train.step import train_step
-from .common import (config_files, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,
+from ..train.step import Stepper
+from .common import (config_bench_parser, config_files, device_options, markdown_table, parse_checked, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,
                      median_ratio, round_robin, start, sync, write_results)
 from .measure import RssPeak
 
@@ -92,13 +92,14 @@ def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
         wrapped = FullLogitsLoss(wrapped)
     batches = itertools.repeat((ids, ids.roll(-1, 1)))
     env = distributed.DistEnv(0, 1, device)
+    stepper = Stepper(wrapped, optimizer, plan, env, cfg.train.grad_clip, bf16)
 
     def step() -> float:
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        train_step(entry.model, wrapped, optimizer, batches, 1, cfg.train.grad_clip, bf16, plan, env)
+        stepper.step(batches, 1)
         sync(device)
         elapsed = time.perf_counter() - t0
         if device.type == "cuda":
@@ -109,15 +110,16 @@ def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
 
 
 class FullLogitsLoss(nn.Module):
-    """The LM loss computed the unchunked way, for comparison: ``forward(ids, labels)`` -> per-token
-    loss [B, L] from the full float32 logits [B, L, V] of the wrapped model."""
+    """The LM loss computed the unchunked way, for comparison: ``forward(ids, labels, aux)`` -> per-token
+    loss [B, L] from the full float32 logits [B, L, V] of the wrapped model (``aux`` collects its
+    auxiliary losses, as in training)."""
 
     def __init__(self, wrapped: nn.Module):
         super().__init__()
         self.wrapped = wrapped
 
-    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.wrapped(ids)
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, aux=None) -> torch.Tensor:
+        logits = self.wrapped(ids, aux=aux)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
 
 
@@ -184,51 +186,39 @@ def markdown(result: dict) -> str:
         f"per token. Measured {m['dtype']} matmul rate: {result['matmul_tflops']:.3g} TFLOP/s"
         + (f"; peak used for MFU: {peak:g} TFLOP/s." if peak else "; no GPU peak known: MFU n/a."),
         "",
-        "| config | mode | layout | AC | loss | params (active) | batch x seq | step ms | tokens/s | time / dense | "
-        "GFLOP/token | TFLOP/s | share of matmul rate | MFU | peak GB | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in result["rows"]:
         vs = "n/a" if r["time_vs_dense"] is None else f"{r['time_vs_dense']:.2f}"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
         peak_gb = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.3g}"
-        lines.append(
-            f"| {r['config']} | {r['mode']} | {r['layout']} | {'on' if r['activation_checkpointing'] else 'off'} | "
-            f"{r['loss']} | "
-            f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M) | "
-            f"{r['batch']} x {r['seq_len']} | {fmt_ms(r['step_ms'])} | {r['tokens_per_s']:,.0f} | {vs} | "
-            f"{r['gflop_per_token']:.4g} | {r['achieved_tflops']:.3g} | {100 * r['matmul_share']:.1f} % | {mfu} | "
-            f"{peak_gb} | {r['first_step_s']:.1f} |")
+        rows.append([r["config"], r["mode"], r["layout"], "on" if r["activation_checkpointing"] else "off", r["loss"],
+                     f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)", f"{r['batch']} x {r['seq_len']}",
+                     fmt_ms(r["step_ms"]), f"{r['tokens_per_s']:,.0f}", vs, f"{r['gflop_per_token']:.4g}",
+                     f"{r['achieved_tflops']:.3g}", f"{100 * r['matmul_share']:.1f} %", mfu, peak_gb,
+                     f"{r['first_step_s']:.1f}"])
+    lines += markdown_table(["config", "mode", "layout", "AC", "loss", "params (active)", "batch x seq", "step ms",
+                             "tokens/s", "time / dense", "GFLOP/token", "TFLOP/s", "share of matmul rate", "MFU",
+                             "peak GB", "first step s"], rows)
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffmoe bench model", description=__doc__.split("\n\n")[0])
-    p.add_argument("configs", nargs="*", type=Path, help="config files (default: see the module docstring)")
-    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="overrides applied to every config (e.g. model.n_layers=2)")
+    p = config_bench_parser("model", __doc__, "results/model", 5, 2, "e.g. model.n_layers=2")
     p.add_argument("--compile", choices=["both", "off", "on"], default="both", help="eager, compiled or both")
     p.add_argument("--layout", choices=["ddp", "fsdp"], default="ddp",
                    help="ddp: the plain model (one process); fsdp: FSDP2 on a one-process group")
     p.add_argument("--ac", choices=["off", "on", "both"], default="off", help="per-block activation checkpointing")
     p.add_argument("--loss", choices=["chunked", "full", "both"], default="chunked",
                    help="LM loss: the trainer's chunked loss, the full float32 logits, or both side by side")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
+    device_options(p, "bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sequences per step (default: each config's data.micro_batch_size, else data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="default: each config's model.max_seq_len")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: known GPUs)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 rate matmul (2048 CPU, 8192 CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/model"))
-    a = p.parse_args(argv)
-    if a.repeats < 1 or a.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    a = parse_checked(p, argv)
+    a.set = a.set or []
     return a
 
 

@@ -2,7 +2,7 @@
 --standalone`` on this machine: gloo on CPU, NCCL on GPUs), against ``diffmoe plan``'s model.
 
 For every (config, processes, layout) one torchrun job builds the model as ``diffmoe train`` does
-(``parallelize``, ``build_optimizer``, ``train_step``) on random ids of the config's global batch
+(``parallelize``, ``build_optimizer``, ``Stepper``) on random ids of the config's global batch
 (``data.batch_size`` sequences of ``model.max_seq_len``, or ``--seq-len``), runs ``--warmup`` steps,
 then times ``--repeats`` steps (median), and counts the bytes every rank sends through collectives
 in one more step (:class:`~diffmoe.parallel.comm_count.CommCounter`; a separate step because counting
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
-from .common import fmt_ms, machine_info, machine_line, resolve_device, write_results
+from .common import config_bench_parser, fmt_ms, machine_info, machine_line, markdown_table, parse_checked, resolve_device, write_results
 
 DEFAULT_CONFIGS = ("configs/01-tiny-lory-8e.yaml", "configs/03-tiny-topk-8e.yaml")
 DEFAULT_SET = ("model.n_layers=2", "model.max_seq_len=128", "data.batch_size=8")
@@ -79,7 +79,7 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     from ..parallel import distributed
     from ..train.loop import batch_split
     from ..train.optim import build_optimizer
-    from ..train.step import train_step
+    from ..train.step import Stepper
 
     cfg = load_config(config, overrides)
     cfg.train.parallel = dataclasses.replace(cfg.train.parallel, **fields)
@@ -96,12 +96,13 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     g = torch.Generator().manual_seed(env.rank)
     ids = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=g)
     batches = itertools.repeat((ids[:, :-1], ids[:, 1:]))
+    stepper = Stepper(wrapped, optimizer, plan, env, cfg.train.grad_clip, cfg.train.bf16)
 
     def step() -> float:
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(model, wrapped, optimizer, batches, accum, cfg.train.grad_clip, cfg.train.bf16, plan, env)
+        stepper.step(batches, accum)
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -180,31 +181,27 @@ def markdown(result: dict) -> str:
              "bytes = what rank 0 sends through collectives in one step (ring convention, see diffmoe.parallel.plan); "
              "plan = `diffmoe plan`'s model of the same layout; peak = CUDA allocator peak, or on CPU the growth "
              "of the process's peak RSS from before the model was built.", "",
-             "| config | processes | layout | micro x accum | ms / step | MB sent / step | plan MB | measured / plan "
-             "| peak MB | plan memory MB (no reserve) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ]
+    rows = []
     for r in result["rows"]:
         ratio = f"{r['bytes'] / r['plan_bytes']:.3f}" if r["plan_bytes"] else ("1 (none)" if not r["bytes"] else "n/a")
-        lines.append(f"| {r['config']} | {r['procs']} | {r['layout']} | {r['micro']} x {r['accum']} | "
-                     f"{fmt_ms(r['step_ms'])} | {r['bytes'] / 1e6:.2f} | {r['plan_bytes'] / 1e6:.2f} | {ratio} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {r['plan_memory_bytes'] / 2**20:.0f} |")
+        rows.append([r["config"], r["procs"], r["layout"], f"{r['micro']} x {r['accum']}", fmt_ms(r["step_ms"]),
+                     f"{r['bytes'] / 1e6:.2f}", f"{r['plan_bytes'] / 1e6:.2f}", ratio, f"{r['peak_bytes'] / 2**20:.0f}",
+                     f"{r['plan_memory_bytes'] / 2**20:.0f}"])
+    lines += markdown_table(["config", "processes", "layout", "micro x accum", "ms / step", "MB sent / step",
+                             "plan MB", "measured / plan", "peak MB", "plan memory MB (no reserve)"], rows)
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diffmoe bench scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("configs", nargs="*", help="config files (default: see the module docstring)")
-    p.add_argument("--set", nargs="*", default=None, metavar="SECTION.FIELD=VALUE",
-                   help=f"overrides applied to every config (default: {' '.join(DEFAULT_SET)})")
+    p = config_bench_parser("scale", __doc__, "results/scale", 3, 1, f"default: {' '.join(DEFAULT_SET)}",
+                            threads_help="threads per process (default: cores / processes)")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="threads per process (default: cores / processes)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per torchrun job")
-    p.add_argument("--out", type=Path, default=Path("results/scale"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    a.configs = a.configs or list(DEFAULT_CONFIGS)
+    a = parse_checked(p, argv)
+    a.configs = [str(c) for c in a.configs] or list(DEFAULT_CONFIGS)
     a.set = list(DEFAULT_SET) if a.set is None else a.set
     return a
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..report import say
+from ..console import say
 from .builtin import DEFAULT_SOURCES_DIR, DOMAINS, SHAKESPEARE_DOWNLOAD, BuiltinCorpusConfig, build_builtin_corpus
 from .config import BATCHING, OrderingConfig, PrepareConfig
 from .embed import EMBEDDINGS

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..report import say
+from ..console import say
 from . import order as od
 from . import pack as pk
 from . import store as st

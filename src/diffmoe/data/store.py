@@ -20,14 +20,13 @@ runs, its work directory ``.prepare-tmp`` is here too, see :mod:`.workdir`)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import commit, fsync_dir, tmp_path  # noqa: F401  (re-exported for the stages)
+from ..atomic import commit, fsync_dir, sha256_file, tmp_path  # noqa: F401  (re-exported for the stages)
 from .errors import DataError
 
 FORMAT = "diffmoe-packed"
@@ -62,14 +61,6 @@ def write_lines_atomic(path: Path, lines) -> None:
             fh.write(line)
             fh.write("\n")
     commit(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- reading

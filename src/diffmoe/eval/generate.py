@@ -97,3 +97,37 @@ def generate(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int]], max
         tokens = torch.stack(new, 1).tolist() if new else [[] for _ in prompt]
         return [list(p) + t for p, t in zip(prompt, tokens)]
     return torch.cat([prompt.to(new[0].device) if new else prompt] + [t.unsqueeze(1) for t in new], 1)
+
+
+def print_generation(model, tokenizer, prompt: str, max_new_tokens: int, routing: str = "prompt",
+                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                     seed: int = 0, out=None) -> list[int]:
+    """Print ``prompt`` and its continuation to ``out`` (default stdout) as the tokens arrive (a character
+    split over several tokens is printed once complete). Returns the new token ids."""
+    import sys
+
+    from ..schema import ConfigError
+
+    out = out or sys.stdout
+    ids = tokenizer.encode(prompt).ids
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens")
+    limit = model.cfg.max_seq_len - len(ids)
+    if max_new_tokens > limit:
+        raise ConfigError(f"--max-new-tokens={max_new_tokens}: the prompt leaves room for {limit} "
+                          f"(max_seq_len={model.cfg.max_seq_len})")
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    out.write(prompt)
+    new: list[int] = []
+    shown = ""
+    for token in generate_stream(model, torch.tensor([ids]), max_new_tokens, routing=routing,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=generator):
+        new.append(int(token[0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for multi-byte characters to complete
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tokenizer.decode(new)[len(shown):] + "\n")
+    return new
+

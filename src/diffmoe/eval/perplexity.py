@@ -94,3 +94,12 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
 def _summary(total: float, tokens: int) -> dict:
     loss = total / max(tokens, 1)
     return {"tokens": int(tokens), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def format_eval(result: dict) -> str:
+    """A table of :func:`evaluate`'s result: domain, tokens, loss, perplexity."""
+    lines = [f"{'domain':<16}{'tokens':>10}{'loss':>9}{'ppl':>10}"]
+    for name, r in result.items():
+        lines.append(f"{name:<16}{r['tokens']:>10}{r['loss']:>9.4f}{r['ppl']:>10.2f}")
+    return "\n".join(lines)
+

@@ -341,7 +341,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     from ..data.errors import DataError
     from ..data.store import read_manifest
-    from ..train.checkpoint import load_run
+    from ..runs import load_run
 
     cfg, model, _ = load_run(run_dir, checkpoint)
     data = Path(cfg.data.primary_path)

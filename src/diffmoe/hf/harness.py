@@ -50,7 +50,7 @@ def _define():
 
     from ..data.store import read_manifest
     from ..data.tokenizer import load_tokenizer
-    from ..train.checkpoint import load_run
+    from ..runs import load_run
     from ..eval.generate import generate_stream
 
     class DiffMoELM(TemplateLM):

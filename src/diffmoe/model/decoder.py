@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..moe import MoELayer, RoutingContext, SwiGLU, build_ffn
+from ..moe import AuxLosses, MoELayer, RoutingContext, SwiGLU, build_ffn
 from .cache import KVCache
 from .loss import linear_cross_entropy
 
@@ -108,21 +108,23 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(cfg.layer_ffn(layer), cfg.d_model, cfg.d_ff, cfg.moe)
 
-    def forward(self, x, rope, spans: list[Span], cache, prompt_len, mask=None):
+    def forward(self, x, rope, spans: list[Span], cache, prompt_len, mask=None, aux=None):
         """x [B, L, d]; spans cut L into consecutive attention calls (chunked prefill); the FFN then sees
-        all L positions at once, so routing on the prompt routes on all of it. mask [B, L] bool or None."""
+        all L positions at once, so routing on the prompt routes on all of it. mask [B, L] bool or None;
+        aux: the forward's :class:`~diffmoe.moe.AuxLosses`, or None."""
         h, first = self.attn_norm(x), spans[0].start
         attn = [self.attn(h[:, s.start - first:s.start - first + s.length], rope, s, cache, self.layer) for s in spans]
         x = x + (attn[0] if len(attn) == 1 else torch.cat(attn, 1))
-        ctx = RoutingContext(prompt_len, None if cache is None else cache.ffn_state[self.layer], mask)
+        ctx = RoutingContext(prompt_len, None if cache is None else cache.ffn_state[self.layer], mask, aux)
         return x + self.ffn(self.ffn_norm(x), ctx)
 
 
 class Decoder(nn.Module):
     """The language model. ``forward(ids [B, L]) -> logits [B, L, vocab]``.
 
-    After a forward, ``aux_loss()`` is the sum of the MoE layers' scaled auxiliary losses (add it to
-    the LM loss) and each layer's ``stats`` hold its routing statistics. What a layer can do (routing
+    A forward given an :class:`~diffmoe.moe.AuxLosses` collects the MoE layers' auxiliary losses in it
+    (training adds its ``total`` to the LM loss); after a forward each layer's ``stats`` hold its routing
+    statistics (and ``aux_loss()`` sums the layers' last scaled auxiliary losses, for analysis). What a layer can do (routing
     modes, causality, decoding) is asked of its ``capabilities``, never of its class.
     """
 
@@ -156,7 +158,7 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, prompt_len: int | None = None,
                 attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-                labels: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, aux: AuxLosses | None = None):
         """ids [B, L] int64 -> logits [B, L, V] (float32); with labels [B, L] int64, the per-token
         cross-entropy [B, L] (float32, nats) instead, computed in chunks of tokens so that the logits
         never exist whole (:func:`~diffmoe.model.loss.linear_cross_entropy`; what training and
@@ -171,6 +173,8 @@ class Decoder(nn.Module):
             cache remembers it for later calls.
         chunk_size: with a cache, attention runs on at most this many queries at a time (bounding a long
             prompt's memory); each layer's FFN still sees all L positions, so prompt routing routes on all.
+        aux: an :class:`~diffmoe.moe.AuxLosses` that collects every MoE layer's auxiliary losses (what
+            training adds to the LM loss).
         """
         B, L = ids.shape
         start = 0 if cache is None else cache.length
@@ -194,7 +198,7 @@ class Decoder(nn.Module):
                          ids.device) for s in range(start, start + L, step)]
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x, self.rope, spans, cache, prompt_len, None if real is None else real[:, start:])
+            x = block(x, self.rope, spans, cache, prompt_len, None if real is None else real[:, start:], aux)
         if cache is not None:
             cache.length += L
         if labels is not None:  # the head's weight read here, where FSDP has unsharded it

@@ -8,6 +8,8 @@ micro-batch, and their gradient as much again; here a chunk holds at most ``CHUN
 from __future__ import annotations
 
 import torch
+
+from ..runtime import compute_dtype
 from torch.autograd.function import once_differentiable
 
 CHUNK_LOGITS = 2**25
@@ -27,7 +29,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     chunk = chunk or max(1, CHUNK_LOGITS // weight.shape[0])
     device = h.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+        dtype = compute_dtype(h)
         with torch.autocast(device, enabled=False):
             return linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, chunk)
     flat = LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), chunk)

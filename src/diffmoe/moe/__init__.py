@@ -23,12 +23,12 @@ from .lory import LoryConfig, LoryMoE
 from .family import Family, Native
 from .registry import FAMILIES, build_ffn, register
 from .router import Router
-from .routing import Capabilities, Routing, RoutingContext, balance_and_z, balance_loss, z_loss
+from .routing import AuxLosses, Capabilities, Routing, RoutingContext, balance_and_z, balance_loss, z_loss
 from .sparsemixer import HeunMultiplier, SparseMixerConfig, SparseMixerMoE, sparsemixer_route
 from .topk import TopKConfig, TopKMoE
 
 __all__ = [
-    "Capabilities", "Experts", "ExpertChoiceConfig", "ExpertChoiceMoE", "FAMILIES", "Family", "HeunMultiplier",
+    "AuxLosses", "Capabilities", "Experts", "ExpertChoiceConfig", "ExpertChoiceMoE", "FAMILIES", "Family", "HeunMultiplier",
     "LoryConfig", "LoryMoE", "MoEConfig", "MoELayer", "Native", "Router", "Routing", "RoutingContext", "SparseMixerConfig",
     "SparseMixerMoE", "SwiGLU", "TopKConfig", "TopKMoE", "balance_and_z", "balance_loss", "build_ffn", "register",
     "sparsemixer_route", "z_loss",

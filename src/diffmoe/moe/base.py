@@ -117,14 +117,17 @@ class MoELayer(nn.Module, abc.ABC):
         Nothing by default."""
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
-        """x [B, L, d] -> [B, L, d]."""
+        """x [B, L, d] -> [B, L, d]; the auxiliary losses go to ``ctx.aux`` when it is set."""
         B, L, d = x.shape
-        routing = self.route(x, ctx or RoutingContext())
+        ctx = ctx or RoutingContext()
+        routing = self.route(x, ctx)
         if routing.segment_weights is not None:
             y = self.experts.forward_merged(routing.inputs, routing.segment_weights)
         else:
             y = self.experts(routing.inputs, routing.token_idx, routing.expert_idx, routing.gate, self.dispatch_impl)
         self.record(routing)
+        if ctx.aux is not None:
+            ctx.aux.add(self.aux_loss, self.aux_losses)
         return y.reshape(B, -1, d)[:, :L]
 
     def record(self, routing: Routing) -> None:

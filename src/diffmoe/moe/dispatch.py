@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..runtime import compute_dtype
 from torch import nn
 
 DISPATCH_IMPLS = ("auto", "grouped_mm", "loop")
@@ -57,8 +59,7 @@ def dispatch(
     order = torch.argsort(expert_idx, stable=True)
     counts = torch.bincount(expert_idx, minlength=experts.num_experts)
     tok = token_idx[order]
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    device, dtype = x.device.type, compute_dtype(x)
     with torch.autocast(device, enabled=False):  # run in the autocast dtype, explicitly
         x = x.to(dtype)
         w1, w3, w2 = (w.to(dtype) for w in (experts.w1, experts.w3, experts.w2))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import scratch
+from ..runtime import compute_dtype, scratch
 
 Merged = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -157,9 +157,6 @@ def segment_merged_swiglu(x: torch.Tensor, weights: torch.Tensor, experts: nn.Mo
     """
     chunk = chunk or experts.num_experts
     args = (weights, experts.w1, experts.w3, experts.w2, chunk)
-    device = x.device.type
-    if torch.is_autocast_enabled(device):  # run in the autocast dtype, merging in the weights' dtype
-        dtype = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            return SegmentMergedSwiGLU.apply(x.to(dtype), *args)
-    return SegmentMergedSwiGLU.apply(x, *args)
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):  # run in the autocast dtype, merging in the weights' dtype
+        return SegmentMergedSwiGLU.apply(x.to(dtype), *args)

@@ -26,11 +26,33 @@ class RoutingContext:
         (it lives in the KV cache); None for an ordinary forward.
     mask: [B, L] bool, False at the padding of a padded batch (left-padded prompts): a layer keeps it
         out of its routing means, or refuses padding it cannot route around; None when there is none.
+    aux: see below.
     """
 
     prompt_len: int | None = None
     state: dict | None = None
     mask: torch.Tensor | None = None
+    aux: "AuxLosses | None" = None
+    """Collects the auxiliary losses of the forward (training passes one); None: not collected."""
+
+
+class AuxLosses:
+    """The auxiliary losses of one forward, collected from every MoE layer: ``total`` (the scaled sum to add
+    to the LM loss, float32, with graph) and ``unscaled`` (name -> sum over layers, detached)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.unscaled: dict[str, torch.Tensor] = {}
+
+    def add(self, scaled: torch.Tensor, unscaled: dict[str, torch.Tensor]) -> None:
+        self.total = scaled if self.total is None else self.total + scaled.to(self.total.device)
+        for name, value in unscaled.items():
+            value = value.detach().float()
+            self.unscaled[name] = value if name not in self.unscaled else self.unscaled[name] + value
+
+    def sum(self, like: torch.Tensor) -> torch.Tensor:
+        """``total``, or a float32 zero on ``like``'s device when no layer added one."""
+        return self.total if self.total is not None else like.new_zeros((), dtype=torch.float32)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Count the calls and bytes of every collective a piece of code issues on this rank.
 
     with CommCounter() as comm:
-        train_step(...)
+        stepper.step(...)
     comm.counts        # {"all_gather": {"calls": 50, "bytes": 1.2e9}, "reduce_scatter": {...}, ...}
     comm.total_bytes   # int, bytes this rank sent
 

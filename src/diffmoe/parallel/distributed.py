@@ -83,3 +83,10 @@ def teardown(env: DistEnv, ok: bool = True) -> None:
     if ok and env.owns_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def add_device_arg(parser) -> None:
+    """The ``--device`` option of the commands that run a model."""
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun each "
+                                         "rank's LOCAL_RANK)")
+

@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..moe.dispatch import dispatch
 from ..moe.experts import Experts
+from ..runtime import compute_dtype
 from .layout import ShardingError
 
 _WEIGHTS = ("w1", "w3", "w2")
@@ -98,8 +99,7 @@ class ExpertParallelExperts(Experts):
                 impl: str = "auto") -> torch.Tensor:
         """Dispatched tokens over all E experts, as :meth:`Experts.forward`: x [N, d] -> y [N, d],
         y[n] = sum over the assignments a of token n of gate[a] * expert(expert_idx[a])(x[n])."""
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        device, dtype = x.device.type, compute_dtype(x)
         with torch.autocast(device, enabled=False):  # run in the autocast dtype, explicitly
             x = x.to(dtype)
             order = torch.argsort(expert_idx, stable=True)

@@ -53,6 +53,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..moe.experts import Experts
 from ..moe.merge import Merged, SegmentMergedSwiGLU, merge_stacks
+from ..runtime import compute_dtype
 from .layout import ShardingError
 
 SHARD_DIMS = {"w1": 1, "w3": 1, "w2": 2}
@@ -118,8 +119,7 @@ class ShardedFFNExperts(Experts):
         then runs in it, as :func:`~diffmoe.moe.merge.segment_merged_swiglu` does).
         """
         device = x.device.type
-        if torch.is_autocast_enabled(device):
-            x = x.to(torch.get_autocast_dtype(device))
+        x = x.to(compute_dtype(x))
         group = self.etp_mesh
         with torch.autocast(device, enabled=False):
             xs = _all_gather(x.contiguous(), 0, group)  # [t*S, T, d]

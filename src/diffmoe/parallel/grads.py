@@ -1,8 +1,8 @@
 """Gradient-norm clipping over parameters that may be DTensors on different meshes (dense parameters
 on the dense mesh, experts on the expert mesh), where ``torch.nn.utils.clip_grad_norm_`` refuses to mix
 them: the squared norm of the local shards is summed over the mesh dimensions they are split on,
-with plain all-reduces (visible to :class:`~diffmoe.parallel.comm_count.CommCounter`, unlike DTensor's
-internal collectives), per mesh layout, and the squares are added."""
+with plain all-reduces (counted by :class:`~diffmoe.parallel.comm_count.CommCounter`, as every collective
+is), per mesh layout, and the squares are added."""
 
 from __future__ import annotations
 

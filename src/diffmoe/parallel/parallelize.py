@@ -1,9 +1,10 @@
 """``parallelize(model, plan)``: wrap a built model for the run's process layout; the model itself
 never knows how it is distributed.
 
-Order (as torchtitan): shard experts across ranks (``ep`` / ``etp``), per-block activation
-checkpointing, ``torch.compile``, then FSDP2 — the experts of each MoE block on the expert mesh, each
-block and the root on the dense mesh — or DDP for ``mode=ddp``.
+Order: shard experts across ranks (``ep`` / ``etp``), per-block activation checkpointing, then
+``mode=fsdp``: ``torch.compile`` of each block, then FSDP2 (as torchtitan) — the experts of each MoE block
+on the expert mesh, each block and the root on the dense mesh; ``mode=ddp``: DDP, then ``torch.compile``
+of the DDP wrapper (PyTorch's order for DDP, whose optimizer splits the graph at its buckets).
 
 One scaling rule for every layout: each rank's loss is its share of a global sum (LM: local token sum
 over the global token count; auxiliary losses over the number of ranks), and every gradient reduction

@@ -11,7 +11,7 @@ import yaml
 
 from ..atomic import write_text_atomic
 from . import plots
-from ..report import say
+from ..console import say
 from .runner import RESULT, read_result, run_dir
 from .spec import Arm, Group, Suite
 from .stats import Results, arm_spread, claim_verdict, paired, summarise, verdict

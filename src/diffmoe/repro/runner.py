@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..report import say
+from ..console import say
 from ..schema import ConfigError
 from .spec import Arm, Suite, dataset_recipe, run_config, run_key
 
@@ -204,7 +204,7 @@ def measure(out: Path, suite: Suite, summary: dict) -> dict:
     from ..eval.analyze import routing_by_domain
     from ..eval.perplexity import evaluate, prompt_segment_len
     from ..parallel.distributed import resolve_device
-    from ..train.checkpoint import load_run
+    from ..runs import load_run
     from ..train.metrics import read_metrics
 
     cfg, model, _ = load_run(out, device=resolve_device(None))

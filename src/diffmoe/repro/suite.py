@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..report import say
+from ..console import say
 from ..schema import ConfigError
 from .runner import ensure_data, missing_requirements, run_arm
 from .spec import Experiments, check_group
@@ -25,6 +25,8 @@ class ReproOptions:
     """REPORT.md, report.json and plots/ (default experiments/results/<suite>)."""
     report_only: bool = False
     """Write the report from the runs that are done; train nothing."""
+    report_selected: bool = False
+    """The report covers the ``only`` groups alone (default: every group of the suite)."""
     corpus: Path | None = None
     """A corpus to use instead of the built-in one (tests use a small fixture)."""
     verbose: bool = True
@@ -63,8 +65,12 @@ def run_repro(opts: ReproOptions) -> dict:
                 for name in group.arms:
                     if name in runnable:
                         run_arm(work, suite, runnable[name], seed, opts.verbose)
+    if opts.report_selected:
+        groups = selected
+        arms = {name: arms[name] for g in groups for name in g.arms}
     return write_report(out, work, suite, groups, arms, seeds, command=_command(opts, suite.name))
 
 
 def _command(opts: ReproOptions, suite: str) -> str:
-    return f"diffmoe repro --suite {suite}" + (f" --seeds {opts.seeds}" if opts.seeds else "")
+    only = f" --only {','.join(opts.only)} --report-selected" if opts.report_selected else ""
+    return f"diffmoe repro --suite {suite}" + (f" --seeds {opts.seeds}" if opts.seeds else "") + only

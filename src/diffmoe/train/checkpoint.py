@@ -22,7 +22,6 @@ beyond ``keep`` are deleted after the rename. ``consolidate`` writes one ``model
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..atomic import commit, fsync_dir, tmp_path, write_text_atomic
+from ..atomic import commit, fsync_dir, sha256_file, tmp_path, write_text_atomic
 from ..parallel import dcp
 
 FORMAT_VERSION = 3
@@ -94,19 +93,9 @@ def _tensor_files(directory: Path) -> list[str]:
                   for p in (directory / sub).iterdir() if p.is_file())
 
 
-def _sha256(path: Path, flush: bool = False) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-        if flush:
-            os.fsync(fh.fileno())
-    return digest.hexdigest()
-
-
 def _flush_and_describe(names: list[str], root: Path) -> dict[str, dict]:
     """{name: {bytes, sha256}} of the files ``root/name``, each flushed to disk."""
-    return {name: {"bytes": (root / name).stat().st_size, "sha256": _sha256(root / name, flush=True)}
+    return {name: {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name, flush=True)}
             for name in names}
 
 
@@ -221,7 +210,7 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world: int = 1) ->
     files = _recorded_files(path, meta)
     for name in sorted(files)[rank::world]:
         try:
-            same = _sha256(path / name) == files[name]["sha256"]
+            same = sha256_file(path / name) == files[name]["sha256"]
         except OSError as err:
             raise CheckpointError(f"unreadable checkpoint file in {path}: {name}: {err}") from None
         if not same:
@@ -271,7 +260,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def consolidate(model: torch.nn.Module, out: str | os.PathLike) -> Path:
-    """Write the weights of a plain (unsharded) model, e.g. from :func:`load_run`, as one safetensors
+    """Write the weights of a plain (unsharded) model, e.g. from :func:`diffmoe.runs.load_run`, as one safetensors
     file ``out``, atomically (tied duplicates stored once). Returns ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -343,31 +332,3 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> None:
         state = dict(trainer_state, config=self.config) if self.config is not None else trainer_state
         save_checkpoint(self.run_dir, step, model, optimizer, state, self.keep, self.rank, self.world)
-
-
-def load_run(run_dir, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """The trained model of a run directory: (RunConfig, Decoder in eval mode, checkpoint path).
-
-    Uses ``checkpoint`` or the run's newest checkpoint; a run stopped during the dense warm-up loads as
-    its dense model.
-    """
-    import dataclasses
-
-    from ..config import load_config
-    from ..model import Decoder
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"not a run directory (no config.yaml): {run_dir}")
-    cfg = load_config(str(run_dir / "config.yaml"))
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
-    if path is None:
-        found = list_checkpoints(run_dir)
-        if found:  # all damaged: say what is wrong with the newest
-            read_trainer_state(found[-1])
-        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    meta = read_trainer_state(path)
-    model_cfg = dataclasses.replace(cfg.model, ffn="dense") if meta.get("phase") == "dense" else cfg.model
-    model = Decoder(model_cfg)
-    load_model_weights(model, path)
-    return cfg, model.to(device).eval(), path

@@ -34,7 +34,8 @@ def initial_model(cfg: RunConfig, dense: bool) -> Decoder:
 def load_initial_weights(model: Decoder, source: str | Path) -> None:
     """Copy the weights of ``source`` (see the module docstring) into ``model``; a ConfigError naming
     ``train.init_from`` when the source is missing or its shapes do not fit."""
-    from .checkpoint import CheckpointError, load_run
+    from ..runs import load_run
+    from .checkpoint import CheckpointError
 
     source = Path(source)
     run_dir, checkpoint = (source.parent.parent, source) if (source / "trainer.json").is_file() else (source, None)

@@ -1,7 +1,8 @@
-"""The training loop behind ``diffmoe train``, composed of parts with one job each: the data loader
-(:mod:`diffmoe.data.loader`), the step (:mod:`.step`), the checkpointer (:mod:`.checkpoint`), the
-evaluator (:mod:`.evaluator`), the metrics logger (:mod:`.metrics`) and ``parallelize``
-(:mod:`diffmoe.parallel.parallelize`).
+"""The training loop behind ``diffmoe train``: the :class:`Trainer` builds the run's parts (the data
+loader :mod:`diffmoe.data.loader`, the model parallelized by :mod:`diffmoe.parallel.parallelize`, the
+step :mod:`.step`, the checkpointer :mod:`.checkpoint`, the evaluator :mod:`.evaluator`, the loggers
+:mod:`.loggers`) and steps; logging, evaluation, checkpoints, the dense warm-up's switch and the MoE
+layers' per-step updates are callbacks (:mod:`.callbacks`) called at fixed points of the loop.
 
 One step = one global batch of ``data.batch_size`` sequences = ``accum`` micro-batches of
 ``data.micro_batch_size`` on each of the ranks -> clip -> AdamW update. Step s reads the sequences at
@@ -14,8 +15,10 @@ and across world sizes for layers without sampling).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +29,24 @@ from ..data.dataset import PackedDataset
 from ..data.loader import BatchStream
 from ..data.mixture import MixtureStream, open_datasets, sources_of
 from ..model import Decoder
-from ..report import progress, say
+from ..console import say
 from ..parallel import distributed
 from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
-from .callbacks import Callback, MoEPostStep
+from .callbacks import Callback, TrainingError, default_callbacks
 from .checkpoint import CheckpointError, Checkpointer, list_checkpoints, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
 from .init import build_model, initial_model
-from .metrics import MetricsLogger, truncate_metrics
+from .loggers import Logger, build_loggers
+from .metrics import truncate_metrics
 from .optim import build_optimizer, lr_at, transfer_state
 from .resume import config_changes, describe
-from .step import train_step
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+from .step import StepHooks, Stepper
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
-          device: str | None = None, accept_config_change: bool = False) -> dict:
+          device: str | None = None, accept_config_change: bool = False,
+          callbacks: list[Callback] = ()) -> dict:
     """Train ``cfg`` into ``run_dir`` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/) on
     ``device`` (default: CUDA when available), as one process or one rank of a torchrun job.
 
@@ -53,13 +54,16 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     training (:mod:`diffmoe.train.resume`) is refused unless ``accept_config_change``; then the previous
     config is kept as ``config.before-step-N.yaml`` and the change is logged in ``metrics.jsonl``.
 
+    ``callbacks`` run after the default ones (:func:`~diffmoe.train.callbacks.default_callbacks`).
+
     Returns a summary: final step, last training loss, held-out evaluation, skipped steps, tokens, seconds.
     """
     pc = cfg.train.parallel
     env = distributed.setup(device, pc.timeout_s, need_group=pc.mode == "fsdp")
     ok = False
     try:
-        summary = Trainer(cfg, Path(run_dir), env, show_progress, accept_config_change).run(resume)
+        summary = Trainer(cfg, Path(run_dir), env, show_progress, accept_config_change,
+                          default_callbacks() + list(callbacks)).run(resume)
         ok = True
         return summary
     finally:
@@ -78,15 +82,34 @@ def batch_split(cfg: RunConfig, ranks: int) -> tuple[int, int]:
     return micro, d.batch_size // (micro * ranks)
 
 
-class Trainer:
-    """One run: its data, model phases (dense warm-up, then MoE), and the parts that train it."""
+@dataclass
+class TrainerState:
+    """What a checkpoint records of the loop (``trainer.json``) besides weights, optimizer and step."""
+
+    phase: str
+    """``dense`` during the dense warm-up, then ``moe``."""
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    tokens: int = 0
+    world: int = 1
+    layout: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Trainer(StepHooks):
+    """One run: its data, its model (dense warm-up, then MoE), the step, and the callbacks that do the rest
+    (:mod:`diffmoe.train.callbacks`: logging, evaluation, checkpoints, the warm-up's switch, MoE per-step
+    updates). ``callbacks``: default :func:`~diffmoe.train.callbacks.default_callbacks`."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, env: distributed.DistEnv, show_progress: bool = True,
-                 accept_config_change: bool = False):
+                 accept_config_change: bool = False, callbacks: list[Callback] | None = None):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.accept_config_change = accept_config_change
         self.config_change: dict | None = None
         self.verbose = show_progress and env.is_main
+        self.callbacks = default_callbacks() if callbacks is None else callbacks
         sources = sources_of(cfg.data)
         train_sets = open_datasets(sources, "train")
         self.train_set = train_sets[0]
@@ -104,94 +127,130 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir, tc.keep_checkpoints, env.rank, env.world, cfg.to_dict())
         self.plan = ParallelPlan.build(tc.parallel, env.world, env.device.type, tc.compile, tc.bf16)
         self.switch_step = int(round(tc.dense_warmup_frac * tc.steps)) if cfg.model.has_moe else 0
-        self.callbacks: list[Callback] = [MoEPostStep()]
         self.tokens_per_step = cfg.data.batch_size * self.train_set.context_len
+        self.loggers: list[Logger] = []
+        self.step, self.lr = 0, 0.0
+        self.last_eval: dict | None = None
 
     # ------------------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict:
         tc, env = self.cfg.train, self.env
-        start_step, state = self._restore(resume)
+        start_step = self._restore(resume)
         counts = self.model.parameter_counts()
         say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
             f"{_describe_data(self.cfg, self.train_set)}; "
             f"{self.plan.layout.describe()}, {self.accum} micro-batch(es) of {self.micro} per rank and step",
             self.verbose and start_step == 0)
         # a resume rewrites the records after start_step: metrics.jsonl was truncated, TensorBoard purges them
-        logger = MetricsLogger(self.run_dir, tc.tensorboard, env.is_main, purge_step=start_step + 1)
+        if env.is_main:
+            self.loggers = build_loggers(tc.logger_names(), self.run_dir, self.cfg.to_dict(), start_step + 1)
         if self.config_change is not None:
-            logger.event({"kind": "config_change", "step": start_step, **self.config_change})
+            self.log({"kind": "config_change", "step": start_step, **self.config_change})
         for message in self.config_warnings:  # allowed for experiments, but loud: in the log and metrics.jsonl
             say(f"warning: {message}", env.is_main)
-            logger.event({"kind": "warning", "step": start_step, "message": message})
-        bar = progress(tc.steps, f"train {self.run_dir.name}", self.verbose, initial=start_step)
-        t_start, last_loss, final = time.perf_counter(), float("nan"), None
-        with self.stream.prefetch(start_step * self.accum) as batches:
-            for step in range(start_step, tc.steps):
-                torch.manual_seed(_step_seed(tc.seed, env.rank, step))  # all randomness of step s: (seed, rank, s)
-                if state["phase"] == "dense" and step >= self.switch_step:
-                    self._switch_to_moe(step)
-                    state["phase"] = "moe"
-                lr = lr_at(step, tc)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                result = train_step(self.model, self.wrapped, self.optimizer, batches, self.accum, tc.grad_clip,
-                                    tc.bf16, self.plan, env)
-                for callback in self.callbacks:
-                    callback.post_step(self, step, result)
-                self._count(step, result, state)
-                state["tokens"] += self.tokens_per_step
-                logger.count(self.tokens_per_step)
-                last_loss, done = result.loss, step + 1
-                bar.update(1)
-                if _due(done, tc.log_every, tc.steps):
-                    record = logger.train(done, result, lr, state, self.model)
-                    bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-                if _due(done, tc.routing_log_every, tc.steps):
-                    logger.routing(done, self.model)
-                if _due(done, tc.eval_every, tc.steps):
-                    final = self.evaluator(self.model)
-                    logger.eval(done, final)
-                if _due(done, tc.checkpoint_every, tc.steps):
-                    self.checkpointer.save(done, self.model, self.optimizer, state)
-        bar.close()
-        logger.close()
-        if final is None:  # resumed a finished run: nothing was evaluated above
-            final = self.evaluator(self.model)
-        return {"step": tc.steps, "loss": last_loss, "heldout": final, "skipped_steps": state["skipped_steps"],
-                "tokens": state["tokens"], "seconds": time.perf_counter() - t_start,
-                "parameters": self.model.parameter_counts()}
+            self.log({"kind": "warning", "step": start_step, "message": message})
+        t_start, last_loss = time.perf_counter(), float("nan")
+        self._call("on_start", start_step)
+        try:
+            with self.stream.prefetch(start_step * self.accum) as batches:
+                for step in range(start_step, tc.steps):
+                    self.step = step
+                    torch.manual_seed(_step_seed(tc.seed, env.rank, step))  # all randomness of step s: (seed, rank, s)
+                    self._call("pre_step", step)
+                    self.lr = lr_at(step, tc)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self.lr
+                    result = self.stepper.step(batches, self.accum, self)
+                    self.state.tokens += self.tokens_per_step
+                    last_loss = result.loss
+                    self._call("post_step", step, result)
+            self._call("on_end")
+        finally:
+            for logger in self.loggers:
+                logger.close()
+        if self.last_eval is None:  # resumed a finished run: nothing was evaluated above
+            self.last_eval = self.evaluator(self.model)
+        return {"step": tc.steps, "loss": last_loss, "heldout": self.last_eval,
+                "skipped_steps": self.state.skipped_steps, "tokens": self.state.tokens,
+                "seconds": time.perf_counter() - t_start, "parameters": self.model.parameter_counts()}
+
+    # ---- what callbacks use --------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        """Write ``record`` to every logger (rank 0; the other ranks have none)."""
+        for logger in self.loggers:
+            logger.log(record)
+
+    def evaluate(self, done: int) -> dict:
+        """The held-out evaluation after ``done`` steps; every callback's ``on_eval`` gets it."""
+        self.last_eval = self.evaluator(self.model)
+        self._call("on_eval", done, self.last_eval)
+        return self.last_eval
+
+    def save_checkpoint(self, done: int) -> None:
+        self.checkpointer.save(done, self.model, self.optimizer, self.state.to_dict())
+        self._call("on_checkpoint", done, self.checkpointer.latest())
+
+    def switch_to_moe(self, step: int) -> None:
+        """The dense warm-up ends: copy the dense FFN into every expert; shared weights keep their
+        optimizer state. Unsharded layouts copy on the device; FSDP gathers the dense model first."""
+        if self.plan.layout.mode == "fsdp":
+            dense = build_model(self.cfg, dense=True)
+            dense.load_state_dict(full_state(self.model), strict=False)  # tied names are absent
+        else:
+            dense = self.model
+        with torch.random.fork_rng(devices=[]):  # the routers' new weights: the same on every rank
+            torch.manual_seed(_step_seed(self.cfg.train.seed, -1, step))
+            moe = build_model(self.cfg, dense=False)
+        moe.to(self.env.device).dense_to_moe(dense)
+        old_model, old_optimizer = self.model, self.optimizer
+        self._set_model(moe)
+        transfer_state(old_optimizer, old_model, self.optimizer, self.model)
+        self.state.phase = "moe"
+        say(f"step {step}: dense warm-up done, FFN copied into every expert", self.verbose)
+
+    # ---- StepHooks: the points inside a step ---------------------------------------------------
+    def post_backward(self, micro: int) -> None:
+        self._call("post_backward", self.step, micro)
+
+    def pre_optimizer_step(self) -> None:
+        self._call("pre_optimizer_step", self.step)
+
+    def _call(self, point: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, point)(self, *args)
 
     # ------------------------------------------------------------------------------------------
-    def _restore(self, resume: bool) -> tuple[int, dict]:
-        """Build model and optimizer, from the newest checkpoint when resuming. Returns (first step,
-        trainer state: phase, skipped_steps, bad_in_a_row, tokens)."""
+    def _restore(self, resume: bool) -> int:
+        """Build model and optimizer, from the newest checkpoint when resuming; set :attr:`state`. Returns
+        the first step."""
         for line in self.checkpointer.recover():
             say(f"checkpoints: {line}", self.verbose)
         ckpt = self._resumable() if resume else None
         if not resume and list_checkpoints(self.run_dir):
             raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or choose "
                               "a new run directory")
-        state = {"phase": "dense" if self.switch_step > 0 else "moe", "skipped_steps": 0, "bad_in_a_row": 0,
-                 "tokens": 0, "world": self.env.world, "layout": self.plan.layout.describe()}
+        self.state = TrainerState(phase="dense" if self.switch_step > 0 else "moe", world=self.env.world,
+                                  layout=self.plan.layout.describe())
         if ckpt is not None:
             meta = read_trainer_state(ckpt)
-            state["phase"] = meta.get("phase", "moe")
+            self.state.phase = meta.get("phase", "moe")
             self._check_config(meta, ckpt)
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
-        dense = state["phase"] == "dense"
+        dense = self.state.phase == "dense"
         self._set_model(build_model(self.cfg, dense) if ckpt is not None else initial_model(self.cfg, dense))
         start_step = 0
         if ckpt is not None:
             meta = load_checkpoint(ckpt, self.model, self.optimizer)
             start_step = meta["step"]
-            state.update({k: meta.get(k, 0) for k in ("skipped_steps", "bad_in_a_row", "tokens")})
+            for name in ("skipped_steps", "bad_in_a_row", "tokens"):
+                setattr(self.state, name, meta.get(name, 0))
             say(f"resumed from {ckpt} at step {start_step}", self.verbose)
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if ckpt is None or self.config_change is not None:  # a resume keeps the config it trained with
                 save_config(self.cfg, str(self.run_dir / "config.yaml"))
             truncate_metrics(self.run_dir, start_step)
-        return start_step, state
+        return start_step
 
     def _resumable(self) -> Path:
         """The newest checkpoint that verifies; a damaged newer one is named in a warning."""
@@ -233,34 +292,8 @@ class Trainer:
         self.model = model
         self.wrapped = parallelize(model, self.plan, self.env.device)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
-
-    def _switch_to_moe(self, step: int) -> None:
-        """The dense warm-up ends: copy the dense FFN into every expert; shared weights keep their
-        optimizer state."""
-        dense = build_model(self.cfg, dense=True)
-        dense.load_state_dict(full_state(self.model), strict=False)  # tied names are absent
-        with torch.random.fork_rng(devices=[]):  # the routers' new weights: the same on every rank
-            torch.manual_seed(_step_seed(self.cfg.train.seed, -1, step))
-            moe = build_model(self.cfg, dense=False)
-        moe.dense_to_moe(dense)
-        old_model, old_optimizer = self.model, self.optimizer
-        self._set_model(moe)
-        transfer_state(old_optimizer, old_model, self.optimizer, self.model)
-        say(f"step {step}: dense warm-up done, FFN copied into every expert", self.verbose)
-
-    def _count(self, step: int, result, state: dict) -> None:
-        """Count a skipped step; stop the run after ``max_bad_steps`` in a row."""
-        if result.applied:
-            state["bad_in_a_row"] = 0
-            return
-        state["skipped_steps"] += 1
-        state["bad_in_a_row"] += 1
-        limit = self.cfg.train.max_bad_steps
-        if state["bad_in_a_row"] >= limit:
-            self.checkpointer.save(step, self.model, self.optimizer, state)
-            raise TrainingError(f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                                f"stopped. The last usable weights are in {self.checkpointer.latest()}. Lower "
-                                "train.lr or enable train.grad_clip.")
+        self.stepper = Stepper(self.wrapped, self.optimizer, self.plan, self.env, self.cfg.train.grad_clip,
+                               self.cfg.train.bf16)
 
 
 def eval_batches(cfg: RunConfig, micro: int) -> int | None:
@@ -296,11 +329,6 @@ def _describe_data(cfg: RunConfig, train_set) -> str:
         return f"{len(train_set)} training sequences of {train_set.context_len} tokens"
     parts = ", ".join(f"{s.name} {s.weight:.0%}" for s in sources_of(cfg.data))
     return f"a mixture of {len(cfg.data.mixture)} datasets ({parts}) of {train_set.context_len}-token sequences"
-
-
-def _due(done: int, every: int, last: int) -> bool:
-    """Whether a periodic job runs after ``done`` steps: every ``every`` steps, and after the last."""
-    return done % every == 0 or done == last
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:

@@ -1,14 +1,11 @@
-"""Run logs: one JSON object per line in ``metrics.jsonl`` (and TensorBoard scalars when available).
-
-:class:`MetricsLogger` is what the trainer logs (train, routing and eval records); :class:`RunLogger`
-writes records; :func:`routing_metrics` reads the MoE layers' ``stats``.
-"""
+"""What the trainer logs besides losses: the MoE layers' routing statistics (:func:`routing_metrics`), the
+FLOPs of a token, the accelerator's peak and the peak memory; and ``metrics.jsonl`` read back
+(:func:`read_metrics`) or truncated for a resume. The loggers are in :mod:`.loggers`, the records are made
+by the logging callbacks (:mod:`.callbacks`)."""
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 from ..atomic import write_text_atomic
@@ -41,82 +38,47 @@ def routing_metrics(model) -> dict[str, float | list[float]]:
     return out
 
 
-class RunLogger:
-    """Appends records to ``run_dir/metrics.jsonl``; mirrors numeric scalars to TensorBoard."""
-
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, purge_step: int | None = None):
-        """``purge_step``: the first step a resumed run logs again; TensorBoard then drops the earlier
-        events of steps from there on (as ``metrics.jsonl`` is truncated), so a plot shows one history."""
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
-
-    def log(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = record.get("step", 0)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                 "A10G": 70e12, "L4": 121e12, "B200": 2250e12}
+"""Dense bf16 tensor-core peak FLOP/s (no sparsity) of the GPUs model FLOPs utilisation is reported for."""
 
 
-class MetricsLogger:
-    """The trainer's records, written by rank 0 only (``enabled``); throughput is measured between
-    train records."""
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs of one token (forward and backward): 6 x the active parameters that multiply
+    (the embedding lookup excluded, the output head included) + 12 x layers x d_model x seq_len for
+    attention (PaLM's formula, with MoE layers counting their active experts)."""
+    cfg = model.cfg
+    matmul = model.parameter_counts()["active"] - model.embed.weight.numel()
+    if cfg.tie_embeddings:
+        matmul += model.lm_head.weight.numel()
+    return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool, enabled: bool, purge_step: int | None = None):
-        self._out = RunLogger(run_dir, tensorboard, purge_step) if enabled else None
-        self._t, self._tokens = time.perf_counter(), 0
 
-    def count(self, tokens: int) -> None:
-        """Tokens trained since the last train record."""
-        self._tokens += tokens
+def gpu_peak_flops(device, override_tflops: float | None = None) -> float | None:
+    """Peak bf16 FLOP/s of the device: the override, else :data:`GPU_PEAK_BF16` by GPU name, else None."""
+    import torch
 
-    def train(self, step: int, result, lr: float, state: dict, model) -> dict:
-        """Write and return the train record of ``step`` (a :class:`~diffmoe.train.step.StepResult`):
-        loss, scaled and unscaled auxiliary losses, lr, gradient norm, tokens and tokens/s."""
-        now = time.perf_counter()
-        record = {"kind": "train", "step": step, "loss": result.loss, "aux_loss": result.aux_loss, "lr": lr,
-                  "grad_norm": result.grad_norm, "tokens": state["tokens"],
-                  "tokens_per_s": self._tokens / (now - self._t), "skipped_steps": state["skipped_steps"]}
-        for _, layer in model.moe_layers():
-            for name, value in layer.aux_losses.items():
-                record[f"aux_{name}_unscaled"] = record.get(f"aux_{name}_unscaled", 0.0) + float(value.detach())
-        self._t, self._tokens = now, 0
-        self._write(record)
-        return record
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    hits = [v for k, v in GPU_PEAK_BF16.items() if k in name]
+    return max(hits) if hits else None
 
-    def routing(self, step: int, model) -> None:
-        """The routing statistics of the last forward pass."""
-        if self._out is not None:
-            metrics = routing_metrics(model)
-            if metrics:
-                self._write({"kind": "routing", "step": step, **metrics})
 
-    def eval(self, step: int, result: dict[str, dict]) -> None:
-        self._write({"kind": "eval", "step": step, **{f"{d}.loss": v["loss"] for d, v in result.items()},
-                     **{f"{d}.ppl": v["ppl"] for d, v in result.items()}})
+def peak_memory_gb(device) -> dict[str, float]:
+    """``peak_mem_gb``: CUDA memory allocated at most since the last call (then reset); on CPU
+    ``peak_rss_gb``, the process's peak resident memory so far."""
+    import resource
 
-    def event(self, record: dict) -> None:
-        """A record of something that happened to the run (e.g. ``config_change``)."""
-        self._write(record)
+    import torch
 
-    def _write(self, record: dict) -> None:
-        if self._out is not None:
-            self._out.log(record)
-
-    def close(self) -> None:
-        if self._out is not None:
-            self._out.close()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"peak_mem_gb": round(peak, 3)}
+    return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -29,6 +29,7 @@ FREE = (
     "train.keep_checkpoints",
     "train.max_bad_steps",
     "train.tensorboard",
+    "train.loggers",
     "train.compile",
     "train.init_from",         # read at step 0 only
     "model.moe.dispatch",      # grouped_mm or loop: the same arithmetic

@@ -120,7 +120,3 @@ def ffn_facts(mc: ModelConfig, kind: str) -> FFNFacts:
         _FACTS[key] = facts
     return facts
 
-
-def assignments_per_token(kind: str, mc: ModelConfig) -> float:
-    """k: expert rows per token of a dispatched layer (the layer's ``experts_per_token``)."""
-    return ffn_facts(mc, kind).rows_per_token

@@ -55,8 +55,16 @@ import numpy as np
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from diffmoe.data import (BuiltinCorpusConfig, Corpus, OrderingConfig, PrepareConfig,  # noqa: E402
-                          TokenizerConfig, build_builtin_corpus, prepare, read_manifest)
+from diffmoe.data import (  # noqa: E402
+    BuiltinCorpusConfig,
+    Corpus,
+    OrderingConfig,
+    PrepareConfig,
+    TokenizerConfig,
+    build_builtin_corpus,
+    prepare,
+    read_manifest,
+)
 
 
 def machine() -> str:
@@ -123,8 +131,15 @@ print(json.dumps({{"seconds": seconds, "stages": run.get("stages") or result.sec
 
 
 def run_child(src: Path, corpus: Path, out: Path, workers, args) -> dict:
-    code = _CHILD.format(src=str(src), corpus=str(corpus), out=str(out), context_len=args.context_len,
-                         vocab=args.vocab_size, workers=workers, task_mb=args.task_mb)
+    code = _CHILD.format(
+        src=str(src),
+        corpus=str(corpus),
+        out=str(out),
+        context_len=args.context_len,
+        vocab=args.vocab_size,
+        workers=workers,
+        task_mb=args.task_mb,
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{proc.stderr[-3000:]}")
@@ -162,13 +177,15 @@ def throughput(args) -> dict:
             entries.append(("baseline", Path(args.baseline), None))
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
         for r in range(args.repeats):  # interleaved, rotated: drift hits every entry alike
-            for name, src, w in entries[r % len(entries):] + entries[:r % len(entries)]:
+            for name, src, w in entries[r % len(entries) :] + entries[: r % len(entries)]:
                 runs[name].append(run_child(src, path, work / f"out_{n}", w, args))
                 print(json.dumps({"documents": n, "entry": name, **runs[name][-1]}), file=sys.stderr)
         sections.append(summarise(n, sum(p.stat().st_size for p in path.iterdir()), runs))
     for section in sections:
-        print(f"\n### {section['documents']:,} documents, {section['mb']:.1f} MB ({machine()}; medians of "
-              f"{args.repeats})\n")
+        print(
+            f"\n### {section['documents']:,} documents, {section['mb']:.1f} MB ({machine()}; medians of "
+            f"{args.repeats})\n"
+        )
         print(table(section["stages"]) + "\n")
         print(table(section["runs"]))
     return {"sections": sections}
@@ -194,11 +211,16 @@ def summarise(n: int, size: int, runs: dict[str, list[dict]]) -> dict:
         stage_rows.append(row)
     for name in names:
         rs = runs[name]
-        run_rows.append({"entry": name, "seconds": round(statistics.median(r["seconds"] for r in rs), 1),
-                         "docs/s": round(n / statistics.median(r["seconds"] for r in rs)),
-                         "coordinator peak RSS MB": round(max(r["rss_mb"] for r in rs)),
-                         "largest worker peak RSS MB": round(max(r.get("worker_rss_mb", 0) for r in rs)),
-                         "scratch GB per GB of input": round(max(r.get("scratch_bytes", 0) for r in rs) / size, 2)})
+        run_rows.append(
+            {
+                "entry": name,
+                "seconds": round(statistics.median(r["seconds"] for r in rs), 1),
+                "docs/s": round(n / statistics.median(r["seconds"] for r in rs)),
+                "coordinator peak RSS MB": round(max(r["rss_mb"] for r in rs)),
+                "largest worker peak RSS MB": round(max(r.get("worker_rss_mb", 0) for r in rs)),
+                "scratch GB per GB of input": round(max(r.get("scratch_bytes", 0) for r in rs) / size, 2),
+            }
+        )
     return {"documents": n, "mb": mb, "stages": stage_rows, "runs": run_rows, "raw": runs}
 
 
@@ -233,8 +255,10 @@ def project(args) -> dict:
         elif stage == "knn":
             scale = (target_docs / ivf["documents"]) ** 1.5 * (args.target_dims / ivf["dims"])
             base = ivf["build + search s (all n queries)"]
-            model = (f"IVF at {ivf['documents']:,} x {ivf['dims']}: {base:.0f} s on 2 cores, x (n ratio)^1.5 x dims "
-                     "ratio, / cores (one machine: the global stages run on one)")
+            model = (
+                f"IVF at {ivf['documents']:,} x {ivf['dims']}: {base:.0f} s on 2 cores, x (n ratio)^1.5 x dims "
+                "ratio, / cores (one machine: the global stages run on one)"
+            )
             times = [base * scale * 2 / args.cores[0]] * len(args.cores)
         elif stage in ("fit", "tokenizer"):
             model = "a fixed-size sample: as measured"
@@ -246,13 +270,25 @@ def project(args) -> dict:
         else:
             model = f"one process, linear in documents ({n_docs / max(t1, 1e-9):,.0f} docs/s measured)"
             times = [t1 * target_docs / n_docs] * len(args.cores)
-        rows.append({"stage": stage, "model": model,
-                     **{f"{c} cores (h)": round(t / 3600, 2) for c, t in zip(args.cores, times)}})
-    rows.append({"stage": "total", "model": "",
-                 **{f"{c} cores (h)": round(sum(r[f"{c} cores (h)"] for r in rows), 2) for c in args.cores}})
-    print(f"\nProjected prepare wall time: {args.target_tokens:.3g} tokens, {args.target_text_gb:g} GB of text, "
-          f"{target_docs:.3g} documents, {args.target_dims}-d search vectors; cores {args.cores} (8 x 64 = 512: "
-          "the per-shard stages spread over 8 machines, the global ones on one)\n")
+        rows.append(
+            {
+                "stage": stage,
+                "model": model,
+                **{f"{c} cores (h)": round(t / 3600, 2) for c, t in zip(args.cores, times)},
+            }
+        )
+    rows.append(
+        {
+            "stage": "total",
+            "model": "",
+            **{f"{c} cores (h)": round(sum(r[f"{c} cores (h)"] for r in rows), 2) for c in args.cores},
+        }
+    )
+    print(
+        f"\nProjected prepare wall time: {args.target_tokens:.3g} tokens, {args.target_text_gb:g} GB of text, "
+        f"{target_docs:.3g} documents, {args.target_dims}-d search vectors; cores {args.cores} (8 x 64 = 512: "
+        "the per-shard stages spread over 8 machines, the global ones on one)\n"
+    )
     print(table(rows))
     return {"rows": rows}
 
@@ -264,7 +300,9 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     x = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 1 << 16):
         m = min(1 << 16, n - start)
-        x[start:start + m] = centres[rng.integers(0, len(centres), m)] + 0.6 * rng.normal(size=(m, d)).astype(np.float32)
+        x[start : start + m] = centres[rng.integers(0, len(centres), m)] + 0.6 * rng.normal(size=(m, d)).astype(
+            np.float32
+        )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -310,22 +348,36 @@ def ann(args) -> dict:
     for n in (int(s) for s in args.sizes.split(",")):
         for method in ("ivf-flat", "exact"):
             exact_queries = n if n <= args.exact_full_max else 2000
-            code = _ANN_CHILD.format(src=str(SRC), bench=str(Path(__file__).parent), n=n, d=args.dims, method=method,
-                                     exact_queries=exact_queries)
+            code = _ANN_CHILD.format(
+                src=str(SRC),
+                bench=str(Path(__file__).parent),
+                n=n,
+                d=args.dims,
+                method=method,
+                exact_queries=exact_queries,
+            )
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(json.dumps(r), file=sys.stderr)
             info = r.get("info", {})
-            rows.append({"documents": n, "dims": args.dims, "search": method if method == "exact" else
-                         f"IVF{info.get('nlist')},Flat nprobe {info.get('nprobe')}",
-                         "build + search s (all n queries)": round(r.get("total_s", r.get("search_s", 0)), 1),
-                         "timed": "all" if method != "exact" or r.get("timed_queries") == n else
-                         f"{r['timed_queries']} queries, scaled",
-                         "index MB (computed)": round(index_bytes(method, n, args.dims, info.get("nlist")) / 1e6),
-                         "recall@10": round(r["recall"], 4),
-                         "tuning recall@10": info.get("recall_at_k", "")})
+            rows.append(
+                {
+                    "documents": n,
+                    "dims": args.dims,
+                    "search": method
+                    if method == "exact"
+                    else f"IVF{info.get('nlist')},Flat nprobe {info.get('nprobe')}",
+                    "build + search s (all n queries)": round(r.get("total_s", r.get("search_s", 0)), 1),
+                    "timed": "all"
+                    if method != "exact" or r.get("timed_queries") == n
+                    else f"{r['timed_queries']} queries, scaled",
+                    "index MB (computed)": round(index_bytes(method, n, args.dims, info.get("nlist")) / 1e6),
+                    "recall@10": round(r["recall"], 4),
+                    "tuning recall@10": info.get("recall_at_k", ""),
+                }
+            )
     print(f"\nGlobal kNN: faiss IVF (defaults) vs exact ({machine()})\n")
     print(table(rows))
     return {"rows": rows}
@@ -366,9 +418,12 @@ def quality(args) -> dict:
                     fh.write(json.dumps({"text": docs[i].text, "domain": docs[i].domain}, ensure_ascii=False) + "\n")
         corpus = shuffled
     texts, domains = zip(*((d.text, d.domain) for d in Corpus(corpus)))  # index order = prepare's order
-    arms = {"global exact": OrderingConfig(), "global IVF": OrderingConfig(knn_index="ivf-flat"),
-            f"chunks of {args.chunk_docs} (old, exact)": OrderingConfig(chunk_docs=args.chunk_docs),
-            "random": OrderingConfig(batching="random")}
+    arms = {
+        "global exact": OrderingConfig(),
+        "global IVF": OrderingConfig(knn_index="ivf-flat"),
+        f"chunks of {args.chunk_docs} (old, exact)": OrderingConfig(chunk_docs=args.chunk_docs),
+        "random": OrderingConfig(batching="random"),
+    }
     tokenizer = TokenizerConfig(vocab_size=args.vocab_size)
     results = {}
     for i, (name, ordering) in enumerate(arms.items()):
@@ -380,24 +435,28 @@ def quality(args) -> dict:
         if i == 0:
             tokenizer = TokenizerConfig(source=str(out))  # the first arm's tokenizer for every other arm
         graph = result.manifest["ordering"]["graph"]
-        results[name] = {"pairs": adjacent_pairs(out), "seconds": seconds,
-                         "search": (graph or {}).get("search")}
+        results[name] = {"pairs": adjacent_pairs(out), "seconds": seconds, "search": (graph or {}).get("search")}
     word_tfidf = TfidfVectorizer(sublinear_tf=True, min_df=2, max_features=200_000).fit_transform(texts)
     domain_of = np.array(domains)
     rng = np.random.default_rng(0)
     rows = []
     for name, r in results.items():
         pairs = r["pairs"]
-        row = {"ordering": name, "adjacent pairs": len(pairs),
-               "word TF-IDF cosine": float(pair_cosines(word_tfidf, pairs).mean()),
-               "same domain": float((domain_of[pairs[:, 0]] == domain_of[pairs[:, 1]]).mean()),
-               "prepare s": round(r["seconds"], 1),
-               "kNN recall@10": (r["search"] or {}).get("recall_at_k", "exact" if r["search"] else "")}
+        row = {
+            "ordering": name,
+            "adjacent pairs": len(pairs),
+            "word TF-IDF cosine": float(pair_cosines(word_tfidf, pairs).mean()),
+            "same domain": float((domain_of[pairs[:, 0]] == domain_of[pairs[:, 1]]).mean()),
+            "prepare s": round(r["seconds"], 1),
+            "kNN recall@10": (r["search"] or {}).get("recall_at_k", "exact" if r["search"] else ""),
+        }
         if args.minilm_pairs:
             sample = pairs[rng.choice(len(pairs), size=min(args.minilm_pairs, len(pairs)), replace=False)]
             row["MiniLM cosine"] = float(minilm_pair_cosines(texts, sample).mean())
         rows.append(row)
-    print(f"\nOrdering quality on the built-in corpus ({len(texts)} documents, context {args.context_len}; {machine()})\n")
+    print(
+        f"\nOrdering quality on the built-in corpus ({len(texts)} documents, context {args.context_len}; {machine()})\n"
+    )
     print(table(rows))
     return {"documents": len(texts), "context_len": args.context_len, "rows": rows}
 
@@ -422,18 +481,28 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=16, help="throughput: the corpus is cut into this many files")
     parser.add_argument("--task-mb", type=float, default=8.0, help="throughput: MB of input per read task")
     parser.add_argument("--dims", type=int, default=384, help="ann: vector dimensions")
-    parser.add_argument("--exact-full-max", type=int, default=100_000,
-                        help="ann: time exact search of every query up to this size, else 2000 queries scaled")
-    parser.add_argument("--max-mb-per-domain", type=lambda v: None if v == "all" else float(v), default=None,
-                        help="quality: cap on the built-in corpus per domain, or 'all' (default)")
+    parser.add_argument(
+        "--exact-full-max",
+        type=int,
+        default=100_000,
+        help="ann: time exact search of every query up to this size, else 2000 queries scaled",
+    )
+    parser.add_argument(
+        "--max-mb-per-domain",
+        type=lambda v: None if v == "all" else float(v),
+        default=None,
+        help="quality: cap on the built-in corpus per domain, or 'all' (default)",
+    )
     parser.add_argument("--chunk-docs", type=int, default=2500, help="quality: chunk of the old local ordering")
-    parser.add_argument("--shuffled", action="store_true",
-                        help="quality: the corpus's documents in one file in a seeded random order")
+    parser.add_argument(
+        "--shuffled", action="store_true", help="quality: the corpus's documents in one file in a seeded random order"
+    )
     parser.add_argument("--context-len", type=int, default=512)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minilm-pairs", type=int, default=0,
-                        help="quality: also score this many sampled pairs with all-MiniLM-L6-v2")
+    parser.add_argument(
+        "--minilm-pairs", type=int, default=0, help="quality: also score this many sampled pairs with all-MiniLM-L6-v2"
+    )
     parser.add_argument("--throughput-json", help="project: the --json of a throughput run")
     parser.add_argument("--ann-json", help="project: the --json of an ann run")
     parser.add_argument("--target-tokens", type=float, default=150e9, help="project: corpus tokens (Lory: 150B)")
@@ -441,8 +510,12 @@ def main() -> None:
     parser.add_argument("--target-docs", type=float, default=230e6, help="project: documents (~650 tokens each)")
     parser.add_argument("--target-dims", type=int, default=128, help="project: search vector dims (LSA: 128)")
     parser.add_argument("--train-mb", type=float, default=256, help="project: BPE training sample MB")
-    parser.add_argument("--cores", type=lambda v: [int(c) for c in v.split(",")], default=[64, 512],
-                        help="project: core counts (default 64 = one machine, 512 = 8 machines)")
+    parser.add_argument(
+        "--cores",
+        type=lambda v: [int(c) for c in v.split(",")],
+        default=[64, 512],
+        help="project: core counts (default 64 = one machine, 512 = 8 machines)",
+    )
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     args.sizes = args.sizes or ("100000" if args.what == "throughput" else "100000,1000000")

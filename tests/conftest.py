@@ -44,8 +44,11 @@ def tiny_dataset(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tiny")
     corpus = write_fixture_corpus(base / "corpus")
-    prepare(corpus, base / "data", PrepareConfig(context_len=32, heldout_fraction=0.1,
-                                                 tokenizer=TokenizerConfig(vocab_size=384)))
+    prepare(
+        corpus,
+        base / "data",
+        PrepareConfig(context_len=32, heldout_fraction=0.1, tokenizer=TokenizerConfig(vocab_size=384)),
+    )
     return base / "data"
 
 
@@ -58,8 +61,15 @@ def torchrun(nproc: int, argv, timeout: float = 240, expect_rc: int | None = 0):
     import sys
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           *map(str, argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *map(str, argv),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_rc == 0 and proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr:
         # gloo under torch 2.13 occasionally aborts a rank from a C++ thread (docs/scaling.md, "Failures

@@ -13,9 +13,13 @@ def mixtral_block(layer):
     from transformers.models.mixtral.configuration_mixtral import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    cfg = MixtralConfig(hidden_size=layer.d_model, intermediate_size=layer.d_ff,
-                        num_local_experts=layer.num_experts, num_experts_per_tok=layer.top_k,
-                        router_jitter_noise=0.0)
+    cfg = MixtralConfig(
+        hidden_size=layer.d_model,
+        intermediate_size=layer.d_ff,
+        num_local_experts=layer.num_experts,
+        num_experts_per_tok=layer.top_k,
+        router_jitter_noise=0.0,
+    )
     block = MixtralSparseMoeBlock(cfg)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.weight)
@@ -27,9 +31,14 @@ def phimoe_block(layer):
     from transformers.models.phimoe.configuration_phimoe import PhimoeConfig
     from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock
 
-    cfg = PhimoeConfig(hidden_size=layer.d_model, intermediate_size=layer.d_ff,
-                       num_local_experts=layer.num_experts, num_experts_per_tok=2,
-                       router_jitter_noise=layer.jitter_eps, input_jitter_noise=0.0)
+    cfg = PhimoeConfig(
+        hidden_size=layer.d_model,
+        intermediate_size=layer.d_ff,
+        num_local_experts=layer.num_experts,
+        num_experts_per_tok=2,
+        router_jitter_noise=layer.jitter_eps,
+        input_jitter_noise=0.0,
+    )
     block = PhimoeSparseMoeBlock(cfg)
     with torch.no_grad():
         block.router.weight.copy_(layer.router.weight)

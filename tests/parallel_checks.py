@@ -26,8 +26,14 @@ def model_config(ffn: str) -> ModelConfig:
 
 def check_unused_parameter_search(world: int) -> None:
     """DDP searches for unused parameters only where a layer may leave some without gradient."""
-    for ffn, dense in (("dense", True), ("lory", True), ("expert_choice", True), ("topk", False),
-                       ("sparsemixer", False), (["lory", "topk"], False)):
+    for ffn, dense in (
+        ("dense", True),
+        ("lory", True),
+        ("expert_choice", True),
+        ("topk", False),
+        ("sparsemixer", False),
+        (["lory", "topk"], False),
+    ):
         ddp = data_parallel(parallelize(Decoder(model_config(ffn)), ddp_plan(world)))
         assert ddp is not None and ddp.find_unused_parameters == (not dense), ffn
 
@@ -50,7 +56,7 @@ def check_accumulation_syncs_once(rank: int, world: int, compile: bool) -> None:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (2 * world, 17), generator=g) for _ in range(2)]  # global micro-batches
     for i, ids in enumerate(batches):
-        mine = ids[2 * rank:2 * rank + 2]
+        mine = ids[2 * rank : 2 * rank + 2]
         with gradient_sync(wrapped, enabled=i == len(batches) - 1):
             logits = wrapped(mine[:, :-1])
             (F.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten()) / (len(batches) * world)).backward()
@@ -60,7 +66,7 @@ def check_accumulation_syncs_once(rank: int, world: int, compile: bool) -> None:
     dist.all_reduce = all_reduce
     for ids in batches:
         for r in range(world):
-            rows = ids[2 * r:2 * r + 2]
+            rows = ids[2 * r : 2 * r + 2]
             logits = reference(rows[:, :-1])
             (F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()) / (len(batches) * world)).backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):

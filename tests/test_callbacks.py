@@ -7,12 +7,12 @@ import struct
 
 import pytest
 import torch
+from test_train import run_config
 
 from diffmoe.config import ConfigError
 from diffmoe.train import train
 from diffmoe.train.callbacks import Callback
 from diffmoe.train.metrics import flops_per_token, read_metrics
-from test_train import run_config
 
 
 class Recorder(Callback):
@@ -46,14 +46,19 @@ class Recorder(Callback):
 
 
 def test_callbacks_run_at_every_point_in_order(tiny_dataset, tmp_path):
-    cfg = run_config(tiny_dataset, "lory", steps=4, grad_accum=2, eval_every=2, checkpoint_every=4,
-                     dense_warmup_frac=0.5)
+    cfg = run_config(
+        tiny_dataset, "lory", steps=4, grad_accum=2, eval_every=2, checkpoint_every=4, dense_warmup_frac=0.5
+    )
     recorder = Recorder()
     summary = train(cfg, tmp_path / "run", show_progress=False, callbacks=[recorder])
     expected = [("start", 0)]
     for step in range(4):
-        expected += [("pre", step, "dense" if step < 2 else "moe"), ("backward", step, 0), ("backward", step, 1),
-                     ("optimizer", step, True)]
+        expected += [
+            ("pre", step, "dense" if step < 2 else "moe"),
+            ("backward", step, 0),
+            ("backward", step, 1),
+            ("optimizer", step, True),
+        ]
         if step in (1, 3):  # the default callbacks evaluate and checkpoint in post_step, before this one's
             expected.append(("eval", step + 1, None))
         if step == 3:
@@ -88,6 +93,7 @@ def test_train_records_carry_throughput_flops_data_wait_and_memory(tiny_dataset,
 
 def test_auxiliary_losses_are_collected_from_the_forward():
     from conftest import tiny_model_config
+
     from diffmoe import Decoder
     from diffmoe.moe import AuxLosses
 
@@ -101,8 +107,9 @@ def test_auxiliary_losses_are_collected_from_the_forward():
     layers = [m for _, m in model.moe_layers()]
     torch.testing.assert_close(aux.total, sum(m.aux_loss for m in layers))
     assert set(aux.unscaled) == {"balance", "z"}
-    torch.testing.assert_close(aux.unscaled["balance"], sum(m.aux_losses["balance"] for m in layers
-                                                            if "balance" in m.aux_losses).detach())
+    torch.testing.assert_close(
+        aux.unscaled["balance"], sum(m.aux_losses["balance"] for m in layers if "balance" in m.aux_losses).detach()
+    )
     assert aux.total.requires_grad and not aux.unscaled["z"].requires_grad
     empty = AuxLosses()
     Decoder(tiny_model_config())(ids, aux=empty)  # dense: nothing collected, a zero to add
@@ -133,10 +140,10 @@ def wandb_history(run_file):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()

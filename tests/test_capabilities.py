@@ -57,8 +57,8 @@ def test_causal_from(name, training):
     leaks = []
     for t in range(L - 1):
         changed = x.clone()
-        changed[:, t + 1:] = 3 * torch.randn(3, L - t - 1, D)
-        leaks.append(not torch.allclose(run(layer, changed)[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6))
+        changed[:, t + 1 :] = 3 * torch.randn(3, L - t - 1, D)
+        leaks.append(not torch.allclose(run(layer, changed)[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6))
     if start is None:
         assert any(leaks)  # the claim "not causal" is honest: some later token changes an earlier output
     else:
@@ -74,8 +74,11 @@ def test_incremental_decoding(name):
     with torch.no_grad():
         full = layer(x)
         state = {}
-        steps = torch.cat([layer(x[:, :T], RoutingContext(state=state))]
-                          + [layer(x[:, t:t + 1], RoutingContext(state=state)) for t in range(T, L)], 1)
+        steps = torch.cat(
+            [layer(x[:, :T], RoutingContext(state=state))]
+            + [layer(x[:, t : t + 1], RoutingContext(state=state)) for t in range(T, L)],
+            1,
+        )
     same = torch.allclose(steps, full, rtol=1e-5, atol=1e-6)
     assert same == layer.capabilities.incremental_decoding
 
@@ -133,10 +136,10 @@ def test_routing_modes(name):
 
 
 def test_generation_refuses_layers_that_cannot_decode_token_by_token():
+    from conftest import tiny_model_config
+
     from diffmoe import Decoder
     from diffmoe.eval.generate import generate
-
-    from conftest import tiny_model_config
 
     model = Decoder(tiny_model_config(ffn=["lory", "expert_choice"]))
     with pytest.raises(ValueError, match=r"layer 1 \(ExpertChoiceMoE\)"):

@@ -6,14 +6,14 @@ import json
 import shutil
 
 import pytest
+from test_train import losses, run_config
 
 from diffmoe.config import ConfigError, load_config
 from diffmoe.moe import ExpertChoiceConfig
+from diffmoe.runs import load_run
 from diffmoe.train import train
 from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints
-from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
-from test_train import losses, run_config
 
 
 def _cfg(tiny_dataset, **kw):
@@ -52,7 +52,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(full_run, tiny_dataset, tmp
         shard = sorted((ckpt / "optimizer").glob("*.safetensors"))[0]
         data = bytearray(shard.read_bytes())
         if damage == "truncated":
-            del data[len(data) // 2:]
+            del data[len(data) // 2 :]
         elif damage == "flipped byte":
             data[len(data) // 2] ^= 0xFF
         else:
@@ -90,7 +90,9 @@ def test_a_resume_that_changes_the_training_is_refused_unless_accepted(full_run,
 
     cadence = _cfg(tiny_dataset, log_every=2, eval_every=3)  # only what is logged and when: free
     cadence.model.moe.dispatch = "grouped_mm"  # the same arithmetic
-    cadence.model.moe.families["expert_choice"] = ExpertChoiceConfig(capacity_factor=3.0)  # a family the (dense) model does not use
+    cadence.model.moe.families["expert_choice"] = ExpertChoiceConfig(
+        capacity_factor=3.0
+    )  # a family the (dense) model does not use
     train(cadence, run, resume=True, show_progress=False)
     assert load_config(str(run / "config.yaml")).train.log_every == 1  # the config it trained with stays
 
@@ -98,8 +100,14 @@ def test_a_resume_that_changes_the_training_is_refused_unless_accepted(full_run,
     assert load_config(str(run / "config.yaml")).train.steps == 8
     assert load_config(str(run / "config.before-step-00000006.yaml")).train.steps == 6
     change = [r for r in read_metrics(run) if r["kind"] == "config_change"]
-    assert change == [{"kind": "config_change", "step": 6, "previous_config": "config.before-step-00000006.yaml",
-                       "changes": {"train.lr": [0.003, 0.001], "train.steps": [6, 8]}}]
+    assert change == [
+        {
+            "kind": "config_change",
+            "step": 6,
+            "previous_config": "config.before-step-00000006.yaml",
+            "changes": {"train.lr": [0.003, 0.001], "train.steps": [6, 8]},
+        }
+    ]
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2, 3, 4, 6, 7, 8]
 
 

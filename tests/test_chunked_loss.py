@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_model_config
 from diffmoe.model import Decoder
 from diffmoe.model import loss as loss_module
 from diffmoe.model.loss import LinearCrossEntropy, linear_cross_entropy
@@ -27,7 +27,7 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
@@ -118,7 +118,9 @@ def test_train_step_never_holds_the_full_logits(monkeypatch):
     with torch.no_grad():
         expected = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).item()
     with LargestTensor() as seen:
-        result = Stepper(wrapped, optimizer, plan, env, grad_clip=1.0).step(itertools.repeat((ids[:, :-1], ids[:, 1:])), 1)
+        result = Stepper(wrapped, optimizer, plan, env, grad_clip=1.0).step(
+            itertools.repeat((ids[:, :-1], ids[:, 1:])), 1
+        )
     assert result.loss == pytest.approx(expected, rel=1e-6)
     assert seen.largest < 4 * 64 * V / 2  # the [N, V] logits would be N * V
 
@@ -159,10 +161,41 @@ def test_bench_model_compares_chunked_and_full_logits_side_by_side(tmp_path):
     from diffmoe.cli import main
 
     config = str(Path(__file__).resolve().parents[1] / "configs" / "00-tiny-dense.yaml")
-    assert main(["bench", "model", config, "--set", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
-                 "model.d_ff=64", "--compile", "off", "--loss", "both", "--batch-size", "2", "--seq-len", "32",
-                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--matmul-size", "64", "--device", "cpu",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "model",
+                config,
+                "--set",
+                "model.n_layers=1",
+                "model.d_model=32",
+                "model.n_heads=2",
+                "model.d_ff=64",
+                "--compile",
+                "off",
+                "--loss",
+                "both",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--threads",
+                "1",
+                "--matmul-size",
+                "64",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "bench_model_cpu_float32.json").read_text())["rows"]
     table = (tmp_path / "bench_model_cpu_float32.md").read_text()
     assert [r["loss"] for r in rows] == ["chunked", "full"]

@@ -24,11 +24,14 @@ def test_a_project_error_is_one_line_and_exit_2(tmp_path, capsys):
     _one_line_error(capsys.readouterr().err, "config file not found", "missing.yaml")
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["tasks", "build", "--out", "{tmp}/t", "-n", "0"], "invalid n=0"),
-    (["import", "{tmp}", "--out", "{tmp}/run"], "config.json"),
-    (["eval", "{tmp}/nowhere", "--tasks", "x", "--routing", "prefix"], "--routing prefix"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["tasks", "build", "--out", "{tmp}/t", "-n", "0"], "invalid n=0"),
+        (["import", "{tmp}", "--out", "{tmp}/run"], "config.json"),
+        (["eval", "{tmp}/nowhere", "--tasks", "x", "--routing", "prefix"], "--routing prefix"),
+    ],
+)
 def test_user_input_errors_raised_deep_in_the_library_are_project_errors(tmp_path, capsys, argv, needle):
     """These were plain ValueError / FileNotFoundError, which the CLI no longer hides."""
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
@@ -59,13 +62,20 @@ def test_an_unexpected_value_error_keeps_its_traceback(monkeypatch, capsys):
 
 
 def test_an_unexpected_error_exits_1_with_a_traceback_from_the_command_line(tmp_path):
-    code = ("import sys; from diffmoe.config import RunConfig\n"
-            "def validate(self): raise ValueError('a bug deep inside')\n"
-            "RunConfig.validate = validate\n"
-            "from diffmoe.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = (
+        "import sys; from diffmoe.config import RunConfig\n"
+        "def validate(self): raise ValueError('a bug deep inside')\n"
+        "RunConfig.validate = validate\n"
+        "from diffmoe.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code, "plan", "configs/01-tiny-lory-8e.yaml", "--gpus", "1",
-                           "--gpu-mem", "80"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "plan", "configs/01-tiny-lory-8e.yaml", "--gpus", "1", "--gpu-mem", "80"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback (most recent call last)" in proc.stderr and "in validate" in proc.stderr
     assert proc.stderr.rstrip().endswith("ValueError: a bug deep inside")

@@ -2,8 +2,8 @@
 torchrun on 2 gloo ranks by tests/dist/comm_count_checks.py; and its behaviour without a process group."""
 
 import torch
-
 from conftest import run_torchrun
+
 from diffmoe.parallel.comm_count import CommCounter
 
 

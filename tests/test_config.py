@@ -9,24 +9,32 @@ from diffmoe.moe import ExpertChoiceMoE, LoryConfig, LoryMoE, SparseMixerMoE, To
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("build, field", [
-    (lambda: ModelConfig(d_model=30, n_heads=4), "d_model"),
-    (lambda: ModelConfig(n_kv_heads=3, n_heads=4), "n_kv_heads"),
-    (lambda: ModelConfig(ffn="mixture"), "ffn"),
-    (lambda: ModelConfig(n_layers=2, ffn=["dense"]), "ffn"),
-    (lambda: ModelConfig.from_dict({"moe": {"lory": {"segment_len": 0}}}), "moe.lory.segment_len"),
-    (lambda: ModelConfig.from_dict({"ffn": "topk", "moe": {"num_experts": 4, "topk": {"top_k": 5}}}),
-     "moe.topk.top_k"),
-    (lambda: ModelConfig.from_dict({"moe": {"lory": {"first_segment": "peek"}}}), "moe.lory.first_segment"),
-    (lambda: ModelConfig.from_dict({"moe": {"num_experts": 1}, "ffn": "sparsemixer"}), "moe.num_experts"),
-    (lambda: ModelConfig.from_dict({"moe": {"dispatch": "magic"}}), "moe.dispatch"),
-    (lambda: ModelConfig.from_dict({"moe": {"experts": 4}}), "moe.experts"),
-    (lambda: ModelConfig.from_dict({"moe": {"topk": {"eval_capacity_factor": 0}}}), "moe.topk.eval_capacity_factor"),
-    (lambda: LoryMoE(16, 32, 4, segment_len=0), "segment_len"),
-    (lambda: TopKMoE(16, 32, 4, top_k=5), "top_k"),
-    (lambda: SparseMixerMoE(16, 32, 1), "num_experts"),
-    (lambda: ExpertChoiceMoE(16, 32, 4, granularity="sequence"), "granularity"),
-])
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: ModelConfig(d_model=30, n_heads=4), "d_model"),
+        (lambda: ModelConfig(n_kv_heads=3, n_heads=4), "n_kv_heads"),
+        (lambda: ModelConfig(ffn="mixture"), "ffn"),
+        (lambda: ModelConfig(n_layers=2, ffn=["dense"]), "ffn"),
+        (lambda: ModelConfig.from_dict({"moe": {"lory": {"segment_len": 0}}}), "moe.lory.segment_len"),
+        (
+            lambda: ModelConfig.from_dict({"ffn": "topk", "moe": {"num_experts": 4, "topk": {"top_k": 5}}}),
+            "moe.topk.top_k",
+        ),
+        (lambda: ModelConfig.from_dict({"moe": {"lory": {"first_segment": "peek"}}}), "moe.lory.first_segment"),
+        (lambda: ModelConfig.from_dict({"moe": {"num_experts": 1}, "ffn": "sparsemixer"}), "moe.num_experts"),
+        (lambda: ModelConfig.from_dict({"moe": {"dispatch": "magic"}}), "moe.dispatch"),
+        (lambda: ModelConfig.from_dict({"moe": {"experts": 4}}), "moe.experts"),
+        (
+            lambda: ModelConfig.from_dict({"moe": {"topk": {"eval_capacity_factor": 0}}}),
+            "moe.topk.eval_capacity_factor",
+        ),
+        (lambda: LoryMoE(16, 32, 4, segment_len=0), "segment_len"),
+        (lambda: TopKMoE(16, 32, 4, top_k=5), "top_k"),
+        (lambda: SparseMixerMoE(16, 32, 1), "num_experts"),
+        (lambda: ExpertChoiceMoE(16, 32, 4, granularity="sequence"), "granularity"),
+    ],
+)
 def test_invalid_config_names_the_field(build, field):
     with pytest.raises(ConfigError) as err:
         build()
@@ -49,8 +57,13 @@ def test_config_round_trips_through_dict():
 
 
 def test_a_saved_config_holds_only_the_families_in_use():
-    cfg = ModelConfig.from_dict({"ffn": ["dense", "lory"], "n_layers": 2,
-                                 "moe": {"lory": {"segment_len": 8}, "topk": {"top_k": 1}, "expert_choice": {}}})
+    cfg = ModelConfig.from_dict(
+        {
+            "ffn": ["dense", "lory"],
+            "n_layers": 2,
+            "moe": {"lory": {"segment_len": 8}, "topk": {"top_k": 1}, "expert_choice": {}},
+        }
+    )
     assert list(cfg.moe.families) == ["lory"] and cfg.moe.families["lory"].segment_len == 8
     saved = cfg.to_dict()["moe"]
     assert "lory" in saved and not {"topk", "sparsemixer", "expert_choice"} & set(saved)
@@ -68,18 +81,37 @@ def training_config(ffn, **families):
     from diffmoe.config import RunConfig
     from diffmoe.moe import MoEConfig
 
-    return RunConfig(model=ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64,
-                                       ffn=ffn, moe=MoEConfig(num_experts=4, families=families)))
+    return RunConfig(
+        model=ModelConfig(
+            vocab_size=384,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            d_ff=64,
+            max_seq_len=64,
+            ffn=ffn,
+            moe=MoEConfig(num_experts=4, families=families),
+        )
+    )
 
 
-@pytest.mark.parametrize("ffn, families, message", [
-    ("lory", dict(lory=LoryConfig(segment_len=8, routing="prompt")),
-     "model.moe.lory.routing='prompt': routes every position on the mean of the whole sequence"),
-    ("lory", dict(lory=LoryConfig(segment_len=32)),
-     "model.moe.lory.segment_len=32: must be shorter than the training sequences (32 positions)"),
-    (["dense", "lory"], dict(lory=LoryConfig(segment_len=40, routing="prefix")), "model.moe.lory.segment_len=40"),
-    ("topk", dict(topk=TopKConfig(top_k=1)), "model.moe.topk.renormalize=True: with top_k=1"),
-])
+@pytest.mark.parametrize(
+    "ffn, families, message",
+    [
+        (
+            "lory",
+            dict(lory=LoryConfig(segment_len=8, routing="prompt")),
+            "model.moe.lory.routing='prompt': routes every position on the mean of the whole sequence",
+        ),
+        (
+            "lory",
+            dict(lory=LoryConfig(segment_len=32)),
+            "model.moe.lory.segment_len=32: must be shorter than the training sequences (32 positions)",
+        ),
+        (["dense", "lory"], dict(lory=LoryConfig(segment_len=40, routing="prefix")), "model.moe.lory.segment_len=40"),
+        ("topk", dict(topk=TopKConfig(top_k=1)), "model.moe.topk.renormalize=True: with top_k=1"),
+    ],
+)
 def test_training_refuses_configs_that_leak_or_cannot_learn(ffn, families, message):
     """Each of these builds a model (evaluation and generation may use it) but cannot train on 32 positions."""
     cfg = training_config(ffn, **families)
@@ -92,7 +124,7 @@ def test_training_checks_only_the_kinds_in_use_and_passes_what_can_learn():
     assert training_config(["dense", "sparsemixer"], **refused).check_training(32) == []
     assert training_config("lory", lory=LoryConfig(segment_len=31, routing="prefix")).check_training(32) == []
     assert training_config("topk", topk=TopKConfig(capacity_factor=1.0)).check_training(32) == []
-    warning, = training_config("topk", topk=TopKConfig(eval_capacity_factor=2.0)).check_training(32)
+    (warning,) = training_config("topk", topk=TopKConfig(eval_capacity_factor=2.0)).check_training(32)
     assert warning.startswith("model.moe.topk.eval_capacity_factor=2.0: evaluation drops tokens")
 
 
@@ -107,9 +139,10 @@ def test_shipped_configs_can_train_at_their_context_length(path):
 def test_train_refuses_before_writing_and_records_warnings_in_metrics(tiny_dataset, tmp_path):
     """The training entry point checks against the dataset's context length (32); a warning is in
     metrics.jsonl."""
+    from test_train import run_config
+
     from diffmoe.train import train
     from diffmoe.train.metrics import read_metrics
-    from test_train import run_config
 
     cfg = run_config(tiny_dataset, "lory", steps=1)
     cfg.model.moe.families["lory"].segment_len = 32  # < max_seq_len 64, but every training sequence is one segment
@@ -121,4 +154,5 @@ def test_train_refuses_before_writing_and_records_warnings_in_metrics(tiny_datas
     train(cfg, tmp_path / "warned", show_progress=False)
     warnings = [r for r in read_metrics(tmp_path / "warned") if r["kind"] == "warning"]
     assert [(r["step"], r["message"].split(":")[0]) for r in warnings] == [
-        (0, "model.moe.topk.eval_capacity_factor=2.0")]
+        (0, "model.moe.topk.eval_capacity_factor=2.0")
+    ]

@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model_config
+from test_bf16_backward import check_dispatch_bf16_backward, check_layer_bf16_backward, check_merge_bf16_backward
 
 from diffmoe import Decoder
 from diffmoe.moe import ExpertChoiceMoE, LoryMoE, SparseMixerMoE, SwiGLU, TopKMoE
-
-from conftest import tiny_model_config
-from test_bf16_backward import check_dispatch_bf16_backward, check_layer_bf16_backward, check_merge_bf16_backward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -30,6 +29,7 @@ def no_tf32():
         yield
     finally:
         setattr(matmul, name, old)
+
 
 D, FF, E = 64, 96, 8
 LAYERS = {
@@ -99,8 +99,9 @@ def test_kv_cache_decoding_on_cuda():
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2)
-        inc = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache)
-                                                            for t in range(5, 24)], 1)
+        inc = torch.cat(
+            [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 24)], 1
+        )
     torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
 
 
@@ -109,8 +110,8 @@ def test_fsdp_on_one_gpu_trains_like_the_plain_model():
     import itertools
 
     from diffmoe.config import ParallelConfig, TrainConfig
-    from diffmoe.parallel.parallelize import ParallelPlan, parallelize
     from diffmoe.parallel import distributed
+    from diffmoe.parallel.parallelize import ParallelPlan, parallelize
     from diffmoe.train.optim import build_optimizer
     from diffmoe.train.step import Stepper
 

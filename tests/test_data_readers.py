@@ -27,7 +27,11 @@ def test_directory_domains_ids_and_ignored_files(tmp_path):
 
     corpus = Corpus(root)
     docs = list(corpus)
-    assert [(d.id, d.domain) for d in docs] == [("top.txt", "corpus"), ("code/pkg/a.py", "code"), ("prose/b.md", "prose")]
+    assert [(d.id, d.domain) for d in docs] == [
+        ("top.txt", "corpus"),
+        ("code/pkg/a.py", "code"),
+        ("prose/b.md", "prose"),
+    ]
     assert docs[1].text == "def f():\n    return 1\n"
     assert corpus.ignored == {".png": 1}
     assert corpus.stats.documents == 3 and corpus.stats.skipped == {"empty": 1}
@@ -42,7 +46,10 @@ def test_jsonl_fields_defaults_and_gzip(tmp_path):
         fh.write(json.dumps({"body": "x", "text": "gamma"}) + "\n\n")
     docs = list(Corpus(root))
     assert [(d.text, d.domain, d.id) for d in docs] == [
-        ("alpha", "wiki", "7"), ("beta", "news", "wiki.jsonl:2"), ("gamma", "books", "books/part.jsonl.gz:1")]
+        ("alpha", "wiki", "7"),
+        ("beta", "news", "wiki.jsonl:2"),
+        ("gamma", "books", "books/part.jsonl.gz:1"),
+    ]
 
 
 def test_text_field_option(tmp_path):
@@ -55,8 +62,14 @@ def test_text_field_option(tmp_path):
 def test_parquet_streams_rows_with_domain_and_id(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    table = pa.table({"text": [f"document {i}" for i in range(2500)], "domain": ["a", "b"] * 1250,
-                      "id": list(range(2500)), "extra": [0] * 2500})
+    table = pa.table(
+        {
+            "text": [f"document {i}" for i in range(2500)],
+            "domain": ["a", "b"] * 1250,
+            "id": list(range(2500)),
+            "extra": [0] * 2500,
+        }
+    )
     pq.write_table(table, tmp_path / "part.parquet", row_group_size=1000)
     docs = list(Corpus(tmp_path / "part.parquet"))
     assert len(docs) == 2500
@@ -95,10 +108,13 @@ def test_real_datasets_save_to_disk(tmp_path):
     assert [(d.text, d.id, d.domain) for d in Corpus(tmp_path / "ds")] == [("one", "a", "ds"), ("two", "b", "ds")]
 
 
-@pytest.mark.parametrize("name, content, reason, message", [
-    ("bin.txt", b"abc\x00def", "binary", r"bin\.txt: binary file"),
-    ("latin.txt", "caf\u00e9".encode("latin-1"), "invalid_utf8", r"latin\.txt: invalid UTF-8 at byte 3"),
-])
+@pytest.mark.parametrize(
+    "name, content, reason, message",
+    [
+        ("bin.txt", b"abc\x00def", "binary", r"bin\.txt: binary file"),
+        ("latin.txt", "caf\u00e9".encode("latin-1"), "invalid_utf8", r"latin\.txt: invalid UTF-8 at byte 3"),
+    ],
+)
 def test_bad_text_files_raise_or_skip(tmp_path, name, content, reason, message):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / name).write_bytes(content)
@@ -113,8 +129,10 @@ def test_bad_text_files_raise_or_skip(tmp_path, name, content, reason, message):
 
 def test_malformed_jsonl_lines_name_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_bytes(b'{"text": "ok"}\n{"text": "broken"\n[1, 2]\n{"text": 3}\n{"text": "x", "domain": ""}\n'
-                     b'{"text": "caf\xe9"}\n{"text": "also ok"}\n')
+    path.write_bytes(
+        b'{"text": "ok"}\n{"text": "broken"\n[1, 2]\n{"text": 3}\n{"text": "x", "domain": ""}\n'
+        b'{"text": "caf\xe9"}\n{"text": "also ok"}\n'
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
         list(Corpus(path))
     corpus = Corpus(path, ReadOptions(on_bad_input="skip"))
@@ -123,11 +141,14 @@ def test_malformed_jsonl_lines_name_file_and_line(tmp_path):
     assert corpus.stats.first_skipped["bad_record"] == f"{path}:4"
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"text": 3}', r":1: field 'text' must be a string, got int"),
-    ('{"text": "a", "domain": 5}', r":1: field 'domain' must be a non-empty string, got 5"),
-    ('"just a string"', r":1: expected a JSON object, got str"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": 3}', r":1: field 'text' must be a string, got int"),
+        ('{"text": "a", "domain": 5}', r":1: field 'domain' must be a non-empty string, got 5"),
+        ('"just a string"', r":1: expected a JSON object, got str"),
+    ],
+)
 def test_bad_records_are_named(tmp_path, line, message):
     (tmp_path / "d.jsonl").write_text(line + "\n")
     with pytest.raises(DataError, match=message):
@@ -148,8 +169,10 @@ def test_missing_and_unsupported_paths(tmp_path):
 
 
 def test_domain_from_top_dir_field_and_none(tmp_path):
-    write_jsonl(tmp_path / "c" / "web" / "a.jsonl", [{"text": "one", "domain": "news", "lang": "en"},
-                                                      {"text": "two", "lang": "fr"}])
+    write_jsonl(
+        tmp_path / "c" / "web" / "a.jsonl",
+        [{"text": "one", "domain": "news", "lang": "en"}, {"text": "two", "lang": "fr"}],
+    )
     (tmp_path / "c" / "books").mkdir()
     (tmp_path / "c" / "books" / "b.txt").write_text("three")
 
@@ -174,7 +197,9 @@ def test_several_specs_globs_and_a_damaged_zstd_stream(tmp_path):
     (tmp_path / "b" / "sub" / "z.txt").write_text("not matched")
     docs = list(Corpus([tmp_path / "a", str(tmp_path / "b" / "**" / "*.jsonl")]))
     assert [(d.text, d.source, d.id, d.domain) for d in docs] == [
-        ("from a", "a/x.jsonl", "a/x.jsonl:1", "x"), ("from b", "b/sub/y.jsonl", "b/sub/y.jsonl:1", "sub")]
+        ("from a", "a/x.jsonl", "a/x.jsonl:1", "x"),
+        ("from b", "b/sub/y.jsonl", "b/sub/y.jsonl:1", "sub"),
+    ]
     with pytest.raises(DataError, match=r"the pattern matches no file"):
         Corpus(str(tmp_path / "a" / "*.parquet"))
     raw = zstd.ZstdCompressor().compress(b'{"text": "a document"}\n' * 200)

@@ -8,7 +8,7 @@ from diffmoe.moe.dispatch import dispatch, resolve_impl
 def _reference(x, experts, token_idx, expert_idx, gate):
     y = torch.zeros_like(x)
     for t, e, g in zip(token_idx.tolist(), expert_idx.tolist(), gate):
-        y[t] += g * experts.expert_forward(x[t:t + 1], e)[0]
+        y[t] += g * experts.expert_forward(x[t : t + 1], e)[0]
     return y
 
 
@@ -66,9 +66,11 @@ def test_fused_loop_backward_passes_gradcheck_with_empty_experts_and_repeated_to
     tok = torch.tensor([1, 2, 4, 0, 0, 3, 2, 4])  # sorted by expert: 0 0 0 | 2 2 2 | 4 4
     x = torch.randn(6, d, dtype=torch.float64, requires_grad=True)
     gate = torch.rand(8, dtype=torch.float64, requires_grad=True)
-    ws = [torch.randn(E, f, d, dtype=torch.float64, requires_grad=True),
-          torch.randn(E, f, d, dtype=torch.float64, requires_grad=True),
-          torch.randn(E, d, f, dtype=torch.float64, requires_grad=True)]
+    ws = [
+        torch.randn(E, f, d, dtype=torch.float64, requires_grad=True),
+        torch.randn(E, f, d, dtype=torch.float64, requires_grad=True),
+        torch.randn(E, d, f, dtype=torch.float64, requires_grad=True),
+    ]
     fn = lambda x, g, a, b, c: GatherSwiGLUScatter.apply(x, tok, g, counts, a, b, c)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, gate, *ws))
     y = fn(x, gate, *ws)

@@ -20,7 +20,7 @@ def test_token_level_each_expert_takes_exactly_its_capacity_and_matches_referenc
         gate, tok = S[:, e].topk(cap)
         assert tok.numel() == cap
         for g, t in zip(gate, tok.tolist()):
-            ref[t] += g * layer.experts.expert_forward(xf[t:t + 1], e)[0]
+            ref[t] += g * layer.experts.expert_forward(xf[t : t + 1], e)[0]
     torch.testing.assert_close(y, ref)
 
 
@@ -32,10 +32,10 @@ def test_segment_level_selects_whole_segments():
     nonzero = (y.abs().sum(-1) > 0).view(2, 18)
     for b in range(2):
         for k in range(4):
-            seg = nonzero[b, k * 5:(k + 1) * 5]
+            seg = nonzero[b, k * 5 : (k + 1) * 5]
             assert seg.all() or not seg.any()
     # each expert took exactly 2 of the 8 segments: the chosen ones are the union of per-expert top-2
-    means = torch.stack([x[b, k * 5:(k + 1) * 5].mean(0) for b in range(2) for k in range(4)])
+    means = torch.stack([x[b, k * 5 : (k + 1) * 5].mean(0) for b in range(2) for k in range(4)])
     chosen = torch.softmax(layer.router(means), -1).t().topk(2, -1).indices.unique()
     processed = nonzero.view(2, 18)[:, ::5].reshape(-1).nonzero().flatten()
     assert torch.equal(processed, chosen)

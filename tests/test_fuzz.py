@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from diffmoe.config import ConfigError, load_config
 from diffmoe.data import Corpus, DataError, ReadOptions
 
-FUZZ = settings(derandomize=True, max_examples=300, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    derandomize=True, max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "01-tiny-lory-8e.yaml"
 
 
@@ -26,11 +27,14 @@ def _listing(root: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ configs
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=8))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                      max_leaves=6)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=8)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 def _config_fields(data: dict, prefix: str = "") -> list[str]:
@@ -89,21 +93,26 @@ def test_mutated_config_files_give_a_config_error(tmp_path_factory, at, junk, tr
     text = CONFIG.read_bytes()
     at = at % len(text)
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
-    path.write_bytes(text[:at] if truncate else text[:at] + junk + text[at + len(junk):])
+    path.write_bytes(text[:at] if truncate else text[:at] + junk + text[at + len(junk) :])
     _load_or_config_error(path)
 
 
 override_keys = st.one_of(st.sampled_from(FIELDS), st.text(max_size=12))
-overrides = st.one_of(st.text(max_size=20), st.builds(lambda k, v: f"{k}={v}", override_keys, st.text(max_size=10)),
-                      st.builds(lambda k, v: f"{k}={yaml.safe_dump(v).strip()}", override_keys, values))
+overrides = st.one_of(
+    st.text(max_size=20),
+    st.builds(lambda k, v: f"{k}={v}", override_keys, st.text(max_size=10)),
+    st.builds(lambda k, v: f"{k}={yaml.safe_dump(v).strip()}", override_keys, values),
+)
 
 
 @FUZZ
 @given(st.lists(overrides, min_size=1, max_size=3), st.sampled_from(["base", "list", "scalar", "empty"]))
 def test_random_overrides_give_a_config_error(tmp_path_factory, items, base):
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
-    path.write_text({"base": CONFIG.read_text(encoding="utf-8"), "list": "- 1\n", "scalar": "3\n", "empty": ""}[base],
-                    encoding="utf-8")
+    path.write_text(
+        {"base": CONFIG.read_text(encoding="utf-8"), "list": "- 1\n", "scalar": "3\n", "empty": ""}[base],
+        encoding="utf-8",
+    )
     _load_or_config_error(path, items)
 
 
@@ -123,11 +132,13 @@ def _read_all(path: Path, on_bad_input: str = "error") -> list:
 
 
 jsonl_lines = st.one_of(
-    st.builds(lambda v: json.dumps(v), st.dictionaries(st.sampled_from(["text", "domain", "id", "x"]), values,
-                                                      max_size=4)),
+    st.builds(
+        lambda v: json.dumps(v), st.dictionaries(st.sampled_from(["text", "domain", "id", "x"]), values, max_size=4)
+    ),
     st.builds(lambda t, d: json.dumps({"text": t, "domain": d}), st.text(max_size=20), st.text(max_size=5)),
     st.builds(lambda v: json.dumps(v), values),
-    st.text(max_size=30))
+    st.text(max_size=30),
+)
 
 
 @FUZZ
@@ -144,16 +155,23 @@ def test_mutated_gzip_jsonl_gives_a_data_error(tmp_path_factory, junk, at, trunc
     raw = gzip.compress(b"".join(json.dumps({"text": f"document {i} " * 5}).encode() + b"\n" for i in range(20)))
     at = at % len(raw)
     path = tmp_path_factory.mktemp("gz") / "c.jsonl.gz"
-    path.write_bytes(raw[:at] if truncate else raw[:at] + junk + raw[at + len(junk):])
+    path.write_bytes(raw[:at] if truncate else raw[:at] + junk + raw[at + len(junk) :])
     _read_all(path)
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["a", "b", ".hidden", "__pycache__"]),
-                       st.dictionaries(st.sampled_from(["x.txt", "y.md", "z.py", "w.jsonl", "v.bin"]),
-                                       st.binary(max_size=40) | st.text(max_size=40).map(str.encode), max_size=3),
-                       max_size=3),
-       st.sampled_from(["error", "skip"]))
+@given(
+    st.dictionaries(
+        st.sampled_from(["a", "b", ".hidden", "__pycache__"]),
+        st.dictionaries(
+            st.sampled_from(["x.txt", "y.md", "z.py", "w.jsonl", "v.bin"]),
+            st.binary(max_size=40) | st.text(max_size=40).map(str.encode),
+            max_size=3,
+        ),
+        max_size=3,
+    ),
+    st.sampled_from(["error", "skip"]),
+)
 def test_random_text_directories_give_documents_or_a_data_error(tmp_path_factory, tree, policy):
     root = tmp_path_factory.mktemp("dir") / "corpus"
     root.mkdir()
@@ -173,8 +191,9 @@ def test_deeply_nested_json_is_a_data_error(tmp_path):
 
 def test_a_lone_surrogate_in_jsonl_is_a_data_error_naming_the_line(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "fine"}\n{"text": "bad \\ud800 text"}\n{"text": "x", "domain": "\\udfff"}\n',
-                    encoding="utf-8")
+    path.write_text(
+        '{"text": "fine"}\n{"text": "bad \\ud800 text"}\n{"text": "x", "domain": "\\udfff"}\n', encoding="utf-8"
+    )
     with pytest.raises(DataError, match=r"c\.jsonl:2: field 'text': invalid Unicode"):
         list(Corpus(path))
     corpus = Corpus(path, ReadOptions(on_bad_input="skip"))
@@ -201,8 +220,11 @@ def test_a_failed_prepare_leaves_no_dataset(tmp_path_factory, lines, junk):
         (base / "corpus" / "prose" / f"d{i}.txt").write_text(f"document {i}: " + "some words here " * 20)
     (base / "corpus" / "prose" / "z.jsonl").write_bytes("\n".join(lines).encode() + b"\n" + junk)
     try:
-        prepare(base / "corpus", base / "data", PrepareConfig(context_len=16, heldout_fraction=0.2,
-                                                              tokenizer=TokenizerConfig(vocab_size=300)))
+        prepare(
+            base / "corpus",
+            base / "data",
+            PrepareConfig(context_len=16, heldout_fraction=0.2, tokenizer=TokenizerConfig(vocab_size=300)),
+        )
     except DataError as err:
         assert "z.jsonl" in str(err) and "\n" not in str(err), str(err)
         assert not (base / "data" / "manifest.json").exists()
@@ -236,11 +258,11 @@ def _load_or_checkpoint_error(run: Path, ckpt: Path, damaged: Path) -> None:
     checkpoint); no other exception."""
     import warnings
 
-    from diffmoe.model import Decoder
-    from diffmoe.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state
-    from diffmoe.runs import load_run
-    from diffmoe.train.optim import build_optimizer
     from diffmoe.config import load_config
+    from diffmoe.model import Decoder
+    from diffmoe.runs import load_run
+    from diffmoe.train.checkpoint import CheckpointError, load_checkpoint, read_trainer_state
+    from diffmoe.train.optim import build_optimizer
 
     def attempt(load):
         try:
@@ -266,16 +288,21 @@ def _mutate(data: bytes, at: int, junk: bytes, mode: str) -> bytes:
         return data[:at]
     if mode == "insert":
         return data[:at] + junk + data[at:]
-    return data[:at] + junk + data[at + len(junk):]
+    return data[:at] + junk + data[at + len(junk) :]
 
 
-CKPT = settings(derandomize=True, max_examples=60, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+CKPT = settings(
+    derandomize=True, max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 @CKPT
-@given(st.one_of(values, st.binary(max_size=40)), st.sampled_from(["whole", "field", "drop", "bytes"]),
-       st.integers(0, 10**6), st.binary(min_size=1, max_size=4))
+@given(
+    st.one_of(values, st.binary(max_size=40)),
+    st.sampled_from(["whole", "field", "drop", "bytes"]),
+    st.integers(0, 10**6),
+    st.binary(min_size=1, max_size=4),
+)
 def test_mutated_trainer_json_gives_a_checkpoint_error(tiny_run, tmp_path_factory, value, mode, at, junk):
     run, ckpt = _copy(tiny_run, tmp_path_factory)
     path = ckpt / "trainer.json"
@@ -296,8 +323,13 @@ def test_mutated_trainer_json_gives_a_checkpoint_error(tiny_run, tmp_path_factor
 
 
 @CKPT
-@given(st.integers(0, 10**6), st.binary(min_size=1, max_size=8), st.sampled_from(["truncate", "insert", "overwrite"]),
-       st.integers(0, 100), st.booleans())
+@given(
+    st.integers(0, 10**6),
+    st.binary(min_size=1, max_size=8),
+    st.sampled_from(["truncate", "insert", "overwrite"]),
+    st.integers(0, 100),
+    st.booleans(),
+)
 def test_mutated_safetensors_give_a_checkpoint_error(tiny_run, tmp_path_factory, at, junk, mode, pick, header):
     run, ckpt = _copy(tiny_run, tmp_path_factory)
     files = sorted(ckpt.rglob("*.safetensors"))

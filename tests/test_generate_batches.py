@@ -3,11 +3,10 @@ different lengths generate what each prompt generates alone, cached segment deco
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from diffmoe import Decoder
 from diffmoe.eval.generate import generate, generate_stream, pad_prompts
-
-from conftest import tiny_model_config
 
 T = 8  # Lory segment length
 DECODING = ["dense", "lory", "topk", "sparsemixer", ["lory", "topk"]]
@@ -29,7 +28,7 @@ def decode(model, ids, prompt_len, **prefill):
     one-token decoding calls for the rest of ids [B, L] -> [B, L, V]."""
     cache = model.new_cache(ids.shape[0])
     out = [model(ids[:, :prompt_len], cache=cache, **prefill)]
-    out += [model(ids[:, t:t + 1], cache=cache) for t in range(prompt_len, ids.shape[1])]
+    out += [model(ids[:, t : t + 1], cache=cache) for t in range(prompt_len, ids.shape[1])]
     return torch.cat(out, 1)
 
 
@@ -80,7 +79,7 @@ def test_padded_batch_computes_what_each_row_computes_alone(ffn):
         full = model(ids, attention_mask=mask, prompt_len=prompt_len)
         cache = model.new_cache(3)
         inc = [model(ids[:, :prompt_len], cache=cache, attention_mask=mask[:, :prompt_len], chunk_size=4)]
-        inc += [model(ids[:, t:t + 1], cache=cache) for t in range(prompt_len, P)]
+        inc += [model(ids[:, t : t + 1], cache=cache) for t in range(prompt_len, P)]
         inc = torch.cat(inc, 1)
         for i, (r, pad) in enumerate(zip(out, pads)):
             own = model(torch.tensor([r[:-1]]), prompt_len=len(rows[i]))[0]
@@ -123,10 +122,10 @@ def test_segment_routing_of_a_padded_batch_computes_what_each_row_computes_alone
         stats = [layer.stats["routing_weights"] for _, layer in model.moe_layers()]
         for i, r in enumerate(out):
             own = model(torch.tensor([r[:-1]]))[0]
-            torch.testing.assert_close(full[i, -len(own):], own, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(full[i, -len(own) :], own, rtol=1e-4, atol=1e-5)
             for (_, layer), padded in zip(model.moe_layers(), stats):  # each row's weights, aligned at the end
                 alone = layer.stats["routing_weights"][0]
-                torch.testing.assert_close(padded[i, -alone.shape[0]:], alone, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(padded[i, -alone.shape[0] :], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_generate_refuses_what_it_cannot_decode():
@@ -155,15 +154,15 @@ def test_cached_segment_decoding_records_its_routing(first):
         for (_, layer), w in zip(model.moe_layers(), full):
             torch.testing.assert_close(layer.stats["routing_weights"], w[:, :1], rtol=1e-5, atol=1e-6)
         for t in range(T, ids.shape[1]):
-            model(ids[:, t:t + 1], cache=cache)
+            model(ids[:, t : t + 1], cache=cache)
             for (_, layer), w in zip(model.moe_layers(), full):
                 seg = t // T
-                torch.testing.assert_close(layer.stats["routing_weights"], w[:, seg:seg + 1], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(layer.stats["routing_weights"], w[:, seg : seg + 1], rtol=1e-5, atol=1e-6)
                 routed = seg > 0 or first == "own_mean"
                 assert ("mean_weight" in layer.stats) == routed
                 if routed:
                     torch.testing.assert_close(layer.stats["routed_segment_weights"], w[:, seg], rtol=1e-5, atol=1e-6)
-        chunk = ids[:, :2 * T + 2]  # a multi-segment call records each segment it ran
+        chunk = ids[:, : 2 * T + 2]  # a multi-segment call records each segment it ran
         cache = model.new_cache(2)
         model(chunk, cache=cache)
         for (_, layer), w in zip(model.moe_layers(), full):

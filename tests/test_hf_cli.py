@@ -6,12 +6,11 @@ import os
 
 import pytest
 import torch
+from test_train import run_config
 
 from diffmoe.cli import main
-from diffmoe.train import train
 from diffmoe.runs import load_run
-
-from test_train import run_config
+from diffmoe.train import train
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,8 +20,13 @@ def test_export_then_import_round_trip(tiny_dataset, tmp_path, monkeypatch):
     cfg = run_config(tiny_dataset, "topk", steps=2)  # top-2, renormalised, dropless: Mixtral
     train(cfg, tmp_path / "run", show_progress=False)
     assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 0
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors",
-                                                  "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path / "hf")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf).__name__ == "MixtralForCausalLM"
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0

@@ -12,23 +12,47 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from hf_fixtures import harsh_init, load_hf  # noqa: E402
+
 from diffmoe.config import ModelConfig  # noqa: E402
 from diffmoe.eval.generate import generate  # noqa: E402
 from diffmoe.hf.export import export_native, hf_config, native_arch  # noqa: E402
 from diffmoe.model import Decoder  # noqa: E402
 from diffmoe.moe import MoEConfig, TopKConfig  # noqa: E402
-from hf_fixtures import harsh_init, load_hf
 
 EOD = 5
 
 
-def tiny(ffn="dense", tied=False, renormalize=True, capacity_factor=None, eval_capacity_factor=None, n_layers=3,
-         seed=0):
-    moe = MoEConfig(num_experts=4, d_ff=24, families={"topk": TopKConfig(
-        top_k=2, renormalize=renormalize, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor)})
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, d_ff=48,
-                      max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe,
-                      init_std=0.1)
+def tiny(
+    ffn="dense", tied=False, renormalize=True, capacity_factor=None, eval_capacity_factor=None, n_layers=3, seed=0
+):
+    moe = MoEConfig(
+        num_experts=4,
+        d_ff=24,
+        families={
+            "topk": TopKConfig(
+                top_k=2,
+                renormalize=renormalize,
+                capacity_factor=capacity_factor,
+                eval_capacity_factor=eval_capacity_factor,
+            )
+        },
+    )
+    cfg = ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        max_seq_len=64,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+        tie_embeddings=tied,
+        ffn=ffn,
+        moe=moe,
+        init_std=0.1,
+    )
     torch.manual_seed(seed)
     return harsh_init(Decoder(cfg).eval())
 
@@ -40,8 +64,7 @@ CASES = {
     "topk-mixtral-tied": (dict(ffn="topk", tied=True), "mixtral", "MixtralForCausalLM"),
     # trained with a capacity, evaluated dropless: the dropless native class computes the eval mode
     "topk-capacity-mixtral": (dict(ffn="topk", capacity_factor=0.5), "mixtral", "MixtralForCausalLM"),
-    "topk-mixed-qwen": (dict(ffn=["topk", "dense", "topk"], renormalize=False), "qwen2_moe",
-                        "Qwen2MoeForCausalLM"),
+    "topk-mixed-qwen": (dict(ffn=["topk", "dense", "topk"], renormalize=False), "qwen2_moe", "Qwen2MoeForCausalLM"),
     "topk-raw-qwen": (dict(ffn="topk", renormalize=False), "qwen2_moe", "Qwen2MoeForCausalLM"),
     "topk-mixed-renorm-qwen": (dict(ffn=["dense", "topk", "topk"]), "qwen2_moe", "Qwen2MoeForCausalLM"),
 }
@@ -77,19 +100,21 @@ def test_greedy_generate_matches(exported):
     singles = []
     for p in prompts:
         ours = generate(model, p, 8)
-        theirs = hf.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=8,
-                             min_new_tokens=8, pad_token_id=EOD)
+        theirs = hf.generate(
+            p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=EOD
+        )
         assert torch.equal(ours, theirs), (ours, theirs)
-        singles.append(ours[0, p.shape[1]:])
+        singles.append(ours[0, p.shape[1] :])
     # a left-padded batch of both prompts gives each row its single-prompt generation
     L = max(p.shape[1] for p in prompts)
     batch = torch.full((2, L), EOD)
     mask = torch.zeros(2, L, dtype=torch.long)
     for r, p in enumerate(prompts):
-        batch[r, L - p.shape[1]:] = p[0]
-        mask[r, L - p.shape[1]:] = 1
-    theirs = hf.generate(batch, attention_mask=mask, do_sample=False, max_new_tokens=8, min_new_tokens=8,
-                         pad_token_id=EOD)
+        batch[r, L - p.shape[1] :] = p[0]
+        mask[r, L - p.shape[1] :] = 1
+    theirs = hf.generate(
+        batch, attention_mask=mask, do_sample=False, max_new_tokens=8, min_new_tokens=8, pad_token_id=EOD
+    )
     for r in range(2):
         assert torch.equal(theirs[r, L:], singles[r]), (r, theirs[r, L:], singles[r])
 
@@ -109,13 +134,16 @@ def test_config_fields():
     assert hf_config(tiny().cfg, "llama", EOD)["architectures"] == ["LlamaForCausalLM"]
 
 
-@pytest.mark.parametrize("kwargs, reason", [
-    (dict(ffn="topk", capacity_factor=1.25, eval_capacity_factor=1.25), "eval_capacity_factor"),
-    (dict(ffn="lory"), "lory"),
-    (dict(ffn="expert_choice"), "expert_choice"),
-    (dict(ffn=["sparsemixer", "dense", "sparsemixer"]), "sparsemixer"),  # all-sparsemixer: phimoe
-    (dict(ffn=["dense", "lory", "topk"]), "lory"),
-])
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(ffn="topk", capacity_factor=1.25, eval_capacity_factor=1.25), "eval_capacity_factor"),
+        (dict(ffn="lory"), "lory"),
+        (dict(ffn="expert_choice"), "expert_choice"),
+        (dict(ffn=["sparsemixer", "dense", "sparsemixer"]), "sparsemixer"),  # all-sparsemixer: phimoe
+        (dict(ffn=["dense", "lory", "topk"]), "lory"),
+    ],
+)
 def test_unsupported_raise(kwargs, reason, tmp_path):
     model = tiny(n_layers=3, **kwargs)
     assert native_arch(model.cfg) is None
@@ -141,8 +169,7 @@ def test_tokenizer_export(tiny_dataset, tmp_path):
     assert conf["tokenizer_class"] == "PreTrainedTokenizerFast"
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.eos_token_id == tok.pad_token_id == tok.bos_token_id == eod
-    for text in ["The quick brown fox jumps over the lazy dog.", "  spaces\tand\nnewlines 12345 é ü",
-                 "prose doc000 ."]:
+    for text in ["The quick brown fox jumps over the lazy dog.", "  spaces\tand\nnewlines 12345 é ü", "prose doc000 ."]:
         assert tok(text)["input_ids"] == ours.encode(text).ids, text
         assert tok.decode(tok(text)["input_ids"]) == text
     gen = json.loads((out / "generation_config.json").read_text())
@@ -169,8 +196,16 @@ def test_export_run(tiny_dataset, tmp_path):
 
     manifest = read_manifest(tiny_dataset)
     eod, size = manifest["tokenizer"]["eod_id"], manifest["tokenizer"]["vocab_size"]
-    cfg = ModelConfig(vocab_size=size, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=64, ffn="topk",
-                      moe=MoEConfig(num_experts=4))
+    cfg = ModelConfig(
+        vocab_size=size,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=48,
+        max_seq_len=64,
+        ffn="topk",
+        moe=MoEConfig(num_experts=4),
+    )
     run = tmp_path / "run"
     run.mkdir()
     save_config(RunConfig(model=cfg, data=DataConfig(path=str(tiny_dataset))), str(run / "config.yaml"))
@@ -179,8 +214,13 @@ def test_export_run(tiny_dataset, tmp_path):
     save_checkpoint(run, 3, model, torch.optim.AdamW(model.parameters()), {}, keep=1)
     out = export_run(run, tmp_path / "hf")
     assert out == tmp_path / "hf"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == eod
     hf = load_hf(out)
     assert type(hf).__name__ == "MixtralForCausalLM"

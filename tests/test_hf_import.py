@@ -14,8 +14,17 @@ transformers = pytest.importorskip("transformers")
 from diffmoe.hf.importer import import_hf, read_hf_config, read_hf_weights  # noqa: E402
 from diffmoe.runs import load_run  # noqa: E402
 
-COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=48, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5000.0)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    rope_theta=5000.0,
+)
 
 
 def hf_model(arch: str, **extra):
@@ -25,9 +34,17 @@ def hf_model(arch: str, **extra):
     elif arch == "mixtral":
         cfg = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, **extra)
     else:  # layer 1 dense: mixed dense / MoE; an empty (zero-size) shared expert, which 5.x builds fine
-        cfg = transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                                          shared_expert_intermediate_size=0, mlp_only_layers=[1], qkv_bias=False,
-                                          norm_topk_prob=extra.pop("norm_topk_prob", False), **extra)
+        cfg = transformers.Qwen2MoeConfig(
+            **COMMON,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=0,
+            mlp_only_layers=[1],
+            qkv_bias=False,
+            norm_topk_prob=extra.pop("norm_topk_prob", False),
+            **extra,
+        )
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # random norm gains, so a mixed-up norm cannot pass
         for name, p in model.named_parameters():
@@ -51,8 +68,16 @@ def max_logit_diff(model, run_dir):
         return (ours(ids) - model(ids).logits.float()).abs().max().item()
 
 
-@pytest.mark.parametrize("arch,extra", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
-                                        ("mixtral", {}), ("qwen2_moe", {}), ("qwen2_moe", {"norm_topk_prob": True})])
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("mixtral", {}),
+        ("qwen2_moe", {}),
+        ("qwen2_moe", {"norm_topk_prob": True}),
+    ],
+)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_import_matches_transformers(tmp_path, arch, extra, layout):
     model = hf_model(arch, **extra)

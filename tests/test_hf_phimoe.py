@@ -13,6 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from hf_fixtures import harsh_init, load_hf  # noqa: E402
+
 from diffmoe.config import ModelConfig  # noqa: E402
 from diffmoe.eval.generate import generate  # noqa: E402
 from diffmoe.hf.export import export_native, native_arch  # noqa: E402
@@ -20,19 +22,31 @@ from diffmoe.hf.phimoe import basis, padded_ff, widened_width  # noqa: E402
 from diffmoe.model import Decoder  # noqa: E402
 from diffmoe.moe import MoEConfig  # noqa: E402
 from diffmoe.moe.sparsemixer import SparseMixerConfig  # noqa: E402
-from hf_fixtures import harsh_init, load_hf
 
-pytestmark = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                                reason="the widened PhiMoE export needs transformers >= 5")
+pytestmark = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="the widened PhiMoE export needs transformers >= 5"
+)
 
 EOD, V = 5, 97
 
 
 def tiny(tied=False, jitter_eps=0.3, d_model=32, n_heads=4, expert_ff=24, seed=0):
     moe = MoEConfig(num_experts=4, d_ff=expert_ff, families={"sparsemixer": SparseMixerConfig(jitter_eps=jitter_eps)})
-    cfg = ModelConfig(vocab_size=V, d_model=d_model, n_layers=3, n_heads=n_heads, n_kv_heads=2,
-                      d_ff=48, max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn="sparsemixer",
-                      moe=moe, init_std=0.1)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=d_model,
+        n_layers=3,
+        n_heads=n_heads,
+        n_kv_heads=2,
+        d_ff=48,
+        max_seq_len=64,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+        tie_embeddings=tied,
+        ffn="sparsemixer",
+        moe=moe,
+        init_std=0.1,
+    )
     torch.manual_seed(seed)
     return harsh_init(Decoder(cfg).eval())
 
@@ -124,16 +138,15 @@ def test_greedy_generate_matches(exported):
     singles = []
     for p in prompts:
         ours = generate(model, p, 8)
-        theirs = hf.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=8,
-                             pad_token_id=EOD)
+        theirs = hf.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=8, pad_token_id=EOD)
         assert torch.equal(ours, theirs), (ours, theirs)
-        singles.append(ours[0, p.shape[1]:])
+        singles.append(ours[0, p.shape[1] :])
     L = max(p.shape[1] for p in prompts)  # a left-padded batch: each row as alone
     batch = torch.full((2, L), EOD)
     mask = torch.zeros(2, L, dtype=torch.long)
     for r, p in enumerate(prompts):
-        batch[r, L - p.shape[1]:] = p[0]
-        mask[r, L - p.shape[1]:] = 1
+        batch[r, L - p.shape[1] :] = p[0]
+        mask[r, L - p.shape[1] :] = 1
     theirs = hf.generate(batch, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=EOD)
     for r in range(2):
         assert torch.equal(theirs[r, L:], singles[r]), (r, theirs[r, L:], singles[r])
@@ -153,27 +166,33 @@ def test_sparsemixer_mixed_with_other_kinds_is_not_native(ffn, tmp_path):
 def test_export_run_trained_sparsemixer_auto_is_phimoe_custom_on_request(tiny_dataset, tmp_path):
     """A trained all-SparseMixer run: ``diffmoe export`` (auto) writes PhiMoE with the tokenizer;
     ``--format custom`` still writes the custom-code export. Both compute the run's logits."""
+    from test_train import run_config
     from transformers import AutoTokenizer
 
     from diffmoe.cli import main
-    from diffmoe.train import train
     from diffmoe.runs import load_run
-    from test_train import run_config
+    from diffmoe.train import train
 
     train(run_config(tiny_dataset, "sparsemixer", steps=2), tmp_path / "run", show_progress=False)
     _, model, _ = load_run(tmp_path / "run")
     model.eval()
     assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")]) == 0
     out = tmp_path / "hf"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     hf, tok = load_hf(out), AutoTokenizer.from_pretrained(out)
     assert type(hf).__name__ == "PhimoeForCausalLM"
     x = torch.tensor([tok("In the beginning was the word")["input_ids"]])
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max().item() <= 1e-5
     hf.generation_config.eos_token_id = None
-    assert torch.equal(hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6),
-                       generate(model, x, 6))
+    assert torch.equal(
+        hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6), generate(model, x, 6)
+    )
     assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "custom"), "--format", "custom"]) == 0
     assert json.loads((tmp_path / "custom" / "config.json").read_text())["model_type"] == "diffmoe"

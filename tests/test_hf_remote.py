@@ -13,24 +13,40 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from hf_fixtures import harsh_init  # noqa: E402
+
 from diffmoe.config import ModelConfig  # noqa: E402
 from diffmoe.eval.generate import generate  # noqa: E402
 from diffmoe.hf.export import export_custom  # noqa: E402
 from diffmoe.model import Decoder  # noqa: E402
 from diffmoe.moe import ExpertChoiceConfig, LoryConfig, MoEConfig, TopKConfig  # noqa: E402
-from hf_fixtures import harsh_init
 
 EOD = 5
 V = 97
 
 
 def tiny(ffn, tied=False, seed=0, **moe_options):
-    families = dict(lory=LoryConfig(segment_len=6), topk=TopKConfig(top_k=2, capacity_factor=1.0,
-                                                                     eval_capacity_factor=1.0),
-                    expert_choice=ExpertChoiceConfig(capacity_factor=1.5))
+    families = dict(
+        lory=LoryConfig(segment_len=6),
+        topk=TopKConfig(top_k=2, capacity_factor=1.0, eval_capacity_factor=1.0),
+        expert_choice=ExpertChoiceConfig(capacity_factor=1.5),
+    )
     moe = MoEConfig(num_experts=4, d_ff=24, families={**families, **moe_options})
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
-                      rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tied, ffn=ffn, moe=moe, init_std=0.1)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        max_seq_len=64,
+        rope_theta=5000.0,
+        norm_eps=1e-6,
+        tie_embeddings=tied,
+        ffn=ffn,
+        moe=moe,
+        init_std=0.1,
+    )
     torch.manual_seed(seed)
     return harsh_init(Decoder(cfg).eval())
 
@@ -43,8 +59,9 @@ CASES = {
     "topk-capacity-trained": dict(ffn="topk", topk=TopKConfig(top_k=2, capacity_factor=0.5)),  # dropless eval
     "sparsemixer": dict(ffn=["sparsemixer", "dense", "sparsemixer"]),
     "expert_choice": dict(ffn="expert_choice", tied=True),
-    "expert_choice-segment": dict(ffn="expert_choice", expert_choice=ExpertChoiceConfig(granularity="segment",
-                                                                                      segment_len=4)),
+    "expert_choice-segment": dict(
+        ffn="expert_choice", expert_choice=ExpertChoiceConfig(granularity="segment", segment_len=4)
+    ),
     "mixed": dict(ffn=["lory", "topk", "sparsemixer"], topk=TopKConfig(top_k=2, renormalize=False)),
     "remoe": dict(ffn=["remoe", "dense", "remoe"]),
 }
@@ -53,8 +70,9 @@ CASES = {
 def load_hf(path):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32,
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=True, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
@@ -89,12 +107,19 @@ def test_logits_match(exported):
     assert diff <= 1e-5, diff
     assert (masked - theirs).abs().max().item() <= 1e-5
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "configuration_diffmoe.py", "generation_config.json", "model.safetensors",
-                     "modeling_diffmoe.py"]
+    assert files == [
+        "config.json",
+        "configuration_diffmoe.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_diffmoe.py",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "diffmoe" and config["diffmoe"] == model.cfg.to_dict()
-    assert config["auto_map"] == {"AutoConfig": "configuration_diffmoe.DiffMoEConfig",
-                                  "AutoModelForCausalLM": "modeling_diffmoe.DiffMoEForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_diffmoe.DiffMoEConfig",
+        "AutoModelForCausalLM": "modeling_diffmoe.DiffMoEForCausalLM",
+    }
     assert ("note" in config) == ("expert_choice" in model.cfg.kinds)
 
 
@@ -111,8 +136,7 @@ def test_remote_files_import_only_torch_and_transformers(exported):
 
     for name in REMOTE_FILES:
         text = (exported[3] / name).read_text()
-        imports = {line.split()[1].split(".")[0] for line in text.splitlines()
-                   if line.startswith(("import ", "from "))}
+        imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
         assert imports <= {"math", "torch", "transformers", ""}, (name, imports)
 
 
@@ -159,11 +183,11 @@ def test_left_padded_batch_equals_each_row_alone(name, tmp_path):
     batch = torch.full((2, 9), EOD)
     mask = torch.zeros(2, 9, dtype=torch.long)
     for i, row in enumerate(rows):
-        batch[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+        batch[i, 9 - len(row) :], mask[i, 9 - len(row) :] = row, 1
     got = hf_generate(hf, batch, 6, mask)
     for i, row in enumerate(rows):
         alone = generate(model, row[None], 6)[0]
-        assert torch.equal(got[i, 9 - len(row):], alone), (i, got[i], alone)
+        assert torch.equal(got[i, 9 - len(row) :], alone), (i, got[i], alone)
 
 
 def test_lory_generate_without_cache_is_refused(tmp_path):
@@ -206,13 +230,13 @@ def test_batch_selection_excludes_padding(name, tmp_path):
 
 
 def test_export_run_picks_custom_for_lory_and_ships_the_tokenizer(tiny_dataset, tmp_path):
+    from test_train import run_config
     from transformers import AutoTokenizer
 
     from diffmoe.cli import main
     from diffmoe.hf.export import export_run
-    from diffmoe.train import train
     from diffmoe.runs import load_run
-    from test_train import run_config
+    from diffmoe.train import train
 
     train(run_config(tiny_dataset, "lory", steps=1), tmp_path / "run", show_progress=False)
     with pytest.raises(ValueError, match="cannot export natively"):
@@ -222,8 +246,14 @@ def test_export_run_picks_custom_for_lory_and_ships_the_tokenizer(tiny_dataset, 
     assert main(["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--format", "auto"]) == 0
     out = tmp_path / "hf"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "configuration_diffmoe.py", "generation_config.json", "model.safetensors",
-        "modeling_diffmoe.py", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "configuration_diffmoe.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_diffmoe.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     _, model, _ = load_run(tmp_path / "run")
     hf, tok = load_hf(out), AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     x = torch.tensor([tok("In the beginning")["input_ids"]])

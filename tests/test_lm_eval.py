@@ -50,9 +50,10 @@ def test_task_builder_is_deterministic_and_loads(task_dir, tmp_path):
 
 
 def _train_and_export(tiny_dataset, base, ffn, steps, fmt, **model_kw):
+    from test_train import run_config
+
     from diffmoe.hf.export import export_run
     from diffmoe.train import train
-    from test_train import run_config
 
     cfg = run_config(tiny_dataset, ffn, steps=steps)
     cfg.model.max_seq_len = 256  # room for a multiple-choice ending of the tiny tokenizer (lm-eval's HF asserts)
@@ -72,13 +73,13 @@ def tiny_run(tiny_dataset, tmp_path_factory):
 def lory_run(tiny_dataset, tmp_path_factory):
     """A Lory run (segments of 8 tokens; weights of std 0.2, so that its routing changes the scores
     visibly) and its custom-code export."""
-    return _train_and_export(tiny_dataset, tmp_path_factory.mktemp("lmeval_lory"), "lory", 3, "custom",
-                             init_std=0.2)
+    return _train_and_export(tiny_dataset, tmp_path_factory.mktemp("lmeval_lory"), "lory", 3, "custom", init_std=0.2)
 
 
 def _metrics(results, task):
-    return {k.split(",")[0]: v for k, v in results["results"][task].items()
-            if isinstance(v, float) and "stderr" not in k}
+    return {
+        k.split(",")[0]: v for k, v in results["results"][task].items() if isinstance(v, float) and "stderr" not in k
+    }
 
 
 def _hf_evaluate(hf, tasks, task_dir, limit, **kw):
@@ -86,9 +87,17 @@ def _hf_evaluate(hf, tasks, task_dir, limit, **kw):
     from lm_eval.tasks import TaskManager
 
     args = f"pretrained={hf},dtype=float32" + (",trust_remote_code=True" if kw.pop("remote", False) else "")
-    return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=tasks, limit=limit, batch_size=4,
-                                   task_manager=TaskManager(include_path=str(task_dir)), device="cpu",
-                                   bootstrap_iters=0, **kw)
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args=args,
+        tasks=tasks,
+        limit=limit,
+        batch_size=4,
+        task_manager=TaskManager(include_path=str(task_dir)),
+        device="cpu",
+        bootstrap_iters=0,
+        **kw,
+    )
 
 
 def _assert_same_metrics(ours, theirs, tasks):
@@ -157,11 +166,17 @@ def test_lory_prompt_routed_scores_equal_the_exports_cached_decoding(lory_run, t
     item = json.loads((task_dir / "diffmoe_cloze.jsonl").read_text("utf-8").splitlines()[0])
     for n_ctx in (5, 13):  # inside the first segment, and across segments
         ctx = lm.tok_encode(item["context"])[-n_ctx:]
-        out = hf.generate(torch.tensor([ctx]), max_new_tokens=6, do_sample=False, output_logits=True,
-                          return_dict_in_generate=True, pad_token_id=lm.eot_token_id)
-        cont = out.sequences[0, len(ctx):].tolist()
+        out = hf.generate(
+            torch.tensor([ctx]),
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=lm.eot_token_id,
+        )
+        cont = out.sequences[0, len(ctx) :].tolist()
         expected = sum(torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, cont))
-        (score, greedy), = lm._loglikelihood_tokens([(None, ctx, cont)])
-        (other, _), = segment._loglikelihood_tokens([(None, ctx, cont)])
+        ((score, greedy),) = lm._loglikelihood_tokens([(None, ctx, cont)])
+        ((other, _),) = segment._loglikelihood_tokens([(None, ctx, cont)])
         assert score == pytest.approx(expected, abs=1e-5) and greedy, (n_ctx, score, expected)
         assert abs(other - score) > 1e-3, (n_ctx, other, score)

@@ -19,7 +19,7 @@ def reference(layer: LoryMoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     ex = layer.experts
     for b in range(B):
-        segs = [x[b, k * T:(k + 1) * T] for k in range(N)]
+        segs = [x[b, k * T : (k + 1) * T] for k in range(N)]
         probs = [torch.softmax(layer.router(s.mean(0)), -1) for s in segs]
         for k, seg in enumerate(segs):
             if k == 0:
@@ -31,7 +31,7 @@ def reference(layer: LoryMoE, x: torch.Tensor) -> torch.Tensor:
             w1 = sum(e[i] * ex.w1[i] for i in range(E))
             w3 = sum(e[i] * ex.w3[i] for i in range(E))
             w2 = sum(e[i] * ex.w2[i] for i in range(E))
-            out[b, k * T:(k + 1) * T] = F.linear(F.silu(F.linear(seg, w1)) * F.linear(seg, w3), w2)
+            out[b, k * T : (k + 1) * T] = F.linear(F.silu(F.linear(seg, w1)) * F.linear(seg, w3), w2)
     return out
 
 
@@ -148,8 +148,10 @@ def test_recompute_path_equals_plain_autograd_path():
     w = torch.softmax(torch.randn(6, E), -1)
     g = torch.randn(6, 8, D)
     outs = []
-    for fn in (lambda x, w: merged_swiglu(x, merge_experts(w, ex)),
-               lambda x, w: segment_merged_swiglu(x, w, ex, chunk=4)):
+    for fn in (
+        lambda x, w: merged_swiglu(x, merge_experts(w, ex)),
+        lambda x, w: segment_merged_swiglu(x, w, ex, chunk=4),
+    ):
         xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         ex.zero_grad()
         y = fn(xx, ww)

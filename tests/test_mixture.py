@@ -57,8 +57,8 @@ def test_each_dataset_is_drawn_by_its_weight_and_without_replacement():
         epochs = len(rows) // n
         assert epochs >= 2
         for e in range(epochs):
-            assert sorted(rows[e * n:(e + 1) * n]) == list(range(n))
-        assert rows[:n] != rows[n:2 * n]
+            assert sorted(rows[e * n : (e + 1) * n]) == list(range(n))
+        assert rows[:n] != rows[n : 2 * n]
 
 
 @pytest.mark.parametrize("world, micro, accum", [(2, 4, 1), (4, 2, 1), (2, 2, 2)])
@@ -74,7 +74,7 @@ def test_the_same_sequences_on_any_number_of_ranks(world, micro, accum):
     assert many == one
     # a pure function of the position: a fresh stream asked for step 25 directly agrees (resume)
     fresh = MixtureStream(datasets, weights, batch_size=G, seed=1, global_batch=G)
-    assert [tuple(r.tolist()) for r in fresh.batch(25)[0]] == one[25 * G:26 * G]
+    assert [tuple(r.tolist()) for r in fresh.batch(25)[0]] == one[25 * G : 26 * G]
     other_seed = drawn(MixtureStream(datasets, weights, batch_size=G, seed=2, global_batch=G), 30)
     assert other_seed != one
 
@@ -87,28 +87,48 @@ def second_dataset(tiny_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("second")
     corpus = write_fixture_corpus(base / "corpus")
     shutil.rmtree(corpus / "code")
-    prepare(corpus, base / "data", PrepareConfig(context_len=32, heldout_fraction=0.2, seed=9,
-                                                 tokenizer=TokenizerConfig(source=str(tiny_dataset))))
+    prepare(
+        corpus,
+        base / "data",
+        PrepareConfig(
+            context_len=32, heldout_fraction=0.2, seed=9, tokenizer=TokenizerConfig(source=str(tiny_dataset))
+        ),
+    )
     return base / "data"
 
 
 def mixture_config(mixture, steps=6, **train_kw):
     model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64)
-    return RunConfig(model=model, data=DataConfig(mixture=mixture, batch_size=8, micro_batch_size=4, eval_batches=1),
-                     train=TrainConfig(**{"steps": steps, "lr": 3e-3, "log_every": 1, "eval_every": 3,
-                                          "checkpoint_every": 1000, "tensorboard": False, **train_kw}))
+    return RunConfig(
+        model=model,
+        data=DataConfig(mixture=mixture, batch_size=8, micro_batch_size=4, eval_batches=1),
+        train=TrainConfig(
+            **{
+                "steps": steps,
+                "lr": 3e-3,
+                "log_every": 1,
+                "eval_every": 3,
+                "checkpoint_every": 1000,
+                "tensorboard": False,
+                **train_kw,
+            }
+        ),
+    )
 
 
 def test_a_mixture_run_resumes_exactly_and_evaluates_each_dataset(tiny_dataset, second_dataset, tmp_path):
-    cfg = mixture_config([{"path": str(tiny_dataset), "weight": 3}, {"path": str(second_dataset), "weight": 1,
-                                                                        "name": "prose"}],
-                         checkpoint_every=3, keep_checkpoints=3)
+    cfg = mixture_config(
+        [{"path": str(tiny_dataset), "weight": 3}, {"path": str(second_dataset), "weight": 1, "name": "prose"}],
+        checkpoint_every=3,
+        keep_checkpoints=3,
+    )
     summary = train(cfg, tmp_path / "full", show_progress=False)
     assert {"data/code", "data/prose", "data/all", "prose/prose", "prose/all", "all"} <= set(summary["heldout"])
     parts = [summary["heldout"][k] for k in ("data/all", "prose/all")]
     assert summary["heldout"]["all"]["tokens"] == sum(p["tokens"] for p in parts)
     assert summary["heldout"]["all"]["loss"] == pytest.approx(
-        sum(p["loss"] * p["tokens"] for p in parts) / sum(p["tokens"] for p in parts))
+        sum(p["loss"] * p["tokens"] for p in parts) / sum(p["tokens"] for p in parts)
+    )
     train(cfg, tmp_path / "cut", show_progress=False)
     for ckpt in list_checkpoints(tmp_path / "cut"):
         if int(ckpt.name.split("-")[1]) > 3:

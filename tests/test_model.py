@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from diffmoe import Decoder
 from diffmoe.eval.generate import generate, generate_stream
 from diffmoe.moe import LoryConfig
-
-from conftest import tiny_model_config
 
 T = 8  # Lory segment length in these tests
 
@@ -53,8 +52,8 @@ def test_logits_at_t_do_not_depend_on_later_tokens(name, ffn, first, routing, tr
     base = run(ids)
     for t in (causal_from, causal_from + 3, T + 5, 2 * T, L - 2):
         changed = ids.clone()
-        changed[:, t + 1:] = torch.randint(0, 97, (2, L - t - 1))
-        torch.testing.assert_close(run(changed)[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-5)
+        changed[:, t + 1 :] = torch.randint(0, 97, (2, L - t - 1))
+        torch.testing.assert_close(run(changed)[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
 
 
 def test_paper_first_segment_leaks_inside_segment_one():
@@ -72,7 +71,7 @@ def _incremental_logits(model, ids, prompt_len, chunks=None):
     out = [model(ids[:, :prompt_len], cache=cache)]
     pos = prompt_len
     for size in chunks or [1] * (ids.shape[1] - prompt_len):
-        out.append(model(ids[:, pos:pos + size], cache=cache))
+        out.append(model(ids[:, pos : pos + size], cache=cache))
         pos += size
     return torch.cat(out, 1)
 
@@ -89,8 +88,9 @@ def test_kv_cache_with_prompt_routing_equals_full_forward(ffn):
     torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("first, prompt_len, chunks", [
-    ("uniform", 5, None), ("uniform", 3, [4, 1, 9, 2, 1, 10]), ("own_mean", 12, None)])
+@pytest.mark.parametrize(
+    "first, prompt_len, chunks", [("uniform", 5, None), ("uniform", 3, [4, 1, 9, 2, 1, 10]), ("own_mean", 12, None)]
+)
 def test_kv_cache_with_segment_routing_equals_full_forward(first, prompt_len, chunks):
     model = build("lory", first).eval()
     ids = torch.randint(0, 97, (2, 30))

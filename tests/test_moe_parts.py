@@ -35,12 +35,16 @@ def test_router_logits_are_float32_under_bf16_autocast():
     assert router(x.double()).dtype == torch.float64
 
 
-@pytest.mark.parametrize("build", [
-    lambda: TopKMoE(D, FF, E, top_k=2),
-    lambda: SparseMixerMoE(D, FF, E, jitter_eps=0.01).eval(),
-    lambda: LoryMoE(D, FF, E, segment_len=16),
-    lambda: ExpertChoiceMoE(D, FF, E, capacity_factor=2.0),
-], ids=["topk", "sparsemixer-eval", "lory", "expert-choice"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TopKMoE(D, FF, E, top_k=2),
+        lambda: SparseMixerMoE(D, FF, E, jitter_eps=0.01).eval(),
+        lambda: LoryMoE(D, FF, E, segment_len=16),
+        lambda: ExpertChoiceMoE(D, FF, E, capacity_factor=2.0),
+    ],
+    ids=["topk", "sparsemixer-eval", "lory", "expert-choice"],
+)
 def test_layers_route_the_same_under_bf16_autocast(build):
     """Same input, float32 run vs bf16 autocast run: identical routing decisions (the experts' outputs
     are bf16 and differ, the choice of experts and the weights do not)."""
@@ -58,13 +62,17 @@ def test_layers_route_the_same_under_bf16_autocast(build):
             torch.testing.assert_close(layer.stats[name], want[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("build, way", [
-    (lambda: TopKMoE(D, FF, E), "forward"),
-    (lambda: SparseMixerMoE(D, FF, E), "forward"),
-    (lambda: ExpertChoiceMoE(D, FF, E), "forward"),
-    (lambda: LoryMoE(D, FF, E, segment_len=8), "forward_merged"),
-    (lambda: LoryMoE(D, FF, E, segment_len=8, routing="prompt"), "merge"),
-], ids=["topk", "sparsemixer", "expert-choice", "lory-segment", "lory-prompt"])
+@pytest.mark.parametrize(
+    "build, way",
+    [
+        (lambda: TopKMoE(D, FF, E), "forward"),
+        (lambda: SparseMixerMoE(D, FF, E), "forward"),
+        (lambda: ExpertChoiceMoE(D, FF, E), "forward"),
+        (lambda: LoryMoE(D, FF, E, segment_len=8), "forward_merged"),
+        (lambda: LoryMoE(D, FF, E, segment_len=8, routing="prompt"), "merge"),
+    ],
+    ids=["topk", "sparsemixer", "expert-choice", "lory-segment", "lory-prompt"],
+)
 def test_layers_run_experts_only_through_the_experts_module(build, way, monkeypatch):
     """The experts container is the boundary parallelism wraps: a layer's forward calls exactly one of
     its ways of running experts, and its output is exactly what that call returned (or, for merged
@@ -107,9 +115,9 @@ def test_every_family_trains_under_torch_compile_as_in_eager():
     """Dynamo traces every family up to and across the graph break at its experts, and AOT autograd
     differentiates what it traced: the compiled step's gradients equal the eager ones (backend
     ``aot_eager``, no C compiler; inductor's code generation is covered by the compiled training test)."""
-    from diffmoe import Decoder
-
     from conftest import tiny_model_config
+
+    from diffmoe import Decoder
 
     cfg = tiny_model_config(ffn=["topk", "sparsemixer", "expert_choice", "lory"], n_layers=4)
     cfg.moe.num_experts = 4

@@ -11,8 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from diffmoe.config import load_config
-from diffmoe.train import train
 from diffmoe.runs import load_run
+from diffmoe.train import train
 from diffmoe.train.metrics import read_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-f588cd4"

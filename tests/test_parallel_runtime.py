@@ -12,16 +12,15 @@ import pytest
 import torch
 from conftest import run_torchrun, torchrun
 from safetensors.torch import load_file
+from test_train import losses, run_config
 
 from diffmoe.cli import main
 from diffmoe.config import save_config
 from diffmoe.parallel.dcp import model_state
+from diffmoe.runs import load_run
 from diffmoe.train import train
 from diffmoe.train.checkpoint import list_checkpoints
-from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
-
-from test_train import losses, run_config
 
 
 def torchrun_train(nproc, cfg_path, run_dir, *overrides, resume=False):
@@ -52,8 +51,9 @@ def distributed_config(tiny_dataset, ffn, dense_warmup_frac=0.0, **train_kw):
 
 
 def test_expert_parallel_run_equals_one_process_and_resumes_on_one_and_on_four(tiny_dataset, tmp_path):
-    cfg = distributed_config(tiny_dataset, "topk", steps=6, checkpoint_every=3, eval_every=3,
-                             dense_warmup_frac=0.34)  # the dense-to-MoE switch at step 2
+    cfg = distributed_config(
+        tiny_dataset, "topk", steps=6, checkpoint_every=3, eval_every=3, dense_warmup_frac=0.34
+    )  # the dense-to-MoE switch at step 2
     cfg.train.parallel.ep = 2
     cfg.validate()
     save_config(cfg, str(tmp_path / "cfg.yaml"))

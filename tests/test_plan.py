@@ -30,8 +30,13 @@ TINY = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_l
 
 def run_config(ffn="lory", batch=8, micro=1, bf16=True, **model):
     moe = {"num_experts": 4, "lory": {"segment_len": 8}, "topk": {"top_k": 2}}
-    return RunConfig.from_dict({"model": {**TINY, "ffn": ffn, "moe": moe, **model},
-                                "data": {"batch_size": batch, "micro_batch_size": micro}, "train": {"bf16": bf16}})
+    return RunConfig.from_dict(
+        {
+            "model": {**TINY, "ffn": ffn, "moe": moe, **model},
+            "data": {"batch_size": batch, "micro_batch_size": micro},
+            "train": {"bf16": bf16},
+        }
+    )
 
 
 def layout_plan(cfg, layout, gpus=4, mem=1.0):
@@ -56,8 +61,14 @@ def test_parameter_shapes_match_the_model(ffn, extra):
 
 def test_workload_batch_split():
     w = P.workload(run_config(batch=8, micro=1), 4)
-    assert (w.micro_batch, w.accum, w.tokens, w.act_bytes, w.param_dtype, w.reduce_dtype) == \
-        (1, 2, 32, 2, "bfloat16", "float32")
+    assert (w.micro_batch, w.accum, w.tokens, w.act_bytes, w.param_dtype, w.reduce_dtype) == (
+        1,
+        2,
+        32,
+        2,
+        "bfloat16",
+        "float32",
+    )
     assert P.workload(run_config(batch=8, micro=None), 4).micro_batch == 2  # default: batch / GPUs
     with pytest.raises(ConfigError, match="data.batch_size=8: must be a multiple"):
         P.workload(run_config(batch=8, micro=4), 4)
@@ -145,8 +156,15 @@ def test_candidate_layouts():
     assert names(run_config("lory"), 8) == ["ddp", "fsdp", "fsdp+etp2", "fsdp+etp4", "fsdp+etp8"]
     assert names(run_config("topk"), 8) == ["ddp", "fsdp", "fsdp+ep2", "fsdp+ep4"]  # gcd(8, E=4)
     assert names(run_config("expert_choice"), 16) == ["ddp", "fsdp", "hsdp2x8"]
-    assert names(run_config("topk"), 16) == ["ddp", "fsdp", "hsdp2x8", "fsdp+ep2", "fsdp+ep4", "hsdp2x8+ep2",
-                                             "hsdp2x8+ep4"]
+    assert names(run_config("topk"), 16) == [
+        "ddp",
+        "fsdp",
+        "hsdp2x8",
+        "fsdp+ep2",
+        "fsdp+ep4",
+        "hsdp2x8+ep2",
+        "hsdp2x8+ep4",
+    ]
     assert names(run_config("lory"), 1) == ["ddp"]
 
 
@@ -180,17 +198,24 @@ def test_max_micro_batch():
     cfg = run_config("lory", batch=32, micro=1)
     lp = layout_plan(cfg, Layout(4, "fsdp", 1, 4))
     w = P.workload(cfg, 4)
-    sizes = {m: P.memory(cfg.model, lp.layout, replace(w, micro_batch=m, accum=8 // m), P.Cluster(4, 1, reserve_gib=0))
-             .total("none") for m in (1, 2, 4, 8)}
+    sizes = {
+        m: P.memory(
+            cfg.model, lp.layout, replace(w, micro_batch=m, accum=8 // m), P.Cluster(4, 1, reserve_gib=0)
+        ).total("none")
+        for m in (1, 2, 4, 8)
+    }
     limit = (sizes[2] + sizes[4]) / 2
     lp = layout_plan(cfg, Layout(4, "fsdp", 1, 4), mem=limit / P.GiB)
     assert lp.max_micro_batch["none"] == 2
 
 
 def test_cluster_errors_are_one_line_config_errors():
-    for kwargs, flag in [(dict(gpus=0, gpu_mem_gib=80), "--gpus=0"), (dict(gpus=2, gpu_mem_gib=-1), "--gpu-mem=-1"),
-                         (dict(gpus=12, gpu_mem_gib=80), "--gpus=12"),
-                         (dict(gpus=2, gpu_mem_gib=80, gpus_per_node=0), "--gpus-per-node=0")]:
+    for kwargs, flag in [
+        (dict(gpus=0, gpu_mem_gib=80), "--gpus=0"),
+        (dict(gpus=2, gpu_mem_gib=-1), "--gpu-mem=-1"),
+        (dict(gpus=12, gpu_mem_gib=80), "--gpus=12"),
+        (dict(gpus=2, gpu_mem_gib=80, gpus_per_node=0), "--gpus-per-node=0"),
+    ]:
         with pytest.raises(ConfigError) as err:
             P.Cluster(**kwargs)
         assert str(err.value).startswith(f"invalid {flag}") and "\n" not in str(err.value)
@@ -219,8 +244,13 @@ def saved_bytes(model, ids) -> int:
 def test_activation_estimate_matches_saved_tensors(ffn):
     model_cfg = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=352, max_seq_len=128)
     moe = {"num_experts": 4, "dispatch": "grouped_mm", "lory": {"segment_len": 32}}
-    cfg = RunConfig.from_dict({"model": {**model_cfg, "ffn": ffn, "moe": moe},
-                               "data": {"batch_size": 2, "micro_batch_size": 2}, "train": {"bf16": True}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {**model_cfg, "ffn": ffn, "moe": moe},
+            "data": {"batch_size": 2, "micro_batch_size": 2},
+            "train": {"bf16": True},
+        }
+    )
     model = Decoder(cfg.model).to(torch.bfloat16)
     measured = saved_bytes(model, torch.randint(0, 512, (2, 128)))
     layout = Layout(1, "fsdp", 1, 1)

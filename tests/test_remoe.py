@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from test_train import losses, run_config
 
 from diffmoe.moe.remoe import ReMoE, ReMoEConfig
+from diffmoe.runs import load_run
 from diffmoe.train import train
 from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints
-from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
-from test_train import losses, run_config
 
 D, FF, E = 8, 12, 4
 
@@ -90,8 +90,11 @@ def test_coefficient_follows_eq7_pooled_over_layers_and_micro_batches():
 def test_config_is_checked():
     from diffmoe.config import ConfigError
 
-    for options, field in ((dict(top_k=E), "top_k"), (dict(l1_multiplier=1.0), "l1_multiplier"),
-                           (dict(l1_coef_init=0.0), "l1_coef_init")):
+    for options, field in (
+        (dict(top_k=E), "top_k"),
+        (dict(l1_multiplier=1.0), "l1_multiplier"),
+        (dict(l1_coef_init=0.0), "l1_coef_init"),
+    ):
         with pytest.raises(ConfigError) as err:
             ReMoE(D, FF, E, **options)
         assert err.value.field == field
@@ -101,8 +104,9 @@ def test_config_is_checked():
 def test_trains_with_the_step_hook_and_resumes_exactly(tiny_dataset, tmp_path):
     """The coefficient moves once per step by the rule (x1.2 or /1.2), is logged, and a resumed run
     reproduces the uninterrupted one, coefficient included."""
-    cfg = run_config(tiny_dataset, "remoe", steps=8, checkpoint_every=3, keep_checkpoints=5, grad_accum=2,
-                     routing_log_every=1)
+    cfg = run_config(
+        tiny_dataset, "remoe", steps=8, checkpoint_every=3, keep_checkpoints=5, grad_accum=2, routing_log_every=1
+    )
     train(cfg, tmp_path / "full", show_progress=False)
     train(cfg, tmp_path / "cut", show_progress=False)
     for ckpt in list_checkpoints(tmp_path / "cut"):
@@ -126,6 +130,7 @@ def test_trains_with_the_step_hook_and_resumes_exactly(tiny_dataset, tmp_path):
 
 def test_generates_as_the_full_forward_and_exports_with_custom_code(tmp_path):
     from conftest import tiny_model_config
+
     from diffmoe import Decoder
     from diffmoe.hf.export import export_custom, native_arch
 
@@ -140,7 +145,7 @@ def test_generates_as_the_full_forward_and_exports_with_custom_code(tmp_path):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2)
-        steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+        steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert native_arch(cfg) is None
     out = export_custom(model, tmp_path / "hf", 0, None)
@@ -165,8 +170,9 @@ def test_two_ranks_with_expert_parallelism_equal_one_process(tiny_dataset, tmp_p
     varying number of experts per token crosses the all-to-all) train what one process trains. The plain
     L1 penalty is a mean over tokens, the same per rank as over the batch (the load-balanced one counts
     experts per rank, as ReMoE does)."""
-    from diffmoe.config import save_config
     from test_parallel_runtime import assert_same_run, distributed_config, torchrun_train
+
+    from diffmoe.config import save_config
 
     cfg = distributed_config(tiny_dataset, "remoe", steps=4, eval_every=2)
     cfg.model.moe.families["remoe"] = ReMoEConfig(load_balance=False, l1_coef_init=1e-3)

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import write_fixture_corpus
 
 from diffmoe.config import ConfigError
 from diffmoe.repro import stats
 from diffmoe.repro.spec import Comparison, Experiments, Term, run_config, run_key
 from diffmoe.repro.suite import ReproOptions, run_repro
-
-from conftest import write_fixture_corpus
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
@@ -67,39 +66,108 @@ def _write(root: Path, rel: str, data: dict) -> None:
 
 
 def _toy_experiments(root: Path) -> Path:
-    _write(root, "suites/toy.yaml", {
-        "description": "toy", "seeds": 2, "corpus_mb": None,
-        "datasets": {"similarity": {"context_len": 32, "vocab_size": 384, "heldout_fraction": 0.1}},
-        "vars": {"T": 8},
-        "run": {"model": {"vocab_size": 384, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 48, "max_seq_len": 32},
+    _write(
+        root,
+        "suites/toy.yaml",
+        {
+            "description": "toy",
+            "seeds": 2,
+            "corpus_mb": None,
+            "datasets": {"similarity": {"context_len": 32, "vocab_size": 384, "heldout_fraction": 0.1}},
+            "vars": {"T": 8},
+            "run": {
+                "model": {"vocab_size": 384, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 48, "max_seq_len": 32},
                 "data": {"batch_size": 4, "eval_batches": None},
-                "train": {"steps": 6, "lr": 0.003, "log_every": 1, "routing_log_every": 3, "eval_every": 3,
-                          "checkpoint_every": 3, "keep_checkpoints": 2, "tensorboard": False}}})
+                "train": {
+                    "steps": 6,
+                    "lr": 0.003,
+                    "log_every": 1,
+                    "routing_log_every": 3,
+                    "eval_every": 3,
+                    "checkpoint_every": 3,
+                    "keep_checkpoints": 2,
+                    "tensorboard": False,
+                },
+            },
+        },
+    )
     _write(root, "arms/dense.yaml", {"description": "dense"})
-    _write(root, "arms/lory.yaml", {"description": "Lory", "run": {
-        "model": {"ffn": "lory", "moe": {"num_experts": 4, "lory": {"segment_len": "$T"}}}}})
-    _write(root, "arms/lory-prefix.yaml", {"description": "Lory, prefix routing", "run": {
-        "model": {"ffn": "lory", "moe": {"num_experts": 4, "router_init_std": 1.0,  # routing far from uniform
-                                         "lory": {"segment_len": "$T", "routing": "prefix"}}}}})
-    _write(root, "groups/01-toy.yaml", {
-        "claim": "1", "title": "Lory vs dense", "paper": "Lory is better.", "arms": ["dense", "lory"],
-        "comparisons": [
-            {"name": "Lory - dense", "terms": ["lory:loss.all", "-dense:loss.all"], "expect": "negative"},
-            {"name": "prompt - segment", "terms": ["lory:prompt.all", "-lory:after_T.all"], "expect": "comparable",
-             "margin": 0.5, "key": False}],
-        "plots": ["curves", "domains", "routing", "usage"]})
+    _write(
+        root,
+        "arms/lory.yaml",
+        {
+            "description": "Lory",
+            "run": {"model": {"ffn": "lory", "moe": {"num_experts": 4, "lory": {"segment_len": "$T"}}}},
+        },
+    )
+    _write(
+        root,
+        "arms/lory-prefix.yaml",
+        {
+            "description": "Lory, prefix routing",
+            "run": {
+                "model": {
+                    "ffn": "lory",
+                    "moe": {
+                        "num_experts": 4,
+                        "router_init_std": 1.0,  # routing far from uniform
+                        "lory": {"segment_len": "$T", "routing": "prefix"},
+                    },
+                }
+            },
+        },
+    )
+    _write(
+        root,
+        "groups/01-toy.yaml",
+        {
+            "claim": "1",
+            "title": "Lory vs dense",
+            "paper": "Lory is better.",
+            "arms": ["dense", "lory"],
+            "comparisons": [
+                {"name": "Lory - dense", "terms": ["lory:loss.all", "-dense:loss.all"], "expect": "negative"},
+                {
+                    "name": "prompt - segment",
+                    "terms": ["lory:prompt.all", "-lory:after_T.all"],
+                    "expect": "comparable",
+                    "margin": 0.5,
+                    "key": False,
+                },
+            ],
+            "plots": ["curves", "domains", "routing", "usage"],
+        },
+    )
     return root
 
 
 def test_spec_errors_name_the_file_and_field(tmp_path):
     root = _toy_experiments(tmp_path / "exp")
     exp = Experiments(root)
-    _write(root, "groups/02-bad.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["dense"],
-                                        "comparisons": [{"name": "x", "terms": ["lory:loss.all"], "expect": "negative"}]})
+    _write(
+        root,
+        "groups/02-bad.yaml",
+        {
+            "claim": "2",
+            "title": "t",
+            "paper": "p",
+            "arms": ["dense"],
+            "comparisons": [{"name": "x", "terms": ["lory:loss.all"], "expect": "negative"}],
+        },
+    )
     with pytest.raises(ConfigError, match=r"02-bad.yaml: comparisons\[0\]: term 'lory:loss.all' must be"):
         exp.group("02-bad")
-    _write(root, "groups/02-bad.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["dense"],
-                                        "comparisons": [{"name": "x", "terms": ["dense:loss.all"], "expect": "lower"}]})
+    _write(
+        root,
+        "groups/02-bad.yaml",
+        {
+            "claim": "2",
+            "title": "t",
+            "paper": "p",
+            "arms": ["dense"],
+            "comparisons": [{"name": "x", "terms": ["dense:loss.all"], "expect": "lower"}],
+        },
+    )
     with pytest.raises(ConfigError, match="expect='lower': choose one of negative, positive, comparable, open"):
         exp.group("02-bad")
     _write(root, "groups/02-bad.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": []})
@@ -140,19 +208,22 @@ def test_summary_equals_numpy():
     assert stats.summarise({}) is None
 
 
-@pytest.mark.parametrize("expect,values,margin,want", [
-    ("negative", [-0.06, -0.05, -0.055], 0, "yes"),
-    ("negative", [0.06, 0.05, 0.055], 0, "no"),
-    ("negative", [-0.06, 0.05, -0.01], 0, "inconclusive"),
-    ("positive", [0.06, 0.05, 0.055], 0, "yes"),
-    ("comparable", [0.001, -0.002, 0.0], 0.02, "yes"),
-    ("comparable", [0.1, 0.11, 0.12], 0.02, "no"),
-    ("comparable", [0.01, 0.03, 0.02], 0.02, "inconclusive"),
-    ("open", [-0.06, -0.05, -0.055], 0, "lower"),
-    ("open", [0.06, 0.05, 0.055], 0, "higher"),
-    ("open", [-0.06, 0.05, -0.01], 0, "no difference detected"),
-    ("negative", [-0.06], 0, "inconclusive (1 seed)"),
-])
+@pytest.mark.parametrize(
+    "expect,values,margin,want",
+    [
+        ("negative", [-0.06, -0.05, -0.055], 0, "yes"),
+        ("negative", [0.06, 0.05, 0.055], 0, "no"),
+        ("negative", [-0.06, 0.05, -0.01], 0, "inconclusive"),
+        ("positive", [0.06, 0.05, 0.055], 0, "yes"),
+        ("comparable", [0.001, -0.002, 0.0], 0.02, "yes"),
+        ("comparable", [0.1, 0.11, 0.12], 0.02, "no"),
+        ("comparable", [0.01, 0.03, 0.02], 0.02, "inconclusive"),
+        ("open", [-0.06, -0.05, -0.055], 0, "lower"),
+        ("open", [0.06, 0.05, 0.055], 0, "higher"),
+        ("open", [-0.06, 0.05, -0.01], 0, "no difference detected"),
+        ("negative", [-0.06], 0, "inconclusive (1 seed)"),
+    ],
+)
 def test_verdicts(expect, values, margin, want):
     c = Comparison("c", [Term(1, "a", "loss.all")], expect, margin)
     assert stats.verdict(c, stats.summarise(dict(enumerate(values)))) == want
@@ -161,8 +232,10 @@ def test_verdicts(expect, values, margin, want):
 
 def test_paired_uses_only_seeds_with_every_term():
     c = Comparison("c", [Term(1, "b", "loss.all"), Term(-1, "a", "loss.all")], "negative")
-    results = {"a": {0: {"metrics": {"loss.all": 3.0}}, 1: {"metrics": {"loss.all": 3.2}}},
-               "b": {0: {"metrics": {"loss.all": 2.9}}, 2: {"metrics": {"loss.all": 2.0}}}}
+    results = {
+        "a": {0: {"metrics": {"loss.all": 3.0}}, 1: {"metrics": {"loss.all": 3.2}}},
+        "b": {0: {"metrics": {"loss.all": 2.9}}, 2: {"metrics": {"loss.all": 2.0}}},
+    }
     s = stats.paired(c, results, range(3))
     assert s.values == {0: pytest.approx(-0.1)}
 
@@ -176,12 +249,15 @@ def _final_eval_loss(run: Path) -> float:
 def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     root = _toy_experiments(tmp_path / "exp")
     corpus = write_fixture_corpus(tmp_path / "corpus")
-    opts = ReproOptions(experiments=root, suite="toy", work=tmp_path / "work", out=tmp_path / "out",
-                        corpus=corpus, verbose=False)
+    opts = ReproOptions(
+        experiments=root, suite="toy", work=tmp_path / "work", out=tmp_path / "out", corpus=corpus, verbose=False
+    )
     report = run_repro(opts)
 
-    runs = {arm: sorted(p for p in (tmp_path / "work" / "runs" / arm).glob("s*-*") if p.is_dir())
-            for arm in ("dense", "lory")}
+    runs = {
+        arm: sorted(p for p in (tmp_path / "work" / "runs" / arm).glob("s*-*") if p.is_dir())
+        for arm in ("dense", "lory")
+    }
     assert [p.name.split("-")[0] for p in runs["dense"]] == ["s0", "s1"] and len(runs["lory"]) == 2
     # the comparison, per seed, from the runs' own metrics.jsonl (the trainer's last evaluation)
     want = {s: _final_eval_loss(runs["lory"][s]) - _final_eval_loss(runs["dense"][s]) for s in (0, 1)}
@@ -189,12 +265,15 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     first = group["comparisons"][0]
     assert first["summary"]["values"] == {str(s): pytest.approx(v, abs=1e-12) for s, v in want.items()}
     xs = np.array(list(want.values()))
-    assert first["summary"]["mean"] == pytest.approx(xs.mean()) and first["summary"]["sd"] == pytest.approx(xs.std(ddof=1))
+    assert first["summary"]["mean"] == pytest.approx(xs.mean()) and first["summary"]["sd"] == pytest.approx(
+        xs.std(ddof=1)
+    )
     assert first["ppl_change"] == pytest.approx(math.expm1(xs.mean()))
     lo, hi = first["summary"]["lo"], first["summary"]["hi"]
     assert first["verdict"] == ("yes" if hi < 0 else "no" if lo > 0 else "inconclusive") == group["verdict"]
     assert first["arms_alone"]["dense:loss.all"]["values"] == {
-        str(s): pytest.approx(_final_eval_loss(runs["dense"][s])) for s in (0, 1)}
+        str(s): pytest.approx(_final_eval_loss(runs["dense"][s])) for s in (0, 1)
+    }
     alone = [np.std([_final_eval_loss(runs[arm][s]) for s in (0, 1)], ddof=1) for arm in ("lory", "dense")]
     assert first["beyond_spread"] == (abs(xs.mean()) > max(alone))
     second = group["comparisons"][1]
@@ -233,11 +312,13 @@ def test_toy_experiment_report_numbers_and_resume(tmp_path, monkeypatch):
     shutil.rmtree(runs["lory"][1] / "checkpoints" / "step-00000006")
     again = run_repro(opts)["groups"][0]["comparisons"][0]["summary"]
     assert {k: again["values"][k] for k in again["values"]} == {
-        k: pytest.approx(v, abs=1e-6) for k, v in first["summary"]["values"].items()}
+        k: pytest.approx(v, abs=1e-6) for k, v in first["summary"]["values"].items()
+    }
     after = json.loads(result.read_text())["metrics"]
     assert set(after) == set(before)
-    assert all(after[k] == pytest.approx(before[k], abs=1e-6) for k in before if k not in
-               ("seconds_per_step", "train_minutes"))
+    assert all(
+        after[k] == pytest.approx(before[k], abs=1e-6) for k in before if k not in ("seconds_per_step", "train_minutes")
+    )
 
     # a changed arm trains anew in a new directory; the old run stays
     _write(root, "suites/toy.yaml", {**yaml.safe_load((root / "suites/toy.yaml").read_text()), "seeds": 1})
@@ -260,9 +341,17 @@ def test_run_lock_is_exclusive_and_freed_when_its_holder_dies(tmp_path):
         assert held
         with file_lock(lock, wait=False) as again:  # another open file: another holder
             assert not again
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(lock)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with file_lock(lock, wait=False) as held:
         assert not held
@@ -282,15 +371,28 @@ def test_demo_defaults_train_the_suite_arms():
     cfg = DemoConfig()
     models = model_configs(cfg, suite.run["model"]["vocab_size"])
     recipe = suite.datasets["similarity"]
-    assert (recipe["context_len"], recipe["vocab_size"], suite.corpus_mb) == (cfg.context_len, cfg.vocab_size,
-                                                                              cfg.mb_per_domain)
+    assert (recipe["context_len"], recipe["vocab_size"], suite.corpus_mb) == (
+        cfg.context_len,
+        cfg.vocab_size,
+        cfg.mb_per_domain,
+    )
     for model, arms in SUITE_ARMS.items():
         for name in arms:
             want = run_config(suite, exp.arm(name), cfg.seed, "data")
             got = demo_run_config(cfg, model, models[model], want.train.steps, Path("data"))
             assert got.model == want.model and got.data == want.data, name
-            for field in ("steps", "lr", "min_lr_ratio", "warmup_frac", "betas", "weight_decay", "grad_clip",
-                          "bf16", "seed", "dense_warmup_frac"):
+            for field in (
+                "steps",
+                "lr",
+                "min_lr_ratio",
+                "warmup_frac",
+                "betas",
+                "weight_decay",
+                "grad_clip",
+                "bf16",
+                "seed",
+                "dense_warmup_frac",
+            ):
                 assert getattr(got.train, field) == getattr(want.train, field), (name, field)
     assert run_config(suite, exp.arm("dense-short"), 0, "d").train.steps == cfg.max_steps
 
@@ -302,9 +404,17 @@ def test_demo_prints_the_suite_spread(tmp_path):
         return {"runs": {str(s): {"steps": steps, "metrics": {"loss.all": v}} for s, v in enumerate(losses)}}
 
     report = tmp_path / "report.json"
-    report.write_text(json.dumps({"arms": {"dense-short": runs([3.70, 3.74, 3.66], 1000),
-                                           "lory-8e-short": runs([3.64, 3.69, 3.60], 1000),
-                                           "dense": runs([3.5, 3.6, 3.55], 2000)}}))
+    report.write_text(
+        json.dumps(
+            {
+                "arms": {
+                    "dense-short": runs([3.70, 3.74, 3.66], 1000),
+                    "lory-8e-short": runs([3.64, 3.69, 3.60], 1000),
+                    "dense": runs([3.5, 3.6, 3.55], 2000),
+                }
+            }
+        )
+    )
     text = suite_spread(report, 1000)
     d = np.array([3.70, 3.74, 3.66])
     assert f"dense alone: held-out loss {d.mean():.4f} +- {d.std(ddof=1):.4f} nats over 3 seeds" in text
@@ -340,21 +450,51 @@ def test_definitions_are_checked_before_training(tmp_path):
     from diffmoe.repro.spec import check_group
 
     root = _toy_experiments(tmp_path / "exp")
-    _write(root, "groups/02-late.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["dense", "lory"],
-                                         "comparisons": [{"name": "x", "terms": ["lory:at40.all", "-dense:at40.all"],
-                                                          "expect": "negative"}]})
+    _write(
+        root,
+        "groups/02-late.yaml",
+        {
+            "claim": "2",
+            "title": "t",
+            "paper": "p",
+            "arms": ["dense", "lory"],
+            "comparisons": [{"name": "x", "terms": ["lory:at40.all", "-dense:at40.all"], "expect": "negative"}],
+        },
+    )
     exp = Experiments(root)
     arms = {"dense": exp.arm("dense"), "lory": exp.arm("lory")}
     with pytest.raises(ConfigError, match="lory:at40.all: arm lory in suite toy evaluates at 50 %, 100 % of its steps"):
         check_group(exp.suite("toy"), exp.group("02-late"), arms)
-    for terms, match in ((["lory:perplexity.all"], "unknown metric .perplexity.all."),
-                         ([{"lory": "loss.all"}], "must be a string"), ([], "non-empty list")):
-        _write(root, "groups/02-late.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["lory"],
-                                             "comparisons": [{"name": "x", "terms": terms, "expect": "negative"}]})
+    for terms, match in (
+        (["lory:perplexity.all"], "unknown metric .perplexity.all."),
+        ([{"lory": "loss.all"}], "must be a string"),
+        ([], "non-empty list"),
+    ):
+        _write(
+            root,
+            "groups/02-late.yaml",
+            {
+                "claim": "2",
+                "title": "t",
+                "paper": "p",
+                "arms": ["lory"],
+                "comparisons": [{"name": "x", "terms": terms, "expect": "negative"}],
+            },
+        )
         with pytest.raises(ConfigError, match=match):
             exp.group("02-late")
-    _write(root, "groups/02-late.yaml", {"claim": "2", "title": "t", "paper": "p", "arms": ["lory"], "plots": ["pie"],
-                                         "comparisons": [{"name": "x", "terms": ["lory:loss.all"], "expect": "negative"}]})
+    _write(
+        root,
+        "groups/02-late.yaml",
+        {
+            "claim": "2",
+            "title": "t",
+            "paper": "p",
+            "arms": ["lory"],
+            "plots": ["pie"],
+            "comparisons": [{"name": "x", "terms": ["lory:loss.all"], "expect": "negative"}],
+        },
+    )
     with pytest.raises(ConfigError, match="unknown plot.s. pie"):
         exp.group("02-late")
 
@@ -388,8 +528,16 @@ def test_committed_report_is_the_markdown_of_its_json():
 
 def test_report_only_before_any_run(tmp_path):
     root = _toy_experiments(tmp_path / "exp")
-    report = run_repro(ReproOptions(experiments=root, suite="toy", work=tmp_path / "work", out=tmp_path / "new" / "out",
-                                    report_only=True, verbose=False))
+    report = run_repro(
+        ReproOptions(
+            experiments=root,
+            suite="toy",
+            work=tmp_path / "work",
+            out=tmp_path / "new" / "out",
+            report_only=True,
+            verbose=False,
+        )
+    )
     assert [c["verdict"] for c in report["groups"][0]["comparisons"]] == ["not run", "not run"]
     assert report["groups"][0]["verdict"] == "not run" and report["groups"][0]["plots"] == {}
     assert "| Lory - dense | 0 |" in (tmp_path / "new" / "out" / "REPORT.md").read_text()

@@ -4,11 +4,10 @@ import itertools
 
 import pytest
 import torch
+from hf_reference import compare_with_block, phimoe_block
 
 from diffmoe.moe import HeunMultiplier, SparseMixerMoE, sparsemixer_route
 from diffmoe.moe.sparsemixer import HEUN_P_ONE, band_mask
-
-from hf_reference import compare_with_block, phimoe_block
 
 D, FF, E = 16, 24, 6
 
@@ -25,8 +24,12 @@ def test_eval_matches_transformers_phimoe_block(jitter_eps, dispatch_impl):
 
 
 def test_gates_are_masked_softmax_values_not_renormalised():
-    logits = torch.tensor([[4.0, 1.0, 0.0, -1.0],     # far apart: each band holds one expert
-                           [1.0, 0.99, 0.2, 0.1]])   # first band holds experts 0 and 1
+    logits = torch.tensor(
+        [
+            [4.0, 1.0, 0.0, -1.0],  # far apart: each band holds one expert
+            [1.0, 0.99, 0.2, 0.1],
+        ]
+    )  # first band holds experts 0 and 1
     mult, experts, band = sparsemixer_route(logits, jitter_eps=0.01, training=False)
     assert experts.tolist() == [[0, 1], [0, 1]]
     assert band.tolist() == [[1, 1], [2, 1]]
@@ -61,8 +64,9 @@ def test_heun_backward_is_the_stated_estimator_when_scale_is_one_third():
     onehot = torch.nn.functional.one_hot(selected[:, 0], logits.shape[1]).double()
     torch.testing.assert_close(grad, g * p_d * (onehot - p))
     # ... which is deliberately 3x the derivative of the forward value p_D / 3
-    true = torch.autograd.grad((logits.masked_fill(~band, float("-inf")).softmax(-1).gather(-1, selected)
-                                * scale * g).sum(), logits)[0]
+    true = torch.autograd.grad(
+        (logits.masked_fill(~band, float("-inf")).softmax(-1).gather(-1, selected) * scale * g).sum(), logits
+    )[0]
     torch.testing.assert_close(grad, 3 * true)
     with pytest.raises(Exception):
         torch.autograd.gradcheck(lambda z: HeunMultiplier.apply(z, band, selected, scale), (logits,))
@@ -100,7 +104,9 @@ def _exact_expected_grad():
                 prob = p1[d1] * p2[d2]
                 for d, s, p in ((d1, s1, p1), (d2, s2, p2)):
                     is_max = d == int(p.argmax())
-                    prob = prob * ((1.0 if s == 1.0 else 0.0) if is_max else (HEUN_P_ONE if s == 1.0 else 1 - HEUN_P_ONE))
+                    prob = prob * (
+                        (1.0 if s == 1.0 else 0.0) if is_max else (HEUN_P_ONE if s == 1.0 else 1 - HEUN_P_ONE)
+                    )
                 if prob == 0:
                     continue
                 zz = z.clone().requires_grad_(True)
@@ -116,7 +122,7 @@ def _mc_grad(route, M):
     z = LOGITS.repeat(M, 1).requires_grad_(True)
     mult, experts = route(z)
     (g,) = torch.autograd.grad(_loss(mult, experts), z)
-    return g.mean(0), g.std(0) / M ** 0.5
+    return g.mean(0), g.std(0) / M**0.5
 
 
 def test_training_gradient_agrees_in_expectation_with_transformers_sparsemixer():
@@ -149,8 +155,13 @@ def test_statistics_and_balance_loss_equal_their_definitions():
     p = logits.softmax(-1)
     st = layer.stats
     torch.testing.assert_close(st["load"], f)
-    band = torch.cat([band_mask(logits, logits, 0.3).sum(-1, keepdim=True),
-                      band_mask(logits.scatter(-1, top2[:, :1], float("-inf")), logits, 0.3).sum(-1, keepdim=True)], -1)
+    band = torch.cat(
+        [
+            band_mask(logits, logits, 0.3).sum(-1, keepdim=True),
+            band_mask(logits.scatter(-1, top2[:, :1], float("-inf")), logits, 0.3).sum(-1, keepdim=True),
+        ],
+        -1,
+    )
     torch.testing.assert_close(st["band_multi"], (band > 1).float().mean(0))
     assert 0 < st["band_multi"][0] < 1  # some bands hold several experts, some one
     balance = layer.aux_losses["balance"]
@@ -158,8 +169,9 @@ def test_statistics_and_balance_loss_equal_their_definitions():
     assert balance.item() > 1.0 + 1e-3  # not the value every uniform router gives (below)
     # the balance loss alone gives the router a gradient, through P: dL/dP_i = E f_i
     (g,) = torch.autograd.grad(balance, layer.router.weight)
-    want = torch.autograd.grad(E * (f * (x.reshape(-1, D) @ layer.router.weight.t()).softmax(-1).mean(0)).sum(),
-                               layer.router.weight)[0]
+    want = torch.autograd.grad(
+        E * (f * (x.reshape(-1, D) @ layer.router.weight.t()).softmax(-1).mean(0)).sum(), layer.router.weight
+    )[0]
     torch.testing.assert_close(g, want)
 
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from diffmoe.data import PrepareConfig, TokenizerConfig, prepare
+from diffmoe.data.builtin import BuiltinCorpusConfig
 from diffmoe.data.config import OrderingConfig
 from diffmoe.data.errors import DataError
 from diffmoe.eval.tasks import DOMAIN, TASKS, _bible, _stdlib_modules, _wiki_articles, build_tasks
-from diffmoe.data.builtin import BuiltinCorpusConfig
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +30,11 @@ def test_items_leave_out_the_training_documents_of_a_dataset(tmp_path):
     build_tasks(plain, seed=0, n=8)
     drawn = {task: _doc_ids(plain, task) for task in TASKS}
     # a corpus of exactly the documents the plain build drew from, prepared with a held-out split
-    texts = {"literature": dict(_bible(BuiltinCorpusConfig())), "encyclopedic": dict(_wiki_articles()),
-             "code": dict(_stdlib_modules())}
+    texts = {
+        "literature": dict(_bible(BuiltinCorpusConfig())),
+        "encyclopedic": dict(_wiki_articles()),
+        "code": dict(_stdlib_modules()),
+    }
     for domain in texts:
         ids = sorted(set().union(*(drawn[t] for t in TASKS if DOMAIN[t] == domain)))
         (tmp_path / "corpus" / domain).mkdir(parents=True)
@@ -39,9 +42,17 @@ def test_items_leave_out_the_training_documents_of_a_dataset(tmp_path):
             for i in ids:
                 fh.write(json.dumps({"id": i, "text": texts[domain][i]}) + "\n")
     data = tmp_path / "data"
-    prepare(tmp_path / "corpus", data, PrepareConfig(context_len=32, heldout_fraction=0.25, seed=1,
-                                                     ordering=OrderingConfig(batching="random"),
-                                                     tokenizer=TokenizerConfig(vocab_size=300)))
+    prepare(
+        tmp_path / "corpus",
+        data,
+        PrepareConfig(
+            context_len=32,
+            heldout_fraction=0.25,
+            seed=1,
+            ordering=OrderingConfig(batching="random"),
+            tokenizer=TokenizerConfig(vocab_size=300),
+        ),
+    )
     records = [json.loads(line) for line in (data / "documents.jsonl").read_text("utf-8").splitlines()]
     trained = {(r["domain"], r["id"]) for r in records if r["split"] != "heldout"}
     assert {r["split"] for r in records} >= {"train", "heldout"}

@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from hf_reference import compare_with_block, mixtral_block
 
 from diffmoe.moe import TopKConfig, TopKMoE
 from diffmoe.moe.topk import capacity_keep_mask
 from diffmoe.schema import ConfigError
-
-from hf_reference import compare_with_block, mixtral_block
 
 D, FF, E = 16, 24, 6
 
@@ -26,7 +25,7 @@ def test_switch_gates_are_raw_softmax():
     y = layer(x)[0]
     p = torch.softmax(layer.router(x[0]), -1)
     i = p.argmax(-1)
-    ref = torch.stack([p[n, i[n]] * layer.experts.expert_forward(x[0, n:n + 1], int(i[n]))[0] for n in range(9)])
+    ref = torch.stack([p[n, i[n]] * layer.experts.expert_forward(x[0, n : n + 1], int(i[n]))[0] for n in range(9)])
     torch.testing.assert_close(y, ref)
 
 
@@ -77,7 +76,7 @@ def test_capacity_drops_exactly_the_overflow():
     for n in range(N):
         for s in range(2):
             if keep[n, s]:
-                ref[n] += gate[n, s] * layer.experts.expert_forward(xf[n:n + 1], int(idx[n, s]))[0]
+                ref[n] += gate[n, s] * layer.experts.expert_forward(xf[n : n + 1], int(idx[n, s]))[0]
     torch.testing.assert_close(y.reshape(-1, D), ref, rtol=1e-5, atol=1e-6)
     assert layer.stats["dropped"].item() == pytest.approx(expected_dropped / (2 * N))
 
@@ -109,5 +108,5 @@ def test_top1_with_renormalized_gates_is_refused_for_training():
         TopKConfig(top_k=1, renormalize=True).check_training(64)
     assert TopKConfig(top_k=1, renormalize=False).check_training(64) == []
     assert TopKConfig(top_k=2, renormalize=True, capacity_factor=1.0).check_training(64) == []
-    warning, = TopKConfig(eval_capacity_factor=2.0).check_training(64)
+    (warning,) = TopKConfig(eval_capacity_factor=2.0).check_training(64)
     assert warning.startswith("eval_capacity_factor=2.0: ") and "not a causal likelihood" in warning

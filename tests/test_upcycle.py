@@ -7,15 +7,14 @@ import os
 
 import pytest
 import torch
+from test_train import losses, run_config
 
 from diffmoe.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from diffmoe.data.dataset import PackedDataset
 from diffmoe.data.loader import BatchStream
-from diffmoe.train import train
 from diffmoe.runs import load_run
+from diffmoe.train import train
 from diffmoe.train.init import initial_model
-
-from test_train import losses, run_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,9 +24,17 @@ def llama_import(tmp_path):
     from diffmoe.hf.importer import import_hf
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-                                   rms_norm_eps=1e-6, rope_theta=5000.0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_theta=5000.0,
+    )
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
     return import_hf(tmp_path / "llama", tmp_path / "imported")
 
@@ -36,8 +43,9 @@ def llama_import(tmp_path):
 def test_a_dense_import_upcycles_with_unchanged_logits(tmp_path, ffn):
     source = llama_import(tmp_path)
     src_cfg, src, _ = load_run(source)
-    model = ModelConfig.from_dict({**src_cfg.model.to_dict(), "ffn": ffn,
-                                   "moe": {"num_experts": 4, "lory": {"segment_len": 8}}})
+    model = ModelConfig.from_dict(
+        {**src_cfg.model.to_dict(), "ffn": ffn, "moe": {"num_experts": 4, "lory": {"segment_len": 8}}}
+    )
     cfg = RunConfig(model=model, train=TrainConfig(init_from=str(source)))
     torch.manual_seed(0)
     upcycled = initial_model(cfg, dense=False).eval()
@@ -61,14 +69,19 @@ def test_a_run_started_from_a_run_logs_the_source_loss_first(tiny_dataset, tmp_p
 def test_sources_that_do_not_fit_name_the_field(tiny_dataset, tmp_path):
     train(run_config(tiny_dataset, "topk", steps=1), tmp_path / "topk", show_progress=False)
     base = run_config(tiny_dataset, "lory", steps=1)
-    cases = [(tmp_path / "nowhere", "not a run directory"),
-             (tmp_path / "topk", "its FFN kinds ['topk'] differ from the run's ['lory']")]
+    cases = [
+        (tmp_path / "nowhere", "not a run directory"),
+        (tmp_path / "topk", "its FFN kinds ['topk'] differ from the run's ['lory']"),
+    ]
     for path, message in cases:
         base.train.init_from = str(path)
         with pytest.raises(ConfigError, match="train.init_from=") as err:
             initial_model(base, dense=False)
         assert message in str(err.value)
-    wide = RunConfig(model=ModelConfig.from_dict({**base.model.to_dict(), "d_model": 64, "ffn": "topk"}),
-                     data=DataConfig(path=str(tiny_dataset)), train=TrainConfig(init_from=str(tmp_path / "topk")))
+    wide = RunConfig(
+        model=ModelConfig.from_dict({**base.model.to_dict(), "d_model": 64, "ffn": "topk"}),
+        data=DataConfig(path=str(tiny_dataset)),
+        train=TrainConfig(init_from=str(tmp_path / "topk")),
+    )
     with pytest.raises(ConfigError, match="embed.weight has shape"):
         initial_model(wide, dense=False)

@@ -47,4 +47,3 @@ def sha256_file(path: Path, flush: bool = False) -> str:
         if flush:
             os.fsync(fh.fileno())
     return digest.hexdigest()
-

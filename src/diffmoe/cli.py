@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .repro import cli as repro
     from .train import cli as training
 
-    parser = argparse.ArgumentParser(prog="diffmoe", description="Pre-train MoE language models: Lory, "
-                                     "SparseMixer-v2 (GRIN), ReMoE, top-k, expert choice and dense baselines.")
+    parser = argparse.ArgumentParser(
+        prog="diffmoe",
+        description="Pre-train MoE language models: Lory, "
+        "SparseMixer-v2 (GRIN), ReMoE, top-k, expert choice and dense baselines.",
+    )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for package in (data, training, evaluation, hf, parallel, bench, repro, demo):

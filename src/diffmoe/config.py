@@ -13,8 +13,17 @@ from . import schema
 from .moe import FAMILIES, MoEConfig, MoELayer
 from .schema import ConfigError, check, positive_int
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
-           "load_config", "save_config"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+]
 
 
 @dataclass
@@ -65,18 +74,29 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             check(positive_int(value), name, value, "must be a positive integer")
-        check(self.d_model % self.n_heads == 0, "d_model", self.d_model,
-              f"must be divisible by n_heads={self.n_heads}")
-        check(self.head_dim % 2 == 0, "d_model", self.d_model,
-              f"d_model / n_heads = {self.head_dim} must be even for rotary embeddings")
+        check(self.d_model % self.n_heads == 0, "d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+        check(
+            self.head_dim % 2 == 0,
+            "d_model",
+            self.d_model,
+            f"d_model / n_heads = {self.head_dim} must be even for rotary embeddings",
+        )
         kv = self.kv_heads
-        check(isinstance(kv, int) and kv >= 1 and self.n_heads % kv == 0, "n_kv_heads", self.n_kv_heads,
-              f"must divide n_heads={self.n_heads}")
+        check(
+            isinstance(kv, int) and kv >= 1 and self.n_heads % kv == 0,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"must divide n_heads={self.n_heads}",
+        )
         check(self.init_std > 0, "init_std", self.init_std, "must be positive")
         kinds = self.kinds
         if not isinstance(self.ffn, str):
-            check(len(kinds) == self.n_layers, "ffn", self.ffn,
-                  f"a list must have one entry per layer (n_layers={self.n_layers})")
+            check(
+                len(kinds) == self.n_layers,
+                "ffn",
+                self.ffn,
+                f"a list must have one entry per layer (n_layers={self.n_layers})",
+            )
         for kind in kinds:
             check(kind in FAMILIES, "ffn", kind, f"unknown FFN kind; choose one of {', '.join(FAMILIES)}")
         self.moe.validate(prefix="moe", kinds=kinds)
@@ -168,10 +188,18 @@ class ParallelConfig:
         for name in ("dp_replicate", "ep", "etp"):
             value = getattr(self, name)
             check(positive_int(value), name, value, "must be a positive integer")
-        check(self.dp_shard == -1 or positive_int(self.dp_shard), "dp_shard", self.dp_shard,
-              "must be a positive integer or -1 (the ranks left over)")
-        check(self.activation_checkpointing in ("none", "block"), "activation_checkpointing",
-              self.activation_checkpointing, "must be none or block")
+        check(
+            self.dp_shard == -1 or positive_int(self.dp_shard),
+            "dp_shard",
+            self.dp_shard,
+            "must be a positive integer or -1 (the ranks left over)",
+        )
+        check(
+            self.activation_checkpointing in ("none", "block"),
+            "activation_checkpointing",
+            self.activation_checkpointing,
+            "must be none or block",
+        )
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
             check(value is None or value in DTYPES, name, value, f"must be one of {', '.join(DTYPES)} or null")
@@ -179,12 +207,18 @@ class ParallelConfig:
         if self.mode == "ddp":
             for name in ("dp_replicate", "dp_shard", "ep", "etp"):
                 value = getattr(self, name)
-                check(value in (1, -1) if name == "dp_shard" else value == 1, name, value,
-                      "needs mode=fsdp (ddp replicates everything over every rank)")
-            check(self.param_dtype is None and self.reduce_dtype is None,
-                  "param_dtype" if self.param_dtype is not None else "reduce_dtype",
-                  self.param_dtype or self.reduce_dtype, "is an FSDP mixed-precision setting: needs mode=fsdp "
-                  "(ddp uses train.bf16 autocast)")
+                check(
+                    value in (1, -1) if name == "dp_shard" else value == 1,
+                    name,
+                    value,
+                    "needs mode=fsdp (ddp replicates everything over every rank)",
+                )
+            check(
+                self.param_dtype is None and self.reduce_dtype is None,
+                "param_dtype" if self.param_dtype is not None else "reduce_dtype",
+                self.param_dtype or self.reduce_dtype,
+                "is an FSDP mixed-precision setting: needs mode=fsdp (ddp uses train.bf16 autocast)",
+            )
         check(self.ep == 1 or self.etp == 1, "etp", self.etp, f"cannot combine with ep={self.ep}")
         moe = [(kind, FAMILIES[kind].layer) for kind in model.kinds if issubclass(FAMILIES[kind].layer, MoELayer)]
         for name in ("ep", "etp"):
@@ -193,13 +227,24 @@ class ParallelConfig:
                 continue
             check(bool(moe), name, size, "the model has no MoE layer")
             for kind, layer in moe:
-                check(layer.expert_sharding == name, name, size,
-                      f"layers of kind {kind!r} cannot shard their experts this way"
-                      + (f" (they support {layer.expert_sharding})" if layer.expert_sharding else
-                         " (they stay data parallel)"))
+                check(
+                    layer.expert_sharding == name,
+                    name,
+                    size,
+                    f"layers of kind {kind!r} cannot shard their experts this way"
+                    + (
+                        f" (they support {layer.expert_sharding})"
+                        if layer.expert_sharding
+                        else " (they stay data parallel)"
+                    ),
+                )
         if self.ep > 1:
-            check(model.moe.num_experts % self.ep == 0, "ep", self.ep,
-                  f"must divide model.moe.num_experts={model.moe.num_experts}")
+            check(
+                model.moe.num_experts % self.ep == 0,
+                "ep",
+                self.ep,
+                f"must divide model.moe.num_experts={model.moe.num_experts}",
+            )
         if self.etp > 1:
             d_ff = model.moe.d_ff or model.d_ff
             check(d_ff % self.etp == 0, "etp", self.etp, f"must divide the experts' d_ff={d_ff}")
@@ -252,7 +297,6 @@ class TrainConfig:
     ``loggers``)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-
     def logger_names(self) -> list[str]:
         """The loggers in force: ``loggers`` less TensorBoard when ``tensorboard`` is false."""
         return [name for name in dict.fromkeys(self.loggers) if name != "tensorboard" or self.tensorboard]
@@ -276,42 +320,77 @@ class RunConfig:
         itself when it was built, and is validated again when a model is built from it)."""
         d, t = self.data, self.train
         check(positive_int(d.batch_size), "data.batch_size", d.batch_size, "must be a positive integer")
-        check(d.micro_batch_size is None or positive_int(d.micro_batch_size), "data.micro_batch_size",
-              d.micro_batch_size, "must be a positive integer or null")
+        check(
+            d.micro_batch_size is None or positive_int(d.micro_batch_size),
+            "data.micro_batch_size",
+            d.micro_batch_size,
+            "must be a positive integer or null",
+        )
         if d.micro_batch_size is not None:
-            check(d.batch_size % d.micro_batch_size == 0, "data.micro_batch_size", d.micro_batch_size,
-                  f"must divide data.batch_size={d.batch_size}")
-        check(d.eval_batches is None or d.eval_batches >= 1, "data.eval_batches", d.eval_batches,
-              "must be a positive integer or null")
+            check(
+                d.batch_size % d.micro_batch_size == 0,
+                "data.micro_batch_size",
+                d.micro_batch_size,
+                f"must divide data.batch_size={d.batch_size}",
+            )
+        check(
+            d.eval_batches is None or d.eval_batches >= 1,
+            "data.eval_batches",
+            d.eval_batches,
+            "must be a positive integer or null",
+        )
         if d.mixture is not None:
             from .data.mixture import check_mixture
 
             check_mixture(d.mixture)
-        for name in ("steps", "log_every", "routing_log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "max_bad_steps"):
+        for name in (
+            "steps",
+            "log_every",
+            "routing_log_every",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_bad_steps",
+        ):
             value = getattr(t, name)
             check(isinstance(value, int) and value >= 1, f"train.{name}", value, "must be a positive integer")
         check(t.lr > 0, "train.lr", t.lr, "must be positive")
         check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
         check(0 <= t.warmup_frac < 1, "train.warmup_frac", t.warmup_frac, "must be in [0, 1)")
         check(0 <= t.dense_warmup_frac < 1, "train.dense_warmup_frac", t.dense_warmup_frac, "must be in [0, 1)")
-        check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas,
-              "must be two numbers in [0, 1)")
+        check(
+            len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+            "train.betas",
+            t.betas,
+            "must be two numbers in [0, 1)",
+        )
         check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
         check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-        check(isinstance(t.loggers, list) and all(name in LOGGERS for name in t.loggers), "train.loggers", t.loggers,
-              f"must be a list of {', '.join(LOGGERS)}")
-        check("jsonl" in t.loggers, "train.loggers", t.loggers,
-              "must include jsonl (metrics.jsonl: resume, evaluation tools and the reproduction suite read it)")
+        check(
+            isinstance(t.loggers, list) and all(name in LOGGERS for name in t.loggers),
+            "train.loggers",
+            t.loggers,
+            f"must be a list of {', '.join(LOGGERS)}",
+        )
+        check(
+            "jsonl" in t.loggers,
+            "train.loggers",
+            t.loggers,
+            "must include jsonl (metrics.jsonl: resume, evaluation tools and the reproduction suite read it)",
+        )
         m = self.model
         try:
             t.parallel.validate(m)
         except ConfigError as err:
             raise err.within("train.parallel") from None
         if t.dense_warmup_frac > 0:
-            check(m.moe.d_ff in (None, m.d_ff), "model.moe.d_ff", m.moe.d_ff,
-                  f"the dense warm-up copies the dense FFN into every expert, so experts need d_ff={m.d_ff} "
-                  "(or set train.dense_warmup_frac=0)")
+            check(
+                m.moe.d_ff in (None, m.d_ff),
+                "model.moe.d_ff",
+                m.moe.d_ff,
+                f"the dense warm-up copies the dense FFN into every expert, so experts need d_ff={m.d_ff} "
+                "(or set train.dense_warmup_frac=0)",
+            )
 
     def check_training(self, context_len: int) -> list[str]:
         """What only training on the data's ``context_len`` positions per sequence rules out (a config that
@@ -326,9 +405,11 @@ class RunConfig:
     def from_dict(cls, data: dict) -> "RunConfig":
         train = data.get("train") if isinstance(data, dict) else None
         if isinstance(train, dict) and "grad_accum" in train:
-            raise ConfigError(f"invalid config: train.grad_accum={train['grad_accum']!r}: removed; data.batch_size is "
-                              "now the global batch (sequences per optimizer step) and accumulation is derived "
-                              "from it: set data.batch_size to the old batch_size x grad_accum x ranks")
+            raise ConfigError(
+                f"invalid config: train.grad_accum={train['grad_accum']!r}: removed; data.batch_size is "
+                "now the global batch (sequences per optimizer step) and accumulation is derived "
+                "from it: set data.batch_size to the old batch_size x grad_accum x ranks"
+            )
         return schema.build(cls, data, "")
 
 
@@ -362,8 +443,9 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
         try:
             node[leaf] = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ConfigError(f"invalid override {item!r}: the value is not valid YAML: "
-                              f"{' '.join(str(err).split())}") from None
+            raise ConfigError(
+                f"invalid override {item!r}: the value is not valid YAML: {' '.join(str(err).split())}"
+            ) from None
     return RunConfig.from_dict(data)
 
 

@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 def progress(total: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
     """A progress bar on stderr (a disabled bar still accepts update / set_postfix calls)."""
-    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True,
-                file=sys.stderr, leave=True)
+    return tqdm(
+        total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True, file=sys.stderr, leave=True
+    )
 
 
 def say(message: str, enabled: bool = True) -> None:

@@ -24,8 +24,8 @@ import torch
 
 from .atomic import write_text_atomic
 from .config import DataConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
-from .moe import AuxLosses, LoryConfig, SparseMixerConfig
 from .console import say
+from .moe import AuxLosses, LoryConfig, SparseMixerConfig
 
 
 @dataclass
@@ -61,26 +61,51 @@ def model_configs(cfg: DemoConfig, vocab_size: int) -> dict[str, ModelConfig]:
     """Dense, Lory-8E and SparseMixer-v2 8 x (d_ff / 2) top-2 (no input jitter, as in the suite's arm):
     the same active parameters."""
     d_ff = 2 * round(11 * cfg.d_model / 8)  # 2.75 d_model, even so that two experts of d_ff/2 match it
-    base = dict(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=4, d_ff=d_ff,
-                max_seq_len=cfg.context_len)
+    base = dict(
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=4,
+        d_ff=d_ff,
+        max_seq_len=cfg.context_len,
+    )
     return {
         "dense": ModelConfig(**base, ffn="dense"),
-        "lory": ModelConfig(**base, ffn="lory",
-                            moe=MoEConfig(num_experts=8, families={"lory": LoryConfig(segment_len=cfg.segment_len)})),
-        "sparsemixer": ModelConfig(**base, ffn="sparsemixer",
-                                   moe=MoEConfig(num_experts=8, d_ff=d_ff // 2, balance_coef=0.01, families={
-                                       "sparsemixer": SparseMixerConfig(jitter_eps=0.01, input_jitter_eps=0.0)})),
+        "lory": ModelConfig(
+            **base, ffn="lory", moe=MoEConfig(num_experts=8, families={"lory": LoryConfig(segment_len=cfg.segment_len)})
+        ),
+        "sparsemixer": ModelConfig(
+            **base,
+            ffn="sparsemixer",
+            moe=MoEConfig(
+                num_experts=8,
+                d_ff=d_ff // 2,
+                balance_coef=0.01,
+                families={"sparsemixer": SparseMixerConfig(jitter_eps=0.01, input_jitter_eps=0.0)},
+            ),
+        ),
     }
 
 
 def run_config(cfg: DemoConfig, name: str, model: ModelConfig, steps: int, data: Path) -> RunConfig:
     """The training of model ``name``: the same recipe for all three, Lory with the 5 % dense warm-up."""
-    train_cfg = TrainConfig(steps=steps, lr=2e-3, warmup_frac=0.05, seed=cfg.seed,
-                            dense_warmup_frac=0.05 if name == "lory" else 0.0,
-                            log_every=max(1, steps // 50), routing_log_every=max(1, steps // 10),
-                            eval_every=max(1, steps // 4), checkpoint_every=steps, keep_checkpoints=1)
-    return RunConfig(model=model, train=train_cfg,
-                     data=DataConfig(path=str(data), batch_size=cfg.batch_size, eval_batches=cfg.eval_batches))
+    train_cfg = TrainConfig(
+        steps=steps,
+        lr=2e-3,
+        warmup_frac=0.05,
+        seed=cfg.seed,
+        dense_warmup_frac=0.05 if name == "lory" else 0.0,
+        log_every=max(1, steps // 50),
+        routing_log_every=max(1, steps // 10),
+        eval_every=max(1, steps // 4),
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+    )
+    return RunConfig(
+        model=model,
+        train=train_cfg,
+        data=DataConfig(path=str(data), batch_size=cfg.batch_size, eval_batches=cfg.eval_batches),
+    )
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -88,8 +113,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .data.builtin import BuiltinCorpusConfig, build_builtin_corpus
     from .data.store import read_manifest
     from .eval.analyze import plot_routing, plot_utilisation, routing_by_domain, write_json
-    from .train import train
     from .runs import load_run
+    from .train import train
     from .train.metrics import read_metrics
 
     t0 = time.perf_counter()
@@ -102,9 +127,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         read_manifest(data)
     except ValueError:
         say(f"[2/5] preparing {data}: BPE {cfg.vocab_size}, similarity batching, context {cfg.context_len}")
-        prepare(corpus, data, PrepareConfig(context_len=cfg.context_len, seed=cfg.seed,
-                                            tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)),
-                overwrite=True, verbose=True)
+        prepare(
+            corpus,
+            data,
+            PrepareConfig(
+                context_len=cfg.context_len, seed=cfg.seed, tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size)
+            ),
+            overwrite=True,
+            verbose=True,
+        )
     manifest = read_manifest(data)
     vocab = manifest["tokenizer"]["vocab_size"]
     models = model_configs(cfg, vocab)
@@ -141,25 +172,37 @@ def run_demo(cfg: DemoConfig) -> dict:
         table += "\n\n" + spread
     if tasks is not None:
         table += "\n\n" + format_task_table(tasks)
-    summary = {"steps": steps, "tokens": tokens, "seed": cfg.seed, "wall_seconds": time.perf_counter() - t0,
-               "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
-               "models": {n: {k: r[k] for k in ("heldout", "seconds", "parameters", "skipped_steps")}
-                          for n, r in results.items()},
-               "tasks": tasks}
+    summary = {
+        "steps": steps,
+        "tokens": tokens,
+        "seed": cfg.seed,
+        "wall_seconds": time.perf_counter() - t0,
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+        "models": {
+            n: {k: r[k] for k in ("heldout", "seconds", "parameters", "skipped_steps")} for n, r in results.items()
+        },
+        "tasks": tasks,
+    }
     write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     write_text_atomic(out / "results.md", table + "\n")
     say("\n" + table)
     say(f"\ntotal wall time {summary['wall_seconds'] / 60:.1f} min. Everything is in {out}/:")
-    say("  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
-        "checkpoints/), hf/lory/ (transformers, trust_remote_code), tasks/ (lm-eval), results.md, results.json")
+    say(
+        "  corpus/ (text), data/ (shards + manifest.json), runs/<model>/ (metrics.jsonl, tensorboard/, "
+        "checkpoints/), hf/lory/ (transformers, trust_remote_code), tasks/ (lm-eval), results.md, results.json"
+    )
     for p in plots:
         say(f"  plot: {p}")
     say(f"try: diffmoe generate {out / 'runs' / 'lory'} --prompt 'def main():' --temperature 0.8 --top-p 0.95")
     return summary
 
 
-TASK_METRICS = {"diffmoe_cloze": ("acc", "perplexity"), "diffmoe_rolling": ("bits_per_byte",),
-                "diffmoe_choice": ("acc", "acc_norm"), "diffmoe_code": ("exact_match",)}
+TASK_METRICS = {
+    "diffmoe_cloze": ("acc", "perplexity"),
+    "diffmoe_rolling": ("bits_per_byte",),
+    "diffmoe_choice": ("acc", "acc_norm"),
+    "diffmoe_code": ("exact_match",),
+}
 
 
 def _export_and_score(out: Path, data: Path, names: list[str], cfg: DemoConfig) -> dict | None:
@@ -243,9 +286,13 @@ def _calibrate(models: dict[str, ModelConfig], cfg: DemoConfig, budget_s: float)
 def format_task_table(tasks: dict) -> str:
     columns = [(task, metric) for task, metrics in TASK_METRICS.items() for metric in metrics]
     head = "| model | " + " | ".join(f"{task.removeprefix('diffmoe_')} {metric}" for task, metric in columns) + " |"
-    lines = [f"lm-eval on the local tasks ({', '.join(f'{n} {t}' for t, n in tasks['items'].items())} items, "
-             "from documents outside the training split; Lory routed on the context):", "", head,
-             "|---" * (1 + len(columns)) + "|"]
+    lines = [
+        f"lm-eval on the local tasks ({', '.join(f'{n} {t}' for t, n in tasks['items'].items())} items, "
+        "from documents outside the training split; Lory routed on the context):",
+        "",
+        head,
+        "|---" * (1 + len(columns)) + "|",
+    ]
     for name, score in tasks["scores"].items():
         lines.append(f"| {name} | " + " | ".join(f"{score[t][m]:.3f}" for t, m in columns) + " |")
     return "\n".join(lines)
@@ -255,8 +302,7 @@ def format_table(results: dict, steps: int, tokens: int) -> str:
     domains = [d for d in next(iter(results.values()))["heldout"] if d != "all"] + ["all"]
     head = "| model | params (active) | train s | " + " | ".join(f"{d} ppl" for d in domains) + " |"
     sep = "|---" * (3 + len(domains)) + "|"
-    lines = [f"Held-out perplexity after {steps} steps ({tokens / 1e6:.2f}M training tokens) per model:", "",
-             head, sep]
+    lines = [f"Held-out perplexity after {steps} steps ({tokens / 1e6:.2f}M training tokens) per model:", "", head, sep]
     for name, r in results.items():
         p = r["parameters"]
         ppl = " | ".join(f"{r['heldout'][d]['ppl']:.2f}" for d in domains)
@@ -264,8 +310,11 @@ def format_table(results: dict, steps: int, tokens: int) -> str:
     return "\n".join(lines)
 
 
-SUITE_ARMS = {"dense": ("dense", "dense-short"), "lory": ("lory-8e", "lory-8e-short"),
-              "sparsemixer": ("sparsemixer-top2",)}
+SUITE_ARMS = {
+    "dense": ("dense", "dense-short"),
+    "lory": ("lory-8e", "lory-8e-short"),
+    "sparsemixer": ("sparsemixer-top2",),
+}
 """The reproduction suite's arms that train the demo's models (the suite's and the pilot's budgets)."""
 
 
@@ -287,19 +336,29 @@ def suite_spread(report_path: Path, steps: int) -> str | None:
                 losses[model] = {int(s): r["metrics"]["loss.all"] for s, r in runs.items()}
     if not losses:
         return None
-    lines = [f"Seed spread measured by the reproduction suite for these models at {steps} steps ({path}; "
-             "same data, sizes and recipe):", ""]
+    lines = [
+        f"Seed spread measured by the reproduction suite for these models at {steps} steps ({path}; "
+        "same data, sizes and recipe):",
+        "",
+    ]
     for model, values in losses.items():
         s = summarise(values)
-        lines.append(f"- {model} alone: held-out loss {s.mean:.4f} +- {s.sd:.4f} nats over {s.n} seeds "
-                     f"(+-{100 * (math.exp(s.sd) - 1):.1f} % perplexity)")
+        lines.append(
+            f"- {model} alone: held-out loss {s.mean:.4f} +- {s.sd:.4f} nats over {s.n} seeds "
+            f"(+-{100 * (math.exp(s.sd) - 1):.1f} % perplexity)"
+        )
     seeds = losses.get("lory", {}).keys() & losses.get("dense", {}).keys()
     if len(seeds) > 1:
         d = summarise({k: losses["lory"][k] - losses["dense"][k] for k in seeds})
-        lines.append(f"- Lory - dense, paired by seed: {d.mean:+.4f} +- {d.sd:.4f} nats "
-                     f"({100 * math.expm1(d.mean):+.1f} % perplexity; 95 % interval [{d.lo:+.4f}, {d.hi:+.4f}])")
-    lines += ["", "A one-seed gap between two models means something only when it is well outside these "
-              "spreads; experiments/results/micro/REPORT.md has every comparison."]
+        lines.append(
+            f"- Lory - dense, paired by seed: {d.mean:+.4f} +- {d.sd:.4f} nats "
+            f"({100 * math.expm1(d.mean):+.1f} % perplexity; 95 % interval [{d.lo:+.4f}, {d.hi:+.4f}])"
+        )
+    lines += [
+        "",
+        "A one-seed gap between two models means something only when it is well outside these "
+        "spreads; experiments/results/micro/REPORT.md has every comparison.",
+    ]
     return "\n".join(lines)
 
 
@@ -307,12 +366,16 @@ def register(subparsers) -> None:
     """The ``demo`` command."""
     p = subparsers.add_parser("demo", help="prepare the built-in corpus, train dense / Lory / SparseMixer, compare")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=12.0, help="time budget for the three training runs, at "
-                   "most 1000 steps each (the whole demo takes about 2 minutes more)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=12.0,
+        help="time budget for the three training runs, at "
+        "most 1000 steps each (the whole demo takes about 2 minutes more)",
+    )
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
     run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes))
     return 0
-

@@ -10,7 +10,13 @@ import torch
 
 from .config import load_config
 from .model import Decoder
-from .train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_model_weights, read_trainer_state
+from .train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    read_trainer_state,
+)
 
 
 def load_run(run_dir, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):

@@ -87,4 +87,3 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     to it explicitly and run with autocast off."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-

@@ -106,7 +106,7 @@ def _matches(type_name: str, value: Any) -> bool | None:
             else:
                 results.append(isinstance(value, (int, float)) if expected is float else isinstance(value, expected))
         elif alt.startswith(("list[", "tuple[")) and alt.endswith("]"):
-            inner = [t.strip() for t in alt[alt.index("[") + 1:-1].split(",")]
+            inner = [t.strip() for t in alt[alt.index("[") + 1 : -1].split(",")]
             if any(t not in _PLAIN for t in inner):
                 return None
             if not isinstance(value, (list, tuple)):

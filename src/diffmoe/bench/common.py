@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 
-from ..train.metrics import GPU_PEAK_BF16, gpu_peak_flops  # noqa: F401  (the benchmarks import them from here)
-
 from ..atomic import write_text_atomic
 from ..config import ConfigError
 from ..runtime import malloc_mode, reuse_freed_memory
+from ..train.metrics import GPU_PEAK_BF16, gpu_peak_flops  # noqa: F401  (the benchmarks import them from here)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else as torch.device."""
@@ -119,11 +119,17 @@ def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) ->
     except ImportError:
         hf_version = None
     info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": hf_version,
-        "python": platform.python_version(), "device": str(device), "dtype": dtype_name(dtype),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": hf_version,
+        "python": platform.python_version(),
+        "device": str(device),
+        "dtype": dtype_name(dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_1min_start": round(load_start, 2), "loadavg_1min_end": round(os.getloadavg()[0], 2),
+        "loadavg_1min_start": round(load_start, 2),
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
         "malloc": malloc_mode(),
     }
     if device.type == "cuda":
@@ -134,10 +140,13 @@ def machine_info(device: torch.device, dtype: torch.dtype, load_start: float) ->
 def machine_line(m: dict) -> str:
     """One markdown sentence describing the machine of a result."""
     libs = f"torch {m['torch']}" + (f", transformers {m['transformers']}" if m.get("transformers") else "")
-    return (f"Machine: {m['cpu']}" + (f", GPU {m['gpu']}" if "gpu" in m else "")
-            + f" ({m['cpu_count']} cores); {m['threads']} torch threads; {libs}; {m['dtype']}; {m['date']}; "
-            f"1-min load average {m['loadavg_1min_start']} at start, {m['loadavg_1min_end']} at end; "
-            f"malloc: {m.get('malloc', 'default')} (see diffmoe.runtime).")
+    return (
+        f"Machine: {m['cpu']}"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f" ({m['cpu_count']} cores); {m['threads']} torch threads; {libs}; {m['dtype']}; {m['date']}; "
+        f"1-min load average {m['loadavg_1min_start']} at start, {m['loadavg_1min_end']} at end; "
+        f"malloc: {m.get('malloc', 'default')} (see diffmoe.runtime)."
+    )
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -170,14 +179,20 @@ def fmt_ms(v: float) -> str:
     return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
 
 
-def config_bench_parser(name: str, doc: str, out: str, repeats: int, warmup: int, set_help: str,
-                        threads_help: str | None = None) -> argparse.ArgumentParser:
+def config_bench_parser(
+    name: str, doc: str, out: str, repeats: int, warmup: int, set_help: str, threads_help: str | None = None
+) -> argparse.ArgumentParser:
     """The options the config benchmarks (``model``, ``generate``, ``scale``) share: config files,
     ``--set`` overrides, ``--repeats``, ``--warmup``, ``--threads`` and ``--out``."""
     p = argparse.ArgumentParser(prog=f"diffmoe bench {name}", description=doc.split("\n\n")[0])
     p.add_argument("configs", nargs="*", type=Path, help="config files (default: see the module docstring)")
-    p.add_argument("--set", nargs="*", default=None, metavar="SECTION.FIELD=VALUE",
-                   help=f"overrides applied to every config ({set_help})")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=None,
+        metavar="SECTION.FIELD=VALUE",
+        help=f"overrides applied to every config ({set_help})",
+    )
     p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--threads", type=int, default=None, help=threads_help)
@@ -202,6 +217,6 @@ def parse_checked(p: argparse.ArgumentParser, argv: list[str] | None) -> argpars
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     """The lines of a markdown table."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
-        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]

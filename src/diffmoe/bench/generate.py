@@ -32,8 +32,22 @@ import torch
 from ..config import ConfigError, load_config
 from ..eval.generate import generate_stream
 from ..model import Decoder
-from .common import (config_bench_parser, config_files, device_options, markdown_table, parse_checked, dtype_name, fmt_ms, machine_info, machine_line, median_ratio, round_robin,
-                     start, sync, write_results)
+from .common import (
+    config_bench_parser,
+    config_files,
+    device_options,
+    dtype_name,
+    fmt_ms,
+    machine_info,
+    machine_line,
+    markdown_table,
+    median_ratio,
+    parse_checked,
+    round_robin,
+    start,
+    sync,
+    write_results,
+)
 
 
 @dataclasses.dataclass
@@ -72,8 +86,10 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
     for path in args.configs:
         cfg = load_config(str(path), args.set)
         if args.prompt_len + args.new_tokens > cfg.model.max_seq_len:
-            raise ConfigError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds "
-                              f"model.max_seq_len={cfg.model.max_seq_len} of {path}")
+            raise ConfigError(
+                f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds "
+                f"model.max_seq_len={cfg.model.max_seq_len} of {path}"
+            )
         torch.manual_seed(args.seed)
         model = Decoder(cfg.model).to(device=device, dtype=dtype).eval()
         g = torch.Generator().manual_seed(args.seed)
@@ -81,15 +97,18 @@ def build_entries(args, device: torch.device, dtype: torch.dtype) -> list[Entry]
         routed = any("prompt" in ffn.capabilities.routing_modes for ffn in model.ffns())
         routings = ["prompt", "segment"] if routed and args.lory_segment else ["prompt"]
         for routing in routings:
-            entries.append(Entry(Path(path).stem, cfg.model.ffn, routing if routed else None, model, prompt,
-                                 args.new_tokens))
+            entries.append(
+                Entry(Path(path).stem, cfg.model.ffn, routing if routed else None, model, prompt, args.new_tokens)
+            )
     return entries
 
 
 def markdown(result: dict) -> str:
     m, st = result["machine"], result["settings"]
     lines = [
-        f"# Decoding benchmark: KV cache, greedy ({m['device']}, {m['dtype']})", "", machine_line(m),
+        f"# Decoding benchmark: KV cache, greedy ({m['device']}, {m['dtype']})",
+        "",
+        machine_line(m),
         f"Batch {st['batch_size']}, prompt {st['prompt_len']} tokens, {st['new_tokens']} new tokens; median of "
         f"{st['repeats']} generations per entry after {st['warmup']} warm-up rounds (entries round-robin). "
         "per token: the G - 1 steps after the first token; ratios: medians of per-round ratios to the dense config.",
@@ -98,11 +117,31 @@ def markdown(result: dict) -> str:
     rows = []
     for r in result["rows"]:
         vs = lambda k: "n/a" if r[k] is None else f"{r[k]:.2f}"  # noqa: E731
-        rows.append([r["config"], r["routing"] or "-", f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)",
-                     fmt_ms(r["prefill_ms"]), vs("prefill_vs_dense"), fmt_ms(r["token_ms"]),
-                     f"{r['tokens_per_s']:,.0f}", vs("token_vs_dense")])
-    lines += markdown_table(["config", "Lory routing", "params (active)", "prefill ms", "prefill / dense",
-                             "ms per token", "tokens/s", "per token / dense"], rows)
+        rows.append(
+            [
+                r["config"],
+                r["routing"] or "-",
+                f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)",
+                fmt_ms(r["prefill_ms"]),
+                vs("prefill_vs_dense"),
+                fmt_ms(r["token_ms"]),
+                f"{r['tokens_per_s']:,.0f}",
+                vs("token_vs_dense"),
+            ]
+        )
+    lines += markdown_table(
+        [
+            "config",
+            "Lory routing",
+            "params (active)",
+            "prefill ms",
+            "prefill / dense",
+            "ms per token",
+            "tokens/s",
+            "per token / dense",
+        ],
+        rows,
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -128,25 +167,40 @@ def main(argv: list[str] | None = None) -> dict:
     entries = build_entries(args, device, dtype)
     round_robin(entries, args.warmup, args.repeats)
     for e in entries:  # keep the rounds after warm-up
-        e.prefill_s, e.token_s = e.prefill_s[args.warmup:], e.token_s[args.warmup:]
+        e.prefill_s, e.token_s = e.prefill_s[args.warmup :], e.token_s[args.warmup :]
     dense = next((e for e in entries if e.ffn == "dense"), None)
     rows = []
     for e in entries:
         token = statistics.median(e.token_s)
         counts = e.model.parameter_counts()
-        rows.append({
-            "config": e.config, "ffn": e.ffn, "routing": e.routing, "params": counts["total"],
-            "active_params": counts["active"], "prefill_ms": 1e3 * statistics.median(e.prefill_s),
-            "token_ms": 1e3 * token, "tokens_per_s": args.batch_size / token,
-            "prefill_vs_dense": median_ratio(e.prefill_s, dense.prefill_s) if dense else None,
-            "token_vs_dense": median_ratio(e.token_s, dense.token_s) if dense else None,
-            "prefill_runs_ms": [1e3 * t for t in e.prefill_s], "token_runs_ms": [1e3 * t for t in e.token_s],
-        })
+        rows.append(
+            {
+                "config": e.config,
+                "ffn": e.ffn,
+                "routing": e.routing,
+                "params": counts["total"],
+                "active_params": counts["active"],
+                "prefill_ms": 1e3 * statistics.median(e.prefill_s),
+                "token_ms": 1e3 * token,
+                "tokens_per_s": args.batch_size / token,
+                "prefill_vs_dense": median_ratio(e.prefill_s, dense.prefill_s) if dense else None,
+                "token_vs_dense": median_ratio(e.token_s, dense.token_s) if dense else None,
+                "prefill_runs_ms": [1e3 * t for t in e.prefill_s],
+                "token_runs_ms": [1e3 * t for t in e.token_s],
+            }
+        )
     result = {
         "machine": machine_info(device, dtype, load_start),
-        "settings": {"batch_size": args.batch_size, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "overrides": args.set,
-                     "configs": [str(c) for c in args.configs]},
+        "settings": {
+            "batch_size": args.batch_size,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "overrides": args.set,
+            "configs": [str(c) for c in args.configs],
+        },
         "rows": rows,
     }
     write_results(args.out, f"bench_generate_{device.type}_{dtype_name(dtype)}", markdown(result), result)

@@ -11,14 +11,19 @@ def _fmt(v, spec: str) -> str:
 
 
 def shape_line(s: dict) -> str:
-    return (f"{s['batch']} x {s['seq_len']} tokens, d_model {s['d_model']}, d_ff {s['d_ff']}, "
-            f"{s['experts']} experts, top-{s['top_k']}, Lory T {s['segment_len']}")
+    return (
+        f"{s['batch']} x {s['seq_len']} tokens, d_model {s['d_model']}, d_ff {s['d_ff']}, "
+        f"{s['experts']} experts, top-{s['top_k']}, Lory T {s['segment_len']}"
+    )
 
 
 def markdown(result: dict) -> str:
     m, st = result["machine"], result["settings"]
-    peak_how = ("CUDA max_memory_allocated minus allocated before" if m["device"].startswith("cuda")
-                else "process peak-RSS delta (VmHWM after clear_refs; glibc mmap threshold 64 KiB)")
+    peak_how = (
+        "CUDA max_memory_allocated minus allocated before"
+        if m["device"].startswith("cuda")
+        else "process peak-RSS delta (VmHWM after clear_refs; glibc mmap threshold 64 KiB)"
+    )
     lines = [
         f"# Layer benchmark: forward+backward, ratios to dense ({m['device']}, {m['dtype']})",
         "",
@@ -48,7 +53,8 @@ def markdown(result: dict) -> str:
             f"{_fmt(r.get('time_ratio_no_switch'), '.2f')} | {r['time_per_flop_ratio']:.2f} | {fmt_ms(r['ideal_ms'])} | {r['time_over_ideal']:.2f} | "
             f"{r['achieved_tflops']:.3g} | {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'' if r['mfu'] is None else ' %'} | "
             f"{r['act_mib']:.1f} | {r['act_ratio']:.2f} | {_fmt(r['peak_act_mib'], '.1f')} | "
-            f"{_fmt(r['peak_act_ratio'], '.2f')} | {r['note']} |")
+            f"{_fmt(r['peak_act_ratio'], '.2f')} | {r['note']} |"
+        )
     if result["skipped"]:
         lines += ["", "Skipped (does not run or does not fit here):"]
         lines += [f"- {s['name']}: {s['reason']}" for s in result["skipped"]]
@@ -62,11 +68,17 @@ def sweep_markdown(sweep: Sweep, results: list[dict]) -> str:
     for res in results:
         names += [r["column"] for r in res["rows"] if r["column"] not in names]
     key = {"experts": "experts", "segment": "segment_len", "tokens": "tokens", "fine": "experts"}[sweep.name]
-    lines = [f"# Layer sweep over {sweep.title} ({m['device']}, {m['dtype']})", "", machine_line(m),
-             f"First line's shape: {shape_line(results[0]['shape'])}; each cell: time / dense (peak activation "
-             f"memory / dense) of the same run, medians of {st['repeats']} rounds after {st['warmup']} "
-             "warm-up rounds. Full tables in the JSON.", "",
-             f"| {sweep.title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [
+        f"# Layer sweep over {sweep.title} ({m['device']}, {m['dtype']})",
+        "",
+        machine_line(m),
+        f"First line's shape: {shape_line(results[0]['shape'])}; each cell: time / dense (peak activation "
+        f"memory / dense) of the same run, medians of {st['repeats']} rounds after {st['warmup']} "
+        "warm-up rounds. Full tables in the JSON.",
+        "",
+        f"| {sweep.title} | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for res in results:
         by = {r["column"]: r for r in res["rows"]}
         cells = []

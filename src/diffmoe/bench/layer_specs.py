@@ -72,16 +72,25 @@ def all_families() -> tuple[str, ...]:
 
 
 SWEEPS = {
-    "experts": Sweep("experts", "experts E", lambda s: [replace(s, experts=e) for e in (4, 8, 16, 32, 64)],
-                     None),
-    "segment": Sweep("segment", "Lory segment length T",
-                     lambda s: [replace(s, segment_len=t) for t in (64, 128, 256, 512)], ("dense", "lory")),
-    "tokens": Sweep("tokens", "tokens per batch",
-                    lambda s: [replace(s, tokens=n, seq_len=min(s.seq_len, n)) for n in (1024, 2048, 4096, 8192, 16384)],
-                    None),
-    "fine": Sweep("fine", "fine-grained: 64 experts, top-8, d_ff 176",
-                  lambda s: [replace(s, experts=64, top_k=8, d_ff=176, ec_capacity=8.0)],
-                  ("dense", "topk", "expert_choice", "hf")),
+    "experts": Sweep("experts", "experts E", lambda s: [replace(s, experts=e) for e in (4, 8, 16, 32, 64)], None),
+    "segment": Sweep(
+        "segment",
+        "Lory segment length T",
+        lambda s: [replace(s, segment_len=t) for t in (64, 128, 256, 512)],
+        ("dense", "lory"),
+    ),
+    "tokens": Sweep(
+        "tokens",
+        "tokens per batch",
+        lambda s: [replace(s, tokens=n, seq_len=min(s.seq_len, n)) for n in (1024, 2048, 4096, 8192, 16384)],
+        None,
+    ),
+    "fine": Sweep(
+        "fine",
+        "fine-grained: 64 experts, top-8, d_ff 176",
+        lambda s: [replace(s, experts=64, top_k=8, d_ff=176, ec_capacity=8.0)],
+        ("dense", "topk", "expert_choice", "hf"),
+    ),
 }
 
 
@@ -104,8 +113,12 @@ def build_hf_block(family: str, impl: str, shape: Shape) -> nn.Module:
     else:
         from transformers import PhimoeConfig as Config
         from transformers.models.phimoe.modeling_phimoe import PhimoeSparseMoeBlock as Block
-    cfg = Config(hidden_size=shape.d_model, intermediate_size=shape.d_ff,
-                 num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
+    cfg = Config(
+        hidden_size=shape.d_model,
+        intermediate_size=shape.d_ff,
+        num_local_experts=shape.experts,
+        num_experts_per_tok=shape.top_k,
+    )
     cfg._experts_implementation = impl
     block = Block(cfg)
     with torch.no_grad():
@@ -114,8 +127,9 @@ def build_hf_block(family: str, impl: str, shape: Shape) -> nn.Module:
     return block
 
 
-def layer_specs(shape: Shape, device: torch.device, dtype: torch.dtype,
-                hf_impls: tuple[str, ...] | None = None) -> list[LayerSpec]:
+def layer_specs(
+    shape: Shape, device: torch.device, dtype: torch.dtype, hf_impls: tuple[str, ...] | None = None
+) -> list[LayerSpec]:
     """Every layer of the benchmark, dense first. SparseMixer-v2 and transformers' PhiMoE are top-2
     only; top-k != 2 leaves them out."""
     d, f, E, T, k = shape.d_model, shape.d_ff, shape.experts, shape.segment_len, shape.top_k
@@ -124,27 +138,62 @@ def layer_specs(shape: Shape, device: torch.device, dtype: torch.dtype,
     c = shape.ec_capacity
     specs = [
         LayerSpec("dense SwiGLU", "dense", lambda: SwiGLU(d, f), 1.0),
-        LayerSpec(f"LoryMoE (T={T}, segment)", "lory", lambda: LoryMoE(d, f, E, segment_len=T, routing="segment"),
-                  1.0 + E / T, "merge adds E/T", column="LoryMoE"),
-        LayerSpec(f"TopKMoE top-{k} [loop]", "topk", lambda: TopKMoE(d, f, E, top_k=k, dispatch_impl="loop"),
-                  float(k), column="TopKMoE [loop]"),
-        LayerSpec(f"TopKMoE top-{k} [grouped_mm]", "topk",
-                  lambda: TopKMoE(d, f, E, top_k=k, dispatch_impl="grouped_mm"), float(k),
-                  column="TopKMoE [grouped_mm]"),
-        LayerSpec(f"ExpertChoiceMoE c={c:g} [auto={auto}]", "expert_choice",
-                  lambda: ExpertChoiceMoE(d, f, E, capacity_factor=c), c, f"c={c:g}: FLOPs of top-{c:g}",
-                  column="ExpertChoiceMoE"),
+        LayerSpec(
+            f"LoryMoE (T={T}, segment)",
+            "lory",
+            lambda: LoryMoE(d, f, E, segment_len=T, routing="segment"),
+            1.0 + E / T,
+            "merge adds E/T",
+            column="LoryMoE",
+        ),
+        LayerSpec(
+            f"TopKMoE top-{k} [loop]",
+            "topk",
+            lambda: TopKMoE(d, f, E, top_k=k, dispatch_impl="loop"),
+            float(k),
+            column="TopKMoE [loop]",
+        ),
+        LayerSpec(
+            f"TopKMoE top-{k} [grouped_mm]",
+            "topk",
+            lambda: TopKMoE(d, f, E, top_k=k, dispatch_impl="grouped_mm"),
+            float(k),
+            column="TopKMoE [grouped_mm]",
+        ),
+        LayerSpec(
+            f"ExpertChoiceMoE c={c:g} [auto={auto}]",
+            "expert_choice",
+            lambda: ExpertChoiceMoE(d, f, E, capacity_factor=c),
+            c,
+            f"c={c:g}: FLOPs of top-{c:g}",
+            column="ExpertChoiceMoE",
+        ),
     ]
     if k == 2:
-        specs.insert(4, LayerSpec(f"SparseMixerMoE top-2 [auto={auto}]", "sparsemixer",
-                                  lambda: SparseMixerMoE(d, f, E), 2.0, column="SparseMixerMoE"))
+        specs.insert(
+            4,
+            LayerSpec(
+                f"SparseMixerMoE top-2 [auto={auto}]",
+                "sparsemixer",
+                lambda: SparseMixerMoE(d, f, E),
+                2.0,
+                column="SparseMixerMoE",
+            ),
+        )
     for kind, family in FAMILIES.items():
         if kind not in CURATED:
             with torch.device("meta"):  # the FLOPs of its experts per token, without allocating it
                 factor = registered_layer(kind, shape).experts_per_token
-            specs.append(LayerSpec(f"{family.layer.__name__} [auto={auto}]", kind,
-                                   (lambda kind=kind: registered_layer(kind, shape)), factor,
-                                   "registered family, defaults", column=family.layer.__name__))
+            specs.append(
+                LayerSpec(
+                    f"{family.layer.__name__} [auto={auto}]",
+                    kind,
+                    (lambda kind=kind: registered_layer(kind, shape)),
+                    factor,
+                    "registered family, defaults",
+                    column=family.layer.__name__,
+                )
+            )
     elem = torch.finfo(dtype).bits // 8
     impls = [i for i in hf_implementations() if hf_impls is None or i in hf_impls]
     for family, label in (("mixtral", "Mixtral"), ("phimoe", "Phimoe")):
@@ -153,9 +202,17 @@ def layer_specs(shape: Shape, device: torch.device, dtype: torch.dtype,
         for impl in impls:
             # batched_mm gathers the expert weights of every (token, slot): forward copy + its gradient
             known = 2 * shape.tokens * k * 3 * d * f * elem if impl == "batched_mm" else 0
-            specs.append(LayerSpec(f"HF {label}SparseMoeBlock [{impl}]", "hf",
-                                   (lambda fam=family, im=impl: build_hf_block(fam, im, shape)), float(k),
-                                   "transformers", known, f"HF {label} [{impl}]"))
+            specs.append(
+                LayerSpec(
+                    f"HF {label}SparseMoeBlock [{impl}]",
+                    "hf",
+                    (lambda fam=family, im=impl: build_hf_block(fam, im, shape)),
+                    float(k),
+                    "transformers",
+                    known,
+                    f"HF {label} [{impl}]",
+                )
+            )
     return specs
 
 
@@ -166,6 +223,7 @@ def registered_layer(kind: str, shape: Shape) -> nn.Module:
     config = family.config() if family.config is not None else None
     if config is not None:
         names = {f.name for f in dataclasses.fields(config)}
-        config = replace(config, **{k: v for k, v in (("top_k", shape.top_k), ("segment_len", shape.segment_len))
-                                    if k in names})
+        config = replace(
+            config, **{k: v for k, v in (("top_k", shape.top_k), ("segment_len", shape.segment_len)) if k in names}
+        )
     return family.layer.from_config(shape.d_model, shape.d_ff, MoEConfig(num_experts=shape.experts), config)

@@ -80,8 +80,9 @@ from .layer_specs import HF_INIT_STD, SWEEPS, Shape, Sweep, all_families
 from .measure import RssPeak, prepare, run_memory, run_timing, summarize
 
 
-def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, families=None,
-                  hf_impls: tuple[str, ...] | None = None) -> dict:
+def measure_shape(
+    shape: Shape, device: torch.device, dtype: torch.dtype, args, families=None, hf_impls: tuple[str, ...] | None = None
+) -> dict:
     """Build, time and measure every selected layer (``families``; None: all) at one shape. Returns the
     result dict."""
     families = all_families() if families is None else families
@@ -92,8 +93,12 @@ def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, 
     specs = [s for s in specs_module.layer_specs(shape, device, dtype, hf_impls) if s.family in families]
     layers, rows, skipped = prepare(specs, x, g, args.seed)
     if "hf" in families and not specs_module.hf_implementations():  # looked up at call time (tests patch it)
-        skipped.append({"name": "HF MixtralSparseMoeBlock, PhimoeSparseMoeBlock",
-                        "reason": "transformers is not installed (pip install 'diffmoe[hf]')"})
+        skipped.append(
+            {
+                "name": "HF MixtralSparseMoeBlock, PhimoeSparseMoeBlock",
+                "reason": "transformers is not installed (pip install 'diffmoe[hf]')",
+            }
+        )
     log = run_timing(layers, rows, x, g, args.warmup, args.repeats, args.matmul_size)
     run_memory(layers, rows, x, g, RssPeak() if device.type == "cpu" else None)  # after timing: malloc settings
     matmul_flops = 2.0 * args.matmul_size**3
@@ -101,8 +106,13 @@ def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, 
     return {
         "machine": machine_info(device, dtype, load_start),
         "shape": {**asdict(shape), "batch": shape.batch},
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "matmul_size": args.matmul_size,
-                     "seed": args.seed, "hf_init_std": HF_INIT_STD},
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "matmul_size": args.matmul_size,
+            "seed": args.seed,
+            "hf_init_std": HF_INIT_STD,
+        },
         "matmul_gflops": matmul_flops / statistics.median(log["matmul_s"]) / 1e9,
         "matmul_gflops_per_round": [matmul_flops / t / 1e9 for t in log["matmul_s"]],
         "loadavg_per_round": log["loadavg"],
@@ -116,8 +126,7 @@ def measure_shape(shape: Shape, device: torch.device, dtype: torch.dtype, args, 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diffmoe bench layers", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (batch = tokens / seq-len)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--d-model", type=int, default=512)
@@ -126,21 +135,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2, help="k of TopKMoE and transformers' Mixtral block")
     p.add_argument("--ec-capacity", type=float, default=2.0, help="expert choice capacity factor c")
     p.add_argument("--segment-len", type=int, default=256, help="Lory segment length T")
-    p.add_argument("--layers", nargs="+", choices=all_families(), default=list(all_families()),
-                   help="layer families to measure (dense always)")
-    p.add_argument("--hf-impls", nargs="+", default=None,
-                   help="transformers experts implementations to time (default: every registered one)")
-    p.add_argument("--sweep", nargs="+", choices=[*SWEEPS, "all"], default=None,
-                   help="measure every shape of these sweeps (one process per shape) instead of one shape")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        choices=all_families(),
+        default=list(all_families()),
+        help="layer families to measure (dense always)",
+    )
+    p.add_argument(
+        "--hf-impls",
+        nargs="+",
+        default=None,
+        help="transformers experts implementations to time (default: every registered one)",
+    )
+    p.add_argument(
+        "--sweep",
+        nargs="+",
+        choices=[*SWEEPS, "all"],
+        default=None,
+        help="measure every shape of these sweeps (one process per shape) instead of one shape",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2, help="discarded rounds (the probe step is extra)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 rate matmul (2048 CPU, 8192 CUDA)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="GPU peak for model FLOP utilisation (default: known GPUs' dense bf16 peak)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="GPU peak for model FLOP utilisation (default: known GPUs' dense bf16 peak)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compare-malloc", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time diffmoe's layers in a fresh process without the allocator switch")
+    p.add_argument(
+        "--compare-malloc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time diffmoe's layers in a fresh process without the allocator switch",
+    )
     p.add_argument("--out", type=Path, default=Path("results/layers"))
     a = p.parse_args(argv)
     if a.tokens % a.seq_len:
@@ -153,22 +184,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _shape_argv(shape: Shape) -> list[str]:
-    return ["--tokens", str(shape.tokens), "--seq-len", str(shape.seq_len), "--d-model", str(shape.d_model),
-            "--d-ff", str(shape.d_ff), "--experts", str(shape.experts), "--top-k", str(shape.top_k),
-            "--ec-capacity", str(shape.ec_capacity), "--segment-len", str(shape.segment_len)]
+    return [
+        "--tokens",
+        str(shape.tokens),
+        "--seq-len",
+        str(shape.seq_len),
+        "--d-model",
+        str(shape.d_model),
+        "--d-ff",
+        str(shape.d_ff),
+        "--experts",
+        str(shape.experts),
+        "--top-k",
+        str(shape.top_k),
+        "--ec-capacity",
+        str(shape.ec_capacity),
+        "--segment-len",
+        str(shape.segment_len),
+    ]
 
 
 def run_sweep(sweep: Sweep, base: Shape, args, argv: list[str], device: torch.device, dt: str) -> list[dict]:
     """Each shape in a fresh process (the CPU peak-RSS measurement changes malloc settings for the rest
     of a process, and shapes must not inherit each other's heap), with the caller's other options."""
-    keep = _drop_options(argv, {"--sweep", "--out", "--layers", "--hf-impls", "--tokens", "--seq-len",
-                                "--d-model", "--d-ff", "--experts", "--top-k", "--ec-capacity", "--segment-len",
-                                "--compare-malloc", "--no-compare-malloc"})
+    keep = _drop_options(
+        argv,
+        {
+            "--sweep",
+            "--out",
+            "--layers",
+            "--hf-impls",
+            "--tokens",
+            "--seq-len",
+            "--d-model",
+            "--d-ff",
+            "--experts",
+            "--top-k",
+            "--ec-capacity",
+            "--segment-len",
+            "--compare-malloc",
+            "--no-compare-malloc",
+        },
+    )
     results = []
     for shape in sweep.shapes(base):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "diffmoe.bench.layers", *keep, *_shape_argv(shape), "--out", tmp,
-                   "--layers", *(sweep.families or all_families()), "--hf-impls", *sweep.hf_impls, "--no-compare-malloc"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "diffmoe.bench.layers",
+                *keep,
+                *_shape_argv(shape),
+                "--out",
+                tmp,
+                "--layers",
+                *(sweep.families or all_families()),
+                "--hf-impls",
+                *sweep.hf_impls,
+                "--no-compare-malloc",
+            ]
             print(f"sweep {sweep.name}: {shape_line({**asdict(shape), 'batch': shape.batch})}", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -184,8 +258,17 @@ def add_no_switch_times(result: dict, args, argv: list[str], device: torch.devic
     keep = _drop_options(argv, {"--out", "--layers", "--compare-malloc", "--no-compare-malloc"})
     families = [f for f in args.layers if f != "hf"]
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "diffmoe.bench.layers", *keep, "--out", tmp, "--layers", *families,
-               "--no-compare-malloc"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffmoe.bench.layers",
+            *keep,
+            "--out",
+            tmp,
+            "--layers",
+            *families,
+            "--no-compare-malloc",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DIFFMOE_MALLOC": "default"})
         if proc.returncode != 0:
             raise SystemExit(f"error: the run without the allocator switch failed:\n{proc.stderr[-2000:]}")
@@ -215,12 +298,12 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype = start(args)
     dt = dtype_name(dtype)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    base = Shape(args.tokens, args.seq_len, args.d_model, args.d_ff, args.experts, args.segment_len, args.top_k,
-                 args.ec_capacity)
+    base = Shape(
+        args.tokens, args.seq_len, args.d_model, args.d_ff, args.experts, args.segment_len, args.top_k, args.ec_capacity
+    )
     if not args.sweep:
         families = ("dense", *args.layers)
-        result = measure_shape(base, device, dtype, args, families,
-                               tuple(args.hf_impls) if args.hf_impls else None)
+        result = measure_shape(base, device, dtype, args, families, tuple(args.hf_impls) if args.hf_impls else None)
         if args.compare_malloc and malloc_mode() == "reuse" and device.type == "cpu":  # glibc's switch: CPU only
             add_no_switch_times(result, args, argv, device, dt)
         write_results(args.out, f"bench_layers_{device.type}_{dt}", markdown(result), result)
@@ -230,8 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         results = run_sweep(SWEEPS[name], base, args, argv, device, dt)
         out[name] = results
-        write_results(args.out, f"sweep_{name}_{device.type}_{dt}", sweep_markdown(SWEEPS[name], results),
-                      {"sweep": name, "results": results})
+        write_results(
+            args.out,
+            f"sweep_{name}_{device.type}_{dt}",
+            sweep_markdown(SWEEPS[name], results),
+            {"sweep": name, "results": results},
+        )
     return out
 
 

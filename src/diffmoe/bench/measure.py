@@ -158,8 +158,10 @@ def prepare(specs: list[LayerSpec], x: torch.Tensor, g: torch.Tensor, seed: int)
     for spec in specs:
         free = free_bytes(x.device)
         if spec.known_bytes and spec.known_bytes > 0.8 * free:
-            reason = (f"needs ~{spec.known_bytes / 2**30:.0f} GiB (expert weights gathered per token-slot, and "
-                      f"their gradient), over 80% of the {free / 2**30:.0f} GiB free")
+            reason = (
+                f"needs ~{spec.known_bytes / 2**30:.0f} GiB (expert weights gathered per token-slot, and "
+                f"their gradient), over 80% of the {free / 2**30:.0f} GiB free"
+            )
             skipped.append({"name": spec.name, "reason": reason})
             continue
         torch.manual_seed(seed)
@@ -174,8 +176,7 @@ def prepare(specs: list[LayerSpec], x: torch.Tensor, g: torch.Tensor, seed: int)
     return layers, rows, skipped
 
 
-def run_timing(layers: list[nn.Module], rows: list[Row], x, g, warmup: int, repeats: int,
-               matmul_size: int) -> dict:
+def run_timing(layers: list[nn.Module], rows: list[Row], x, g, warmup: int, repeats: int, matmul_size: int) -> dict:
     """Round-robin rounds over all layers and the rate matmul (see :func:`common.round_robin`).
 
     The n^3 matmul that sets the ideal rate is one more entry of every round, so it sees the same
@@ -202,8 +203,9 @@ def run_memory(layers: list[nn.Module], rows: list[Row], x, g, rss: RssPeak | No
         row.peak_bytes = None if peak is None else peak - grads
 
 
-def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list[float],
-              peak_flops: float | None) -> list[dict]:
+def summarize(
+    rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list[float], peak_flops: float | None
+) -> list[dict]:
     """Medians, ideal times and ratios to the dense row (rows[0]).
 
     Time ratios are medians over rounds of the per-round ratio (layer vs dense, layer vs its ideal at
@@ -218,15 +220,25 @@ def summarize(rows: list[Row], shape: Shape, matmul_flops: float, matmul_s: list
         flops = row.flop_factor * dense_flops
         per_round_ideal = [t * matmul_flops / (m * flops) for t, m in zip(row.times_s, matmul_s)]
         ratio = median_ratio(row.times_s, dense_times)
-        out.append({
-            "name": row.name, "column": row.column, "note": row.note, "flop_factor": row.flop_factor,
-            "time_ms": 1e3 * statistics.median(row.times_s), "time_min_ms": 1e3 * min(row.times_s),
-            "time_max_ms": 1e3 * max(row.times_s), "times_ms": [1e3 * t for t in row.times_s],
-            "time_ratio": ratio, "time_per_flop_ratio": ratio / row.flop_factor,
-            "ideal_ms": 1e3 * flops / rate, "time_over_ideal": statistics.median(per_round_ideal),
-            "achieved_tflops": flops / statistics.median(row.times_s) / 1e12,
-            "act_mib": row.act_bytes / MIB, "peak_act_mib": None if row.peak_bytes is None else row.peak_bytes / MIB,
-        })
+        out.append(
+            {
+                "name": row.name,
+                "column": row.column,
+                "note": row.note,
+                "flop_factor": row.flop_factor,
+                "time_ms": 1e3 * statistics.median(row.times_s),
+                "time_min_ms": 1e3 * min(row.times_s),
+                "time_max_ms": 1e3 * max(row.times_s),
+                "times_ms": [1e3 * t for t in row.times_s],
+                "time_ratio": ratio,
+                "time_per_flop_ratio": ratio / row.flop_factor,
+                "ideal_ms": 1e3 * flops / rate,
+                "time_over_ideal": statistics.median(per_round_ideal),
+                "achieved_tflops": flops / statistics.median(row.times_s) / 1e12,
+                "act_mib": row.act_bytes / MIB,
+                "peak_act_mib": None if row.peak_bytes is None else row.peak_bytes / MIB,
+            }
+        )
     dense = out[0]
     for r in out:
         r["mfu"] = 1e12 * r["achieved_tflops"] / peak_flops if peak_flops else None

@@ -46,12 +46,28 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
-from ..parallel.parallelize import ParallelPlan, parallelize
 from ..parallel import distributed
+from ..parallel.parallelize import ParallelPlan, parallelize
 from ..train.optim import build_optimizer
 from ..train.step import Stepper
-from .common import (config_bench_parser, config_files, device_options, markdown_table, parse_checked, dtype_name, fmt_ms, gpu_peak_flops, machine_info, machine_line, matmul_rate,
-                     median_ratio, round_robin, start, sync, write_results)
+from .common import (
+    config_bench_parser,
+    config_files,
+    device_options,
+    dtype_name,
+    fmt_ms,
+    gpu_peak_flops,
+    machine_info,
+    machine_line,
+    markdown_table,
+    matmul_rate,
+    median_ratio,
+    parse_checked,
+    round_robin,
+    start,
+    sync,
+    write_results,
+)
 from .measure import RssPeak
 
 
@@ -82,8 +98,15 @@ def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
     """A callable running one training step of ``entry.model`` (as the trainer does, in ``layout``)
     and returning its wall time (s); on CUDA it records the entry's peak allocated memory."""
     cfg, device = entry.cfg, ids.device
-    pc = dataclasses.replace(cfg.train.parallel, mode=layout, activation_checkpointing="block" if entry.ac else "none",
-                             dp_replicate=1, dp_shard=-1, ep=1, etp=1)
+    pc = dataclasses.replace(
+        cfg.train.parallel,
+        mode=layout,
+        activation_checkpointing="block" if entry.ac else "none",
+        dp_replicate=1,
+        dp_shard=-1,
+        ep=1,
+        etp=1,
+    )
     bf16 = dtype == torch.bfloat16
     plan = ParallelPlan.build(pc, 1, device.type, compile=entry.mode == "compile", bf16=bf16)
     wrapped = parallelize(entry.model, plan, device)
@@ -157,17 +180,30 @@ def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> 
         achieved = flops_tok * tps
         counts = e.model.parameter_counts()
         ref = dense.get((e.mode, e.ac, e.loss))
-        rows.append({
-            "config": e.config, "mode": e.mode, "layout": args.layout, "activation_checkpointing": e.ac,
-            "loss": e.loss,
-            "ffn": e.cfg.model.ffn, "peak_mem_gb": e.peak_bytes / 2**30 if e.peak_bytes else None,
-            "params": counts["total"], "active_params": counts["active"],
-            "batch": e.cfg.data.batch_size, "seq_len": args.seq_len or e.cfg.model.max_seq_len,
-            "step_ms": 1e3 * step, "steps_ms": [1e3 * t for t in e.times_s], "tokens_per_s": tps,
-            "time_vs_dense": median_ratio(e.times_s, ref.times_s) if ref else None,
-            "first_step_s": e.first_step_s, "gflop_per_token": flops_tok / 1e9, "achieved_tflops": achieved / 1e12,
-            "matmul_share": achieved / matmul, "mfu": achieved / peak if peak else None,
-        })
+        rows.append(
+            {
+                "config": e.config,
+                "mode": e.mode,
+                "layout": args.layout,
+                "activation_checkpointing": e.ac,
+                "loss": e.loss,
+                "ffn": e.cfg.model.ffn,
+                "peak_mem_gb": e.peak_bytes / 2**30 if e.peak_bytes else None,
+                "params": counts["total"],
+                "active_params": counts["active"],
+                "batch": e.cfg.data.batch_size,
+                "seq_len": args.seq_len or e.cfg.model.max_seq_len,
+                "step_ms": 1e3 * step,
+                "steps_ms": [1e3 * t for t in e.times_s],
+                "tokens_per_s": tps,
+                "time_vs_dense": median_ratio(e.times_s, ref.times_s) if ref else None,
+                "first_step_s": e.first_step_s,
+                "gflop_per_token": flops_tok / 1e9,
+                "achieved_tflops": achieved / 1e12,
+                "matmul_share": achieved / matmul,
+                "mfu": achieved / peak if peak else None,
+            }
+        )
     return rows
 
 
@@ -175,13 +211,18 @@ def markdown(result: dict) -> str:
     m, st = result["machine"], result["settings"]
     peak = result["peak_tflops"]
     lines = [
-        f"# Model benchmark: training steps ({m['device']}, {m['dtype']})", "", machine_line(m),
+        f"# Model benchmark: training steps ({m['device']}, {m['dtype']})",
+        "",
+        machine_line(m),
         f"One step: forward, loss + aux losses, backward, clipping, AdamW, on random ids; median of {st['repeats']} "
         f"steps per entry after {st['warmup']} warm-up rounds (entries round-robin; all steps in the JSON). "
         "time / dense: per-round ratio to the dense config in the same mode. loss: chunked (the trainer's) or "
         "full (float32 logits [B, L, V], then cross-entropy). peak GB: "
-        + ("peak allocated during the entry's steps. " if m["device"].startswith("cuda")
-           else "peak-RSS growth of one step after the timing (n/a where unmeasurable). ")
+        + (
+            "peak allocated during the entry's steps. "
+            if m["device"].startswith("cuda")
+            else "peak-RSS growth of one step after the timing (n/a where unmeasurable). "
+        )
         + "FLOPs: 6 N_active + 12 n_layers d L "
         f"per token. Measured {m['dtype']} matmul rate: {result['matmul_tflops']:.3g} TFLOP/s"
         + (f"; peak used for MFU: {peak:g} TFLOP/s." if peak else "; no GPU peak known: MFU n/a."),
@@ -192,28 +233,73 @@ def markdown(result: dict) -> str:
         vs = "n/a" if r["time_vs_dense"] is None else f"{r['time_vs_dense']:.2f}"
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
         peak_gb = "n/a" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.3g}"
-        rows.append([r["config"], r["mode"], r["layout"], "on" if r["activation_checkpointing"] else "off", r["loss"],
-                     f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)", f"{r['batch']} x {r['seq_len']}",
-                     fmt_ms(r["step_ms"]), f"{r['tokens_per_s']:,.0f}", vs, f"{r['gflop_per_token']:.4g}",
-                     f"{r['achieved_tflops']:.3g}", f"{100 * r['matmul_share']:.1f} %", mfu, peak_gb,
-                     f"{r['first_step_s']:.1f}"])
-    lines += markdown_table(["config", "mode", "layout", "AC", "loss", "params (active)", "batch x seq", "step ms",
-                             "tokens/s", "time / dense", "GFLOP/token", "TFLOP/s", "share of matmul rate", "MFU",
-                             "peak GB", "first step s"], rows)
+        rows.append(
+            [
+                r["config"],
+                r["mode"],
+                r["layout"],
+                "on" if r["activation_checkpointing"] else "off",
+                r["loss"],
+                f"{r['params'] / 1e6:.2f}M ({r['active_params'] / 1e6:.2f}M)",
+                f"{r['batch']} x {r['seq_len']}",
+                fmt_ms(r["step_ms"]),
+                f"{r['tokens_per_s']:,.0f}",
+                vs,
+                f"{r['gflop_per_token']:.4g}",
+                f"{r['achieved_tflops']:.3g}",
+                f"{100 * r['matmul_share']:.1f} %",
+                mfu,
+                peak_gb,
+                f"{r['first_step_s']:.1f}",
+            ]
+        )
+    lines += markdown_table(
+        [
+            "config",
+            "mode",
+            "layout",
+            "AC",
+            "loss",
+            "params (active)",
+            "batch x seq",
+            "step ms",
+            "tokens/s",
+            "time / dense",
+            "GFLOP/token",
+            "TFLOP/s",
+            "share of matmul rate",
+            "MFU",
+            "peak GB",
+            "first step s",
+        ],
+        rows,
+    )
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = config_bench_parser("model", __doc__, "results/model", 5, 2, "e.g. model.n_layers=2")
     p.add_argument("--compile", choices=["both", "off", "on"], default="both", help="eager, compiled or both")
-    p.add_argument("--layout", choices=["ddp", "fsdp"], default="ddp",
-                   help="ddp: the plain model (one process); fsdp: FSDP2 on a one-process group")
+    p.add_argument(
+        "--layout",
+        choices=["ddp", "fsdp"],
+        default="ddp",
+        help="ddp: the plain model (one process); fsdp: FSDP2 on a one-process group",
+    )
     p.add_argument("--ac", choices=["off", "on", "both"], default="off", help="per-block activation checkpointing")
-    p.add_argument("--loss", choices=["chunked", "full", "both"], default="chunked",
-                   help="LM loss: the trainer's chunked loss, the full float32 logits, or both side by side")
+    p.add_argument(
+        "--loss",
+        choices=["chunked", "full", "both"],
+        default="chunked",
+        help="LM loss: the trainer's chunked loss, the full float32 logits, or both side by side",
+    )
     device_options(p, "bfloat16 = autocast over float32 weights, as train.bf16 (auto: bf16 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per step (default: each config's data.micro_batch_size, else data.batch_size)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per step (default: each config's data.micro_batch_size, else data.batch_size)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="default: each config's model.max_seq_len")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: known GPUs)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 rate matmul (2048 CPU, 8192 CUDA)")
@@ -243,13 +329,24 @@ def main(argv: list[str] | None = None) -> dict:
     peak = gpu_peak_flops(device, args.peak_tflops)
     result = {
         "machine": machine_info(device, dtype, load_start),
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "seed": args.seed, "overrides": args.set,
-                     "configs": [str(c) for c in args.configs]},
-        "matmul_tflops": matmul / 1e12, "peak_tflops": peak / 1e12 if peak else None,
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "overrides": args.set,
+            "configs": [str(c) for c in args.configs],
+        },
+        "matmul_tflops": matmul / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None,
         "loadavg_per_round": load,
         "rows": summarize(entries, args, matmul, peak),
     }
-    write_results(args.out, f"bench_model_{device.type}_{dtype_name(dtype)}" + ("_fsdp" if args.layout == "fsdp" else ""), markdown(result), result)
+    write_results(
+        args.out,
+        f"bench_model_{device.type}_{dtype_name(dtype)}" + ("_fsdp" if args.layout == "fsdp" else ""),
+        markdown(result),
+        result,
+    )
     distributed.teardown(env)
     return result
 

@@ -36,7 +36,16 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
-from .common import config_bench_parser, fmt_ms, machine_info, machine_line, markdown_table, parse_checked, resolve_device, write_results
+from .common import (
+    config_bench_parser,
+    fmt_ms,
+    machine_info,
+    machine_line,
+    markdown_table,
+    parse_checked,
+    resolve_device,
+    write_results,
+)
 
 DEFAULT_CONFIGS = ("configs/01-tiny-lory-8e.yaml", "configs/03-tiny-topk-8e.yaml")
 DEFAULT_SET = ("model.n_layers=2", "model.max_seq_len=128", "data.batch_size=8")
@@ -69,14 +78,15 @@ def layout_label(fields: dict) -> str:
 # worker: one layout, under torchrun
 
 
-def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats: int, seq_len: int | None,
-           out: str) -> None:
+def worker(
+    config: str, overrides: list[str], fields: dict, warmup: int, repeats: int, seq_len: int | None, out: str
+) -> None:
     import torch.distributed as dist
 
     from ..model import Decoder
+    from ..parallel import distributed
     from ..parallel.comm_count import CommCounter
     from ..parallel.parallelize import ParallelPlan, parallelize
-    from ..parallel import distributed
     from ..train.loop import batch_split
     from ..train.optim import build_optimizer
     from ..train.step import Stepper
@@ -114,11 +124,23 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
     times = [step() for _ in range(repeats)]
     with CommCounter() as counter:
         step()
-    peak = (torch.cuda.max_memory_allocated() if env.device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
-    record = {"rank": env.rank, "world": env.world, "step_ms": [1e3 * t for t in times], "bytes": counter.total_bytes,
-              "comm": counter.as_dict(), "peak_bytes": peak, "micro": micro, "accum": accum, "seq_len": seq,
-              "device": str(env.device)}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if env.device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    )
+    record = {
+        "rank": env.rank,
+        "world": env.world,
+        "step_ms": [1e3 * t for t in times],
+        "bytes": counter.total_bytes,
+        "comm": counter.as_dict(),
+        "peak_bytes": peak,
+        "micro": micro,
+        "accum": accum,
+        "seq_len": seq,
+        "device": str(env.device),
+    }
     records = [None] * env.world
     if env.world > 1:
         dist.all_gather_object(records, record)
@@ -139,16 +161,35 @@ def worker(config: str, overrides: list[str], fields: dict, warmup: int, repeats
 def run_job(args, config: str, procs: int, fields: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-               "-m", "diffmoe.bench.scale", "--worker", json.dumps(fields), "--out", str(out),
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats), config, "--set", *args.set]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(procs),
+            "-m",
+            "diffmoe.bench.scale",
+            "--worker",
+            json.dumps(fields),
+            "--out",
+            str(out),
+            "--warmup",
+            str(args.warmup),
+            "--repeats",
+            str(args.repeats),
+            config,
+            "--set",
+            *args.set,
+        ]
         if args.seq_len:
             cmd += ["--seq-len", str(args.seq_len)]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or max(1, (os.cpu_count() or 1) // procs)))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"bench scale: {config} on {procs} processes, {layout_label(fields)} failed:\n"
-                               f"{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"bench scale: {config} on {procs} processes, {layout_label(fields)} failed:\n{proc.stderr[-3000:]}"
+            )
         return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -163,8 +204,11 @@ def planned(config: str, overrides: list[str], procs: int, fields: dict, seq_len
     cluster = Cluster(gpus=procs, gpu_mem_gib=10_000, reserve_gib=0)
     layout = Layout.resolve(cfg.train.parallel, procs)
     lp = plan_layout(cfg.model, layout, workload(cfg, procs, seq_len or cfg.model.max_seq_len), cluster)
-    return {"bytes": sum(lp.comm_bytes("none")), "memory_bytes": lp.memory.total("none"),
-            "by_kind": _by_kind(lp.comm["none"])}
+    return {
+        "bytes": sum(lp.comm_bytes("none")),
+        "memory_bytes": lp.memory.total("none"),
+        "by_kind": _by_kind(lp.comm["none"]),
+    }
 
 
 def _by_kind(collectives) -> dict[str, float]:
@@ -176,26 +220,61 @@ def _by_kind(collectives) -> dict[str, float]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# Scale benchmark ({m['device']})", "", machine_line(m),
-             f"Median of {result['settings']['repeats']} steps after {result['settings']['warmup']} warm-up steps; "
-             "bytes = what rank 0 sends through collectives in one step (ring convention, see diffmoe.parallel.plan); "
-             "plan = `diffmoe plan`'s model of the same layout; peak = CUDA allocator peak, or on CPU the growth "
-             "of the process's peak RSS from before the model was built.", "",
-             ]
+    lines = [
+        f"# Scale benchmark ({m['device']})",
+        "",
+        machine_line(m),
+        f"Median of {result['settings']['repeats']} steps after {result['settings']['warmup']} warm-up steps; "
+        "bytes = what rank 0 sends through collectives in one step (ring convention, see diffmoe.parallel.plan); "
+        "plan = `diffmoe plan`'s model of the same layout; peak = CUDA allocator peak, or on CPU the growth "
+        "of the process's peak RSS from before the model was built.",
+        "",
+    ]
     rows = []
     for r in result["rows"]:
         ratio = f"{r['bytes'] / r['plan_bytes']:.3f}" if r["plan_bytes"] else ("1 (none)" if not r["bytes"] else "n/a")
-        rows.append([r["config"], r["procs"], r["layout"], f"{r['micro']} x {r['accum']}", fmt_ms(r["step_ms"]),
-                     f"{r['bytes'] / 1e6:.2f}", f"{r['plan_bytes'] / 1e6:.2f}", ratio, f"{r['peak_bytes'] / 2**20:.0f}",
-                     f"{r['plan_memory_bytes'] / 2**20:.0f}"])
-    lines += markdown_table(["config", "processes", "layout", "micro x accum", "ms / step", "MB sent / step",
-                             "plan MB", "measured / plan", "peak MB", "plan memory MB (no reserve)"], rows)
+        rows.append(
+            [
+                r["config"],
+                r["procs"],
+                r["layout"],
+                f"{r['micro']} x {r['accum']}",
+                fmt_ms(r["step_ms"]),
+                f"{r['bytes'] / 1e6:.2f}",
+                f"{r['plan_bytes'] / 1e6:.2f}",
+                ratio,
+                f"{r['peak_bytes'] / 2**20:.0f}",
+                f"{r['plan_memory_bytes'] / 2**20:.0f}",
+            ]
+        )
+    lines += markdown_table(
+        [
+            "config",
+            "processes",
+            "layout",
+            "micro x accum",
+            "ms / step",
+            "MB sent / step",
+            "plan MB",
+            "measured / plan",
+            "peak MB",
+            "plan memory MB (no reserve)",
+        ],
+        rows,
+    )
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = config_bench_parser("scale", __doc__, "results/scale", 3, 1, f"default: {' '.join(DEFAULT_SET)}",
-                            threads_help="threads per process (default: cores / processes)")
+    p = config_bench_parser(
+        "scale",
+        __doc__,
+        "results/scale",
+        3,
+        1,
+        f"default: {' '.join(DEFAULT_SET)}",
+        threads_help="threads per process (default: cores / processes)",
+    )
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per torchrun job")
@@ -209,8 +288,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.worker:
-        worker(args.configs[0], args.set, json.loads(args.worker), args.warmup, args.repeats, args.seq_len,
-               str(args.out))
+        worker(
+            args.configs[0], args.set, json.loads(args.worker), args.warmup, args.repeats, args.seq_len, str(args.out)
+        )
         return None
     device = resolve_device("auto")
     load_start = os.getloadavg()[0]
@@ -222,16 +302,35 @@ def main(argv: list[str] | None = None) -> dict | None:
                 records = run_job(args, config, procs, fields)
                 plan = planned(config, args.set, procs, fields, args.seq_len)
                 r0 = records[0]
-                rows.append({"config": Path(config).stem, "procs": procs, "layout": layout_label(fields),
-                             "fields": fields, "micro": r0["micro"], "accum": r0["accum"],
-                             "step_ms": statistics.median(r0["step_ms"]), "bytes": r0["bytes"],
-                             "plan_bytes": plan["bytes"], "plan_by_kind": plan["by_kind"],
-                             "peak_bytes": max(r["peak_bytes"] for r in records),
-                             "plan_memory_bytes": plan["memory_bytes"], "ranks": records})
-    result = {"machine": machine_info(device, torch.float32, load_start),
-              "settings": {"configs": args.configs, "overrides": args.set, "procs": args.procs,
-                           "repeats": args.repeats, "warmup": args.warmup, "seq_len": args.seq_len},
-              "rows": rows}
+                rows.append(
+                    {
+                        "config": Path(config).stem,
+                        "procs": procs,
+                        "layout": layout_label(fields),
+                        "fields": fields,
+                        "micro": r0["micro"],
+                        "accum": r0["accum"],
+                        "step_ms": statistics.median(r0["step_ms"]),
+                        "bytes": r0["bytes"],
+                        "plan_bytes": plan["bytes"],
+                        "plan_by_kind": plan["by_kind"],
+                        "peak_bytes": max(r["peak_bytes"] for r in records),
+                        "plan_memory_bytes": plan["memory_bytes"],
+                        "ranks": records,
+                    }
+                )
+    result = {
+        "machine": machine_info(device, torch.float32, load_start),
+        "settings": {
+            "configs": args.configs,
+            "overrides": args.set,
+            "procs": args.procs,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "seq_len": args.seq_len,
+        },
+        "rows": rows,
+    }
     write_results(args.out, f"bench_scale_{device.type}", markdown(result), result)
     return result
 

@@ -23,7 +23,20 @@ from .store import read_manifest
 from .tokenizer import TokenizerConfig, load_tokenizer
 
 __all__ = [
-    "BuiltinCorpusConfig", "Corpus", "DataError", "Document", "EngineConfig", "OrderingConfig", "PackedDataset",
-    "PrepareConfig", "PrepareResult", "ReadOptions", "TokenizerConfig", "build_builtin_corpus",
-    "load_tokenizer", "prepare", "read_manifest", "similarity_walk",
+    "BuiltinCorpusConfig",
+    "Corpus",
+    "DataError",
+    "Document",
+    "EngineConfig",
+    "OrderingConfig",
+    "PackedDataset",
+    "PrepareConfig",
+    "PrepareResult",
+    "ReadOptions",
+    "TokenizerConfig",
+    "build_builtin_corpus",
+    "load_tokenizer",
+    "prepare",
+    "read_manifest",
+    "similarity_walk",
 ]

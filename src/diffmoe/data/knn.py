@@ -58,6 +58,7 @@ def resolve_backend(backend: str) -> str:
     if backend in ("auto", "faiss"):
         try:
             import faiss  # noqa: F401
+
             return "faiss"
         except ImportError:
             if backend == "faiss":
@@ -65,8 +66,10 @@ def resolve_backend(backend: str) -> str:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        raise DataError("similarity ordering needs faiss-cpu or scikit-learn: pip install faiss-cpu "
-                        "(or pip install 'diffmoe[data]')") from None
+        raise DataError(
+            "similarity ordering needs faiss-cpu or scikit-learn: pip install faiss-cpu "
+            "(or pip install 'diffmoe[data]')"
+        ) from None
     return "sklearn"
 
 
@@ -83,9 +86,14 @@ def nlist_for(n: int) -> int:
     return int(min(max(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))), 16), 65536))
 
 
-def search(vectors: np.ndarray, options: SearchOptions, out: np.ndarray,
-           progress: Callable[[int], None] | None = None, start_block: int = 0,
-           block_done: Callable[[int], None] | None = None) -> dict:
+def search(
+    vectors: np.ndarray,
+    options: SearchOptions,
+    out: np.ndarray,
+    progress: Callable[[int], None] | None = None,
+    start_block: int = 0,
+    block_done: Callable[[int], None] | None = None,
+) -> dict:
     """Fill ``out`` (int64 [n, k'], k' = min(k, n - 1)) with each row's nearest other rows, most similar
     first (-1 where fewer were found). ``vectors``: float32 [n, d], rows L2-normalised (may be memory-mapped).
 
@@ -115,8 +123,7 @@ def search(vectors: np.ndarray, options: SearchOptions, out: np.ndarray,
         if b < start_block:
             continue
         stop = min(start + _QUERY_BLOCK, n)
-        out[start:stop] = query(np.ascontiguousarray(vectors[start:stop], dtype=np.float32),
-                                np.arange(start, stop))
+        out[start:stop] = query(np.ascontiguousarray(vectors[start:stop], dtype=np.float32), np.arange(start, stop))
         if block_done is not None:
             block_done(b + 1)
         if progress is not None:
@@ -164,10 +171,14 @@ class _IvfSearcher:
         self.nprobe, self.recall, self.recall_queries = 1, None, 0
 
     def describe(self) -> dict:
-        return {"nlist": self.nlist, "nprobe": self.nprobe, "train_vectors": self.train,
-                "recall_at_k": None if self.recall is None else round(self.recall, 4),
-                "recall_queries": self.recall_queries,
-                **({"rerank_candidates": _RERANK * self.k} if self.kind == "ivf-pq" else {})}
+        return {
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "train_vectors": self.train,
+            "recall_at_k": None if self.recall is None else round(self.recall, 4),
+            "recall_queries": self.recall_queries,
+            **({"rerank_candidates": _RERANK * self.k} if self.kind == "ivf-pq" else {}),
+        }
 
     def query(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         import faiss
@@ -210,7 +221,7 @@ def _ivf(vectors: np.ndarray, kind: str, options: SearchOptions):
     faiss.extract_index_ivf(index).cp.seed = 1234 + options.seed  # faiss' default k-means seed, shifted
     index.train(np.ascontiguousarray(vectors[train], dtype=np.float32))
     for start in range(0, n, 1 << 18):
-        index.add(np.ascontiguousarray(vectors[start:start + (1 << 18)], dtype=np.float32))
+        index.add(np.ascontiguousarray(vectors[start : start + (1 << 18)], dtype=np.float32))
     k = min(options.k, n - 1)
     searcher = _IvfSearcher(index, vectors, k, kind, nlist, train_n)
     _tune_nprobe(searcher, vectors, options)
@@ -229,8 +240,12 @@ def _tune_nprobe(searcher: _IvfSearcher, vectors: np.ndarray, options: SearchOpt
     nprobe = options.nprobe or min(_FIRST_NPROBE, searcher.nlist)
     while True:
         searcher.nprobe = nprobe
-        found = np.concatenate([searcher.query(q[i:i + _QUERY_BLOCK], queries[i:i + _QUERY_BLOCK])
-                                for i in range(0, len(q), _QUERY_BLOCK)])
+        found = np.concatenate(
+            [
+                searcher.query(q[i : i + _QUERY_BLOCK], queries[i : i + _QUERY_BLOCK])
+                for i in range(0, len(q), _QUERY_BLOCK)
+            ]
+        )
         searcher.recall = recall_at_k(found, truth)
         if options.nprobe or searcher.recall >= options.recall_target or nprobe >= searcher.nlist:
             return
@@ -243,7 +258,7 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     best_s = np.full((len(q), k + 1), -np.inf, dtype=np.float32)
     best_i = np.full((len(q), k + 1), -1, dtype=np.int64)
     for start in range(0, len(vectors), 8192):
-        block = np.asarray(vectors[start:start + 8192], dtype=np.float32)
+        block = np.asarray(vectors[start : start + 8192], dtype=np.float32)
         s = q @ block.T
         take = min(k + 1, s.shape[1])
         top = np.argpartition(-s, take - 1, axis=1)[:, :take]
@@ -294,11 +309,14 @@ def load_neighbours(path: str | Path, documents: int) -> tuple[np.ndarray, np.nd
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"{path}: ids must be an integer array [documents, k], got {ids.dtype} {ids.shape}")
     if len(ids) != documents:
-        raise DataError(f"{path}: {len(ids)} rows, but the corpus has {documents} documents (rows follow the "
-                        "read order, documents.jsonl's index)")
+        raise DataError(
+            f"{path}: {len(ids)} rows, but the corpus has {documents} documents (rows follow the "
+            "read order, documents.jsonl's index)"
+        )
     if ids.size and (ids.min() < -1 or ids.max() >= documents):
         raise DataError(f"{path}: neighbour ids must be in [-1, {documents - 1}], found {ids.min()}..{ids.max()}")
     if sims is not None and (sims.shape != ids.shape or not np.issubdtype(sims.dtype, np.floating)):
-        raise DataError(f"{path}: sims must be a float array of the ids' shape {ids.shape}, got {sims.dtype} "
-                        f"{sims.shape}")
+        raise DataError(
+            f"{path}: sims must be a float array of the ids' shape {ids.shape}, got {sims.dtype} {sims.shape}"
+        )
     return ids.astype(np.int64), None if sims is None else sims.astype(np.float32)

@@ -46,7 +46,9 @@ def sources_of(data_cfg) -> list[Source]:
     if not data_cfg.mixture:
         return [Source(Path(str(data_cfg.path)).name or "data", str(data_cfg.path), 1.0)]
     total = float(sum(entry["weight"] for entry in data_cfg.mixture))
-    names = [entry.get("name") or Path(str(entry["path"])).name or f"data{i}" for i, entry in enumerate(data_cfg.mixture)]
+    names = [
+        entry.get("name") or Path(str(entry["path"])).name or f"data{i}" for i, entry in enumerate(data_cfg.mixture)
+    ]
     seen: dict[str, int] = {}
     unique = []
     for name in names:
@@ -62,14 +64,18 @@ def open_datasets(sources: list[Source], split: str) -> list[PackedDataset]:
     for source, dataset in zip(sources[1:], datasets[1:]):
         m = dataset.manifest
         if m["files"].get("tokenizer.json") != reference["files"].get("tokenizer.json"):
-            raise ConfigError(f"invalid config: data.mixture: {source.path} has another tokenizer than "
-                              f"{sources[0].path} (tokenizer.json sha256 {m['files'].get('tokenizer.json', '?')[:12]} vs "
-                              f"{reference['files'].get('tokenizer.json', '?')[:12]}); prepare every dataset of a "
-                              "mixture with the same --tokenizer (e.g. the first dataset's directory)")
+            raise ConfigError(
+                f"invalid config: data.mixture: {source.path} has another tokenizer than "
+                f"{sources[0].path} (tokenizer.json sha256 {m['files'].get('tokenizer.json', '?')[:12]} vs "
+                f"{reference['files'].get('tokenizer.json', '?')[:12]}); prepare every dataset of a "
+                "mixture with the same --tokenizer (e.g. the first dataset's directory)"
+            )
         if dataset.row_len != first.row_len:
-            raise ConfigError(f"invalid config: data.mixture: {source.path} has sequences of {dataset.context_len} "
-                              f"tokens, {sources[0].path} of {first.context_len}; prepare them with the same "
-                              "--context-len")
+            raise ConfigError(
+                f"invalid config: data.mixture: {source.path} has sequences of {dataset.context_len} "
+                f"tokens, {sources[0].path} of {first.context_len}; prepare them with the same "
+                "--context-len"
+            )
     return datasets
 
 
@@ -80,8 +86,16 @@ class MixtureStream:
     (k * world + rank) * B ... of the mixture's sequence, with ``global_batch`` = G positions per step.
     """
 
-    def __init__(self, datasets: list, weights: list[float], batch_size: int, seed: int, global_batch: int,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        datasets: list,
+        weights: list[float],
+        batch_size: int,
+        seed: int,
+        global_batch: int,
+        rank: int = 0,
+        world: int = 1,
+    ):
         for d in datasets:
             if len(d) == 0:
                 raise ConfigError(f"invalid config: data.mixture: {d.path} has no training rows")
@@ -89,7 +103,13 @@ class MixtureStream:
             raise ValueError(f"the global batch {global_batch} must be a multiple of the micro-batch {batch_size}")
         w = np.asarray(weights, dtype=np.float64)
         self.datasets, self.weights = datasets, w / w.sum()
-        self.batch_size, self.seed, self.global_batch, self.rank, self.world = batch_size, seed, global_batch, rank, world
+        self.batch_size, self.seed, self.global_batch, self.rank, self.world = (
+            batch_size,
+            seed,
+            global_batch,
+            rank,
+            world,
+        )
         exact = self.weights * global_batch
         self.base = np.floor(exact).astype(np.int64)
         frac = exact - self.base
@@ -154,7 +174,8 @@ class MixtureStream:
             for old in [k for k in self._perms if k[0] == dataset]:
                 del self._perms[old]
             self._perms[key] = np.random.default_rng([self.seed, 0x6D78, dataset, epoch]).permutation(
-                len(self.datasets[dataset]))
+                len(self.datasets[dataset])
+            )
         return self._perms[key]
 
     # ------------------------------------------------------------------------------------------ batches
@@ -172,19 +193,39 @@ def check_mixture(mixture) -> None:
     """Validate ``data.mixture`` (a list of ``{path, weight[, name]}``), naming the offending entry."""
     from ..schema import check
 
-    check(isinstance(mixture, list) and len(mixture) >= 1, "data.mixture", mixture,
-          "must be a non-empty list of {path, weight} (or null: train on data.path)")
+    check(
+        isinstance(mixture, list) and len(mixture) >= 1,
+        "data.mixture",
+        mixture,
+        "must be a non-empty list of {path, weight} (or null: train on data.path)",
+    )
     for i, entry in enumerate(mixture):
         where = f"data.mixture[{i}]"
         check(isinstance(entry, dict), where, entry, "must be a mapping with path and weight")
         unknown = sorted(set(entry) - {"path", "weight", "name"})
-        check(not unknown, f"{where}.{unknown[0] if unknown else ''}", entry.get(unknown[0]) if unknown else None,
-              "unknown key (known: path, weight, name)")
-        check(isinstance(entry.get("path"), (str, os.PathLike)) and str(entry.get("path")), f"{where}.path",
-              entry.get("path"), "must name a prepared dataset directory")
+        check(
+            not unknown,
+            f"{where}.{unknown[0] if unknown else ''}",
+            entry.get(unknown[0]) if unknown else None,
+            "unknown key (known: path, weight, name)",
+        )
+        check(
+            isinstance(entry.get("path"), (str, os.PathLike)) and str(entry.get("path")),
+            f"{where}.path",
+            entry.get("path"),
+            "must name a prepared dataset directory",
+        )
         weight = entry.get("weight")
-        check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0, f"{where}.weight",
-              weight, "must be a positive number")
+        check(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0,
+            f"{where}.weight",
+            weight,
+            "must be a positive number",
+        )
         name = entry.get("name")
-        check(name is None or (isinstance(name, str) and name and "/" not in name and "." not in name),
-              f"{where}.name", name, "must be a non-empty string without '/' or '.'")
+        check(
+            name is None or (isinstance(name, str) and name and "/" not in name and "." not in name),
+            f"{where}.name",
+            name,
+            "must be a non-empty string without '/' or '.'",
+        )

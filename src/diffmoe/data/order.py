@@ -37,8 +37,9 @@ def edges(nbr: np.ndarray, sim: np.ndarray, rows: slice | None = None) -> tuple[
     return a[keep], b[keep].astype(np.int64), s[keep].astype(np.float32)
 
 
-def remove_near_duplicates(docs: np.ndarray, nbr: np.ndarray, sim: np.ndarray, status: np.ndarray,
-                           duplicate_of: np.ndarray, threshold: float) -> None:
+def remove_near_duplicates(
+    docs: np.ndarray, nbr: np.ndarray, sim: np.ndarray, status: np.ndarray, duplicate_of: np.ndarray, threshold: float
+) -> None:
     """Mark near-duplicates among ``docs`` (the documents the graph's rows are, int64 [n]) in ``status`` and
     ``duplicate_of`` (indexed by document), keeping one per group — a held-out one when the group has one."""
     a, b, s = edges(nbr, sim)
@@ -50,8 +51,14 @@ def remove_near_duplicates(docs: np.ndarray, nbr: np.ndarray, sim: np.ndarray, s
     duplicate_of[docs[~keep]] = docs[kept_of_group[groups[~keep]]]
 
 
-def walk(docs: np.ndarray, nbr: np.ndarray, sim: np.ndarray, status: np.ndarray, max_chain_docs: int | None,
-         chunks: list[slice] | None = None) -> np.ndarray:
+def walk(
+    docs: np.ndarray,
+    nbr: np.ndarray,
+    sim: np.ndarray,
+    status: np.ndarray,
+    max_chain_docs: int | None,
+    chunks: list[slice] | None = None,
+) -> np.ndarray:
     """The training documents among ``docs`` (the graph's rows) in walk order: int64 [n_train] of document
     indices. With ``chunks`` (row ranges whose edges stay inside), each chunk is walked on its own, in order."""
     out = []
@@ -116,8 +123,9 @@ def keep_one_per_group(groups: np.ndarray, preferred: np.ndarray) -> np.ndarray:
     return keep
 
 
-def similarity_walk(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray,
-                    max_chain_docs: int | None = None) -> np.ndarray:
+def similarity_walk(
+    n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray, max_chain_docs: int | None = None
+) -> np.ndarray:
     """Order ``n`` documents by the greedy walk of In-Context Pretraining (Shi et al. 2023).
 
     Start at an unvisited document of minimum degree, step to its most similar unvisited neighbour,
@@ -141,7 +149,7 @@ def similarity_walk(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray,
             filled += 1
             if max_chain_docs is not None and chain >= max_chain_docs:
                 break
-            candidates = nbr[indptr[current]:indptr[current + 1]]
+            candidates = nbr[indptr[current] : indptr[current + 1]]
             free = np.flatnonzero(~visited[candidates])
             if len(free) == 0:
                 break

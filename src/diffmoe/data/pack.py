@@ -46,8 +46,9 @@ def plan(lengths: np.ndarray, order: np.ndarray, row_len: int) -> PackPlan:
     return PackPlan(np.asarray(order, dtype=np.int64), starts, sizes, int(sizes.sum()) // row_len, row_len)
 
 
-def assemble_rows(table: DocumentTable, plan: PackPlan, stream_rows: np.ndarray, eod_id: int,
-                  dtype: np.dtype) -> np.ndarray:
+def assemble_rows(
+    table: DocumentTable, plan: PackPlan, stream_rows: np.ndarray, eod_id: int, dtype: np.dtype
+) -> np.ndarray:
     """Rows ``stream_rows`` (int64 [m]) of the packed stream: [m, row_len] in ``dtype``."""
     L = plan.row_len
     out = np.empty((len(stream_rows), L), dtype=dtype)
@@ -60,7 +61,7 @@ def assemble_rows(table: DocumentTable, plan: PackPlan, stream_rows: np.ndarray,
             a, b = max(lo, start), min(hi, start + size)  # the part of this document (and separator) in the row
             text_end = min(b, start + size - 1)
             if a < text_end:
-                row[a - lo:text_end - lo] = table.doc_slice(int(plan.order[j]), a - start, text_end - start)
+                row[a - lo : text_end - lo] = table.doc_slice(int(plan.order[j]), a - start, text_end - start)
             if b == start + size:
                 row[b - 1 - lo] = eod_id
             j += 1

@@ -37,7 +37,7 @@ from . import order as od
 from . import pack as pk
 from . import store as st
 from .config import PrepareConfig
-from .embed import MINILM_DIMS, TfidfModel, fit_tfidf
+from .embed import MINILM_DIMS, fit_tfidf
 from .engine import Engine, EngineConfig
 from .errors import DataError
 from .knn import load_neighbours, search
@@ -64,9 +64,16 @@ class PrepareResult:
     timings: Timings = field(default_factory=Timings)
 
 
-def prepare(corpus, out: str | os.PathLike, config: PrepareConfig | None = None, overwrite: bool = False,
-            verbose: bool = False, engine: EngineConfig | None = None,
-            save_neighbours: str | os.PathLike | None = None, keep_work: bool = False) -> PrepareResult:
+def prepare(
+    corpus,
+    out: str | os.PathLike,
+    config: PrepareConfig | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+    engine: EngineConfig | None = None,
+    save_neighbours: str | os.PathLike | None = None,
+    keep_work: bool = False,
+) -> PrepareResult:
     """Prepare ``corpus`` (a path, glob, URL or ``hf:NAME``, or a list of them) into the dataset directory
     ``out`` (layout: :mod:`diffmoe.data.store`).
 
@@ -106,8 +113,18 @@ def prepare(corpus, out: str | os.PathLike, config: PrepareConfig | None = None,
 class _Run:
     """One ``prepare`` run over its work directory: the stages, in order, each skipped when already done."""
 
-    def __init__(self, out: Path, work: Path, config: PrepareConfig, specs: list[str], found: Found, tasks,
-                 engine: Engine, verbose: bool, save_neighbours):
+    def __init__(
+        self,
+        out: Path,
+        work: Path,
+        config: PrepareConfig,
+        specs: list[str],
+        found: Found,
+        tasks,
+        engine: Engine,
+        verbose: bool,
+        save_neighbours,
+    ):
         self.out, self.work, self.config, self.specs = out, work, config, specs
         self.files, self.ignored, self.tasks = found.files, found.ignored, tasks
         self.engine, self.verbose, self.save_neighbours = engine, verbose, save_neighbours
@@ -138,9 +155,11 @@ class _Run:
     # ------------------------------------------------------------------------------------------ the run
     def execute(self, resumed: bool) -> dict:
         cfg = self.config
-        self._say(f"prepare: {len(self.files)} input files ({sum(f.bytes for f in self.files) / 1e6:,.1f} MB) in "
-                  f"{len(self.tasks)} read tasks; {self.engine.config.executor} executor, "
-                  f"{self.engine.workers or 'unlimited'} workers")
+        self._say(
+            f"prepare: {len(self.files)} input files ({sum(f.bytes for f in self.files) / 1e6:,.1f} MB) in "
+            f"{len(self.tasks)} read tasks; {self.engine.config.executor} executor, "
+            f"{self.engine.workers or 'unlimited'} workers"
+        )
         if self.ignored:
             self._say("warning: not read: " + ", ".join(f"{n} {ext}" for ext, n in sorted(self.ignored.items())))
         vocab = self._tokenizer()
@@ -155,8 +174,10 @@ class _Run:
         if merged["documents"] == 0:
             raise DataError(self._empty_message(stats))
         if len(merged["domains"]) > MANY_DOMAINS:
-            self._say(f"warning: {len(merged['domains'])} domains (one per top-level file or folder); pass "
-                      "--domain-from none or field:NAME for fewer")
+            self._say(
+                f"warning: {len(merged['domains'])} domains (one per top-level file or folder); pass "
+                "--domain-from none or field:NAME for fewer"
+            )
         self._timed("split", self._global, "split", self._split)
         graph = self._order(vocab) if cfg.ordering.needs_graph else None
         if graph is None:
@@ -164,8 +185,9 @@ class _Run:
         packed = self._timed("pack", self._global, "pack", lambda: self._pack(vocab))
         dtype = packed["dtype"]
         shards = [s for info in packed["splits"].values() for s in info["shards"]]
-        written = self._timed("write", self.engine.run, WriteStage(self.work, self.out, shards, dtype,
-                                                                   vocab.eod_id, cfg.context_len + 1))
+        written = self._timed(
+            "write", self.engine.run, WriteStage(self.work, self.out, shards, dtype, vocab.eod_id, cfg.context_len + 1)
+        )
         self._timed("documents", self.engine.run, DocumentsStage(self.work, cfg))
         manifest = self._timed("finish", self._finish, vocab, infos, stats, graph, packed, written, resumed)
         say(self.timings.table(stats.documents, stats.bytes), self.verbose)
@@ -179,12 +201,17 @@ class _Run:
                 total = sum(f.bytes for f in self.files)
                 rate = min(1.0, tc.train_mb * 1e6 / total) if total else 1.0
                 limit = int(rate * 2**64) if rate < 1 else None
-                sampled = self._timed("sample", self.engine.run,
-                                      SampleStage(self.work, self.config, self.files, self.tasks, limit))
-                info = {"sample_documents": sum(s["documents"] for s in sampled),
-                        "sample_bytes": sum(s["bytes"] for s in sampled)}
-                self._say(f"training a byte-level BPE of {tc.vocab_size} tokens on {info['sample_bytes'] / 1e6:,.1f} "
-                          f"MB of text")
+                sampled = self._timed(
+                    "sample", self.engine.run, SampleStage(self.work, self.config, self.files, self.tasks, limit)
+                )
+                info = {
+                    "sample_documents": sum(s["documents"] for s in sampled),
+                    "sample_bytes": sum(s["bytes"] for s in sampled),
+                }
+                self._say(
+                    f"training a byte-level BPE of {tc.vocab_size} tokens on {info['sample_bytes'] / 1e6:,.1f} "
+                    f"MB of text"
+                )
                 cap = None if total else tc.train_mb * 1e6  # streamed datasets: the first train_mb of text
                 vocab = self._timed("bpe", resolve, tc, lambda: sample_texts(self.work, len(self.tasks), cap))
             else:
@@ -197,11 +224,15 @@ class _Run:
     def _empty_message(self, stats: ReadStats) -> str:
         details = [f"{count} {reason}" for reason, count in sorted(stats.skipped.items())]
         if self.ignored:
-            details.append("ignored files by extension: " + ", ".join(
-                f"{ext} ({n})" for ext, n in sorted(self.ignored.items())))
+            details.append(
+                "ignored files by extension: " + ", ".join(f"{ext} ({n})" for ext, n in sorted(self.ignored.items()))
+            )
         where = self.specs[0] if len(self.specs) == 1 else ", ".join(self.specs)
-        return (f"empty corpus: no documents in {where} ({len(self.files)} readable files"
-                + (f"; skipped: {'; '.join(details)}" if details else "") + ")")
+        return (
+            f"empty corpus: no documents in {where} ({len(self.files)} readable files"
+            + (f"; skipped: {'; '.join(details)}" if details else "")
+            + ")"
+        )
 
     # ------------------------------------------------------------------------------------------ global
     def _split(self) -> dict:
@@ -248,8 +279,9 @@ class _Run:
             sims = np.load(self.g / "knn_sims.npy")
         if self.save_neighbours is not None:
             self._export_graph(candidates, len(table), sims)
-        result = self._timed("order", self._global, "order",
-                             lambda: {**graph, **self._dedup_and_walk(candidates, sims)})
+        result = self._timed(
+            "order", self._global, "order", lambda: {**graph, **self._dedup_and_walk(candidates, sims)}
+        )
         shutil.rmtree(self.work / "sim", ignore_errors=True)  # scratch space: the order is decided
         return result
 
@@ -265,11 +297,12 @@ class _Run:
         def concatenate() -> dict:
             parts = [np.load(self.work / "emb" / f"{t:05d}.npy", mmap_mode="r") for t in range(len(self.tasks))]
             d = next((p.shape[1] for p in parts if len(p)), dims)
-            vectors = np.lib.format.open_memmap(self.g / "vectors.npy", mode="w+", dtype=np.float32,
-                                                shape=(sum(len(p) for p in parts), d))
+            vectors = np.lib.format.open_memmap(
+                self.g / "vectors.npy", mode="w+", dtype=np.float32, shape=(sum(len(p) for p in parts), d)
+            )
             row = 0
             for p in parts:
-                vectors[row:row + len(p)] = p
+                vectors[row : row + len(p)] = p
                 row += len(p)
             vectors.flush()
             return {"dims": d}
@@ -277,15 +310,19 @@ class _Run:
         vectors = self._global("vectors", concatenate)
         shutil.rmtree(self.work / "emb", ignore_errors=True)  # (scratch space: every vector is in vectors.npy)
         self.timings.add("embed", time.perf_counter() - start, self.documents, self.text_bytes)
-        return {"method": ordering.embedding, **fit, "dims": vectors["dims"],
-                "documents": sum(i["documents"] for i in infos)}
+        return {
+            "method": ordering.embedding,
+            **fit,
+            "dims": vectors["dims"],
+            "documents": sum(i["documents"] for i in infos),
+        }
 
     def _fit_tfidf(self, vocab: Vocab, candidates: np.ndarray) -> dict:
         ordering, table = self.config.ordering, DocumentTable(self.work)
         sample = candidates
         if len(candidates) > ordering.fit_docs:  # a seeded sample, by content hash (independent of order)
             score = mix64(np.asarray(table.keys)[candidates] ^ np.uint64(self.config.seed * 0x9E3779B97F4A7C15 % 2**64))
-            sample = np.sort(candidates[np.lexsort((candidates, score))[:ordering.fit_docs]])
+            sample = np.sort(candidates[np.lexsort((candidates, score))[: ordering.fit_docs]])
         model = fit_tfidf(table.docs(sample), vocab.vocab_size, ordering.lsa_dims, self.config.seed)
         model.save(self.g)
         return {"fit_documents": int(len(sample)), "dims": 1 if model.components is None else len(model.components)}
@@ -308,7 +345,7 @@ class _Run:
                 local = np.full((stop - start, min(k, stop - start - 1)), -1, dtype=np.int64)
                 info["backend"] = search(vectors[start:stop], options, local)["backend"]
                 ids[start:stop] = -1
-                ids[start:stop, :local.shape[1]] = np.where(local >= 0, local + start, -1)
+                ids[start:stop, : local.shape[1]] = np.where(local >= 0, local + start, -1)
                 display.update(stop)
         display.close()
         ids.flush()
@@ -349,12 +386,16 @@ class _Run:
         nbr = np.load(self.g / "knn_ids.npy", mmap_mode="r")
         sims = np.nan_to_num(sims, nan=-np.inf)
         if ordering.dedup_threshold is not None:
-            od.remove_near_duplicates(candidates, np.asarray(nbr), sims, status, duplicate_of,
-                                      ordering.dedup_threshold)
+            od.remove_near_duplicates(candidates, np.asarray(nbr), sims, status, duplicate_of, ordering.dedup_threshold)
         if ordering.batching == "similarity":
-            chunks = None if ordering.chunk_docs is None else [
-                slice(s, min(s + ordering.chunk_docs, len(candidates))) for s in range(0, len(candidates),
-                                                                                       ordering.chunk_docs)]
+            chunks = (
+                None
+                if ordering.chunk_docs is None
+                else [
+                    slice(s, min(s + ordering.chunk_docs, len(candidates)))
+                    for s in range(0, len(candidates), ordering.chunk_docs)
+                ]
+            )
             train = od.walk(candidates, np.asarray(nbr), sims, status, ordering.max_chain_docs, chunks)
         else:
             train = od.shuffled(np.flatnonzero(status == od.TRAIN), self.config.seed)
@@ -368,8 +409,10 @@ class _Run:
         cfg = self.config
         table = DocumentTable(self.work)
         status = np.load(self.g / "final_status.npy")
-        orders = {"train": np.load(self.g / "train_order.npy"),
-                  "heldout": od.order_heldout(np.asarray(table.domain_ids), status, len(table.domains), cfg.seed)}
+        orders = {
+            "train": np.load(self.g / "train_order.npy"),
+            "heldout": od.order_heldout(np.asarray(table.domain_ids), status, len(table.domains), cfg.seed),
+        }
         row_len = cfg.context_len + 1
         plans = {split: pk.plan(table.lengths, order, row_len) for split, order in orders.items()}
         _check_sizes(plans, cfg)
@@ -378,32 +421,55 @@ class _Run:
         rows_per_shard = max(1, cfg.shard_tokens // row_len)
         splits = {}
         for split, plan in plans.items():
-            row_order = (rng.permutation(plan.rows) if split == "train" else np.arange(plan.rows, dtype=np.int64))
+            row_order = rng.permutation(plan.rows) if split == "train" else np.arange(plan.rows, dtype=np.int64)
             np.save(self.g / f"{split}.order.npy", plan.order)
             np.save(self.g / f"{split}.starts.npy", plan.starts)
             np.save(self.g / f"{split}.row_order.npy", row_order.astype(np.int64))
             domain_tokens = pk.domain_tokens(plan, table.domain_ids, len(table.domains))[row_order]
-            names = {"domain_tokens_file": f"{split}.domain_tokens.npy", "row_order_file": f"{split}.row_order.npy",
-                     "docs_file": f"{split}.docs.npy"}
+            names = {
+                "domain_tokens_file": f"{split}.domain_tokens.npy",
+                "row_order_file": f"{split}.row_order.npy",
+                "docs_file": f"{split}.docs.npy",
+            }
             st.write_npy_atomic(self.out / names["domain_tokens_file"], domain_tokens)
             st.write_npy_atomic(self.out / names["row_order_file"], row_order.astype(np.int64))
-            st.write_npy_atomic(self.out / names["docs_file"], np.stack([plan.order, plan.starts], axis=1).astype(np.int64))
+            st.write_npy_atomic(
+                self.out / names["docs_file"], np.stack([plan.order, plan.starts], axis=1).astype(np.int64)
+            )
             per_domain = domain_tokens.sum(axis=0)
             split_domains = np.asarray(table.domain_ids)[plan.order]
-            shards = [{"split": split, "file": f"{split}-{j:05d}.npy", "first": first,
-                       "rows": min(rows_per_shard, plan.rows - first)}
-                      for j, first in enumerate(range(0, plan.rows, rows_per_shard))]
+            shards = [
+                {
+                    "split": split,
+                    "file": f"{split}-{j:05d}.npy",
+                    "first": first,
+                    "rows": min(rows_per_shard, plan.rows - first),
+                }
+                for j, first in enumerate(range(0, plan.rows, rows_per_shard))
+            ]
             splits[split] = {
-                "rows": plan.rows, "tokens": plan.rows * row_len, "documents": len(plan.order),
+                "rows": plan.rows,
+                "tokens": plan.rows * row_len,
+                "documents": len(plan.order),
                 "dropped_tail_tokens": plan.dropped_tail_tokens,
                 "documents_per_domain": {name: int((split_domains == d).sum()) for d, name in enumerate(table.domains)},
                 "tokens_per_domain": {name: int(per_domain[d]) for d, name in enumerate(table.domains)},
-                "shards": shards, **names}  # the order of the manifest's split entries
+                "shards": shards,
+                **names,
+            }  # the order of the manifest's split entries
         return {"dtype": dtype.name, "splits": splits}
 
     # ------------------------------------------------------------------------------------------ finish
-    def _finish(self, vocab: Vocab, infos: list[dict], stats: ReadStats, graph: dict | None, packed: dict,
-                written: list[dict], resumed: bool) -> dict:
+    def _finish(
+        self,
+        vocab: Vocab,
+        infos: list[dict],
+        stats: ReadStats,
+        graph: dict | None,
+        packed: dict,
+        written: list[dict],
+        resumed: bool,
+    ) -> dict:
         cfg, out = self.config, self.out
         table = DocumentTable(self.work)
         st.write_bytes_atomic(out / "tokenizer.json", vocab.to_str().encode("utf-8"))
@@ -411,11 +477,18 @@ class _Run:
         sources = [s for info in infos for s in info["sources"]]
         st.write_lines_atomic(out / "sources.jsonl", (json.dumps(s, ensure_ascii=False) for s in sources))
         sha256 = {w["file"]: w["sha256"] for w in written}
-        splits = {name: {**info, "shards": [{"file": s["file"], "rows": s["rows"], "sha256": sha256[s["file"]]}
-                                            for s in info["shards"]]}
-                  for name, info in packed["splits"].items()}
-        files = {name: st.sha256_file(out / name) for name in ["tokenizer.json", "documents.jsonl", "sources.jsonl"]
-                 + [info[k] for info in splits.values() for k in ("domain_tokens_file", "row_order_file", "docs_file")]}
+        splits = {
+            name: {
+                **info,
+                "shards": [{"file": s["file"], "rows": s["rows"], "sha256": sha256[s["file"]]} for s in info["shards"]],
+            }
+            for name, info in packed["splits"].items()
+        }
+        files = {
+            name: st.sha256_file(out / name)
+            for name in ["tokenizer.json", "documents.jsonl", "sources.jsonl"]
+            + [info[k] for info in splits.values() for k in ("domain_tokens_file", "row_order_file", "docs_file")]
+        }
         files.update({s["file"]: s["sha256"] for info in splits.values() for s in info["shards"]})
         status = np.load(self.g / "final_status.npy")
         manifest = {
@@ -459,8 +532,12 @@ class _Run:
         tc = self.config.tokenizer
         info = {"file": "tokenizer.json", **vocab.info()}
         if tc.source == "train":
-            info.update(requested_vocab_size=tc.vocab_size, train_mb=tc.train_mb, min_frequency=tc.min_frequency,
-                        **self.globals.info("tokenizer"))
+            info.update(
+                requested_vocab_size=tc.vocab_size,
+                train_mb=tc.train_mb,
+                min_frequency=tc.min_frequency,
+                **self.globals.info("tokenizer"),
+            )
         return info
 
     def _ordering_info(self, graph: dict | None) -> dict:
@@ -483,24 +560,33 @@ class _Run:
             module = sys.modules.get(name)
             if module is not None:
                 versions[name] = getattr(module, "__version__", None)
-        return {**self.engine.describe(), "resumed": resumed, "read_tasks": len(self.tasks),
-                "tasks": self.engine.tasks_run, "global_stages_run": self.globals_run,
-                "stages": self.timings.rows(self.documents, self.text_bytes),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                "versions": versions}
+        return {
+            **self.engine.describe(),
+            "resumed": resumed,
+            "read_tasks": len(self.tasks),
+            "tasks": self.engine.tasks_run,
+            "global_stages_run": self.globals_run,
+            "stages": self.timings.rows(self.documents, self.text_bytes),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "versions": versions,
+        }
 
 
 def _check_sizes(plans: dict, config: PrepareConfig) -> None:
     row_len = config.context_len + 1
     train, held = plans["train"], plans["heldout"]
     if train.tokens < row_len:
-        raise DataError(f"context_len={config.context_len} needs {row_len} tokens per row, but the training "
-                        f"split has only {train.tokens} tokens ({len(train.order)} documents); lower context_len "
-                        "or add data")
+        raise DataError(
+            f"context_len={config.context_len} needs {row_len} tokens per row, but the training "
+            f"split has only {train.tokens} tokens ({len(train.order)} documents); lower context_len "
+            "or add data"
+        )
     if config.heldout_fraction > 0 and held.tokens < row_len:
-        raise DataError(f"context_len={config.context_len} needs {row_len} tokens per row, but the held-out "
-                        f"split has only {held.tokens} tokens ({len(held.order)} documents); lower "
-                        "context_len, raise heldout_fraction, or set it to 0")
+        raise DataError(
+            f"context_len={config.context_len} needs {row_len} tokens per row, but the held-out "
+            f"split has only {held.tokens} tokens ({len(held.order)} documents); lower "
+            "context_len, raise heldout_fraction, or set it to 0"
+        )
 
 
 def _concatenate(parts: list[Path], path: Path) -> None:

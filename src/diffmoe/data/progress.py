@@ -28,9 +28,12 @@ class StageTime:
 
     def row(self) -> dict:
         s = max(self.seconds, 1e-9)
-        return {"stage": self.stage, "seconds": round(self.seconds, 3),
-                "documents_per_s": None if self.documents is None else round(self.documents / s, 1),
-                "mb_per_s": None if self.bytes is None else round(self.bytes / 1e6 / s, 3)}
+        return {
+            "stage": self.stage,
+            "seconds": round(self.seconds, 3),
+            "documents_per_s": None if self.documents is None else round(self.documents / s, 1),
+            "mb_per_s": None if self.bytes is None else round(self.bytes / 1e6 / s, 3),
+        }
 
 
 @dataclass
@@ -75,10 +78,17 @@ class StageProgress:
         self._last_line = self.start
         self.bar = None
         if enabled and _is_terminal(self.stream):
-            self.bar = tqdm(total=round(self.total, 2), desc=stage, unit=f" {unit}", file=self.stream,
-                            dynamic_ncols=True, leave=True, unit_scale=False,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f}{unit} "
-                                       "[{elapsed}<{remaining}, {rate_fmt}]")
+            self.bar = tqdm(
+                total=round(self.total, 2),
+                desc=stage,
+                unit=f" {unit}",
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+                unit_scale=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f}{unit} "
+                "[{elapsed}<{remaining}, {rate_fmt}]",
+            )
 
     def update(self, done: float) -> None:
         done = min(float(done), self.total)
@@ -108,8 +118,10 @@ class StageProgress:
         else:
             pct = 100 * self.done / self.total if self.total else 100.0
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            text = (f"{self.stage}: {pct:.0f}% ({self.done:,.1f}/{self.total:,.1f} {self.unit}, {rate:,.1f} "
-                    f"{self.unit}/s, ETA {_clock(eta)})")
+            text = (
+                f"{self.stage}: {pct:.0f}% ({self.done:,.1f}/{self.total:,.1f} {self.unit}, {rate:,.1f} "
+                f"{self.unit}/s, ETA {_clock(eta)})"
+            )
         print(text, file=self.stream, flush=True)
 
 

@@ -78,14 +78,15 @@ class ReadOptions:
 
     def validate(self) -> None:
         if self.on_bad_input not in BAD_INPUT_POLICIES:
-            raise DataError(f"invalid on_bad_input={self.on_bad_input!r}: choose one of "
-                            f"{', '.join(BAD_INPUT_POLICIES)}")
+            raise DataError(
+                f"invalid on_bad_input={self.on_bad_input!r}: choose one of {', '.join(BAD_INPUT_POLICIES)}"
+            )
         if not self.text_field:
             raise DataError("invalid text_field='': must name a field")
         if self.domain_from not in ("auto", "top-dir", "none") and not (
-                self.domain_from.startswith("field:") and len(self.domain_from) > len("field:")):
-            raise DataError(f"invalid domain_from={self.domain_from!r}: choose one of "
-                            f"{', '.join(DOMAIN_FROM_CHOICES)}")
+            self.domain_from.startswith("field:") and len(self.domain_from) > len("field:")
+        ):
+            raise DataError(f"invalid domain_from={self.domain_from!r}: choose one of {', '.join(DOMAIN_FROM_CHOICES)}")
         if not (isinstance(self.task_mb, (int, float)) and self.task_mb > 0):
             raise DataError(f"invalid task_mb={self.task_mb!r}: must be a positive number")
 
@@ -94,7 +95,7 @@ class ReadOptions:
         """The record field that names a document's domain, or None."""
         if self.domain_from == "auto":
             return "domain"
-        return self.domain_from[len("field:"):] if self.domain_from.startswith("field:") else None
+        return self.domain_from[len("field:") :] if self.domain_from.startswith("field:") else None
 
 
 @dataclass
@@ -111,8 +112,12 @@ class ReadStats:
     """Bytes of text read (UTF-8)."""
 
     def to_dict(self) -> dict:
-        return {"documents": self.documents, "skipped": dict(sorted(self.skipped.items())),
-                "first_skipped": dict(sorted(self.first_skipped.items())), "bytes": self.bytes}
+        return {
+            "documents": self.documents,
+            "skipped": dict(sorted(self.skipped.items())),
+            "first_skipped": dict(sorted(self.first_skipped.items())),
+            "bytes": self.bytes,
+        }
 
     def add(self, other: dict) -> None:
         """Add the counts of a later part (``to_dict`` form)."""
@@ -147,8 +152,15 @@ class SourceFile:
         return "://" in self.location
 
     def to_dict(self) -> dict:
-        return {"location": self.location, "name": self.name, "kind": self.kind, "domain": self.domain,
-                "bytes": self.bytes, "mtime": self.mtime, **({"hf": dict(self.hf)} if self.hf else {})}
+        return {
+            "location": self.location,
+            "name": self.name,
+            "kind": self.kind,
+            "domain": self.domain,
+            "bytes": self.bytes,
+            "mtime": self.mtime,
+            **({"hf": dict(self.hf)} if self.hf else {}),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "SourceFile":
@@ -179,10 +191,16 @@ class PartReader:
 
     def read(self, source: SourceFile, row_groups: tuple[int, int] | None = None) -> Iterator[Document]:
         """The documents of ``source`` (of row groups ``[start, stop)`` of a Parquet file when given)."""
-        readers = {"text": self._read_text, "jsonl": self._read_jsonl, "parquet": self._read_parquet,
-                   "arrow": self._read_arrow, "hf": self._read_hf}
-        for doc in readers[source.kind](source, row_groups) if source.kind == "parquet" \
-                else readers[source.kind](source):
+        readers = {
+            "text": self._read_text,
+            "jsonl": self._read_jsonl,
+            "parquet": self._read_parquet,
+            "arrow": self._read_arrow,
+            "hf": self._read_hf,
+        }
+        for doc in (
+            readers[source.kind](source, row_groups) if source.kind == "parquet" else readers[source.kind](source)
+        ):
             self.stats.documents += 1
             self.stats.bytes += len(doc.text.encode("utf-8"))
             yield doc
@@ -190,8 +208,9 @@ class PartReader:
     def _skip(self, reason: str, where: str, message: str | None = None) -> None:
         """Count a skipped document; raise instead for bad input under ``on_bad_input="error"``."""
         if message is not None and self.options.on_bad_input == "error":
-            raise DataError(f"{where}: {message} (set on_bad_input=skip / --on-bad-input skip to skip "
-                            "and count such input)")
+            raise DataError(
+                f"{where}: {message} (set on_bad_input=skip / --on-bad-input skip to skip and count such input)"
+            )
         self.stats.skipped[reason] += 1
         self.stats.first_skipped.setdefault(reason, where)
 
@@ -236,8 +255,7 @@ class PartReader:
                         self._skip("malformed_json", where, "malformed JSON: nested too deeply")
                         continue
                     if not isinstance(record, dict):
-                        self._skip("malformed_json", where,
-                                   f"expected a JSON object, got {type(record).__name__}")
+                        self._skip("malformed_json", where, f"expected a JSON object, got {type(record).__name__}")
                         continue
                     doc = self._record(record, where, f, f"{f.name}:{lineno}")
                     if doc is not None:
@@ -255,8 +273,11 @@ class PartReader:
                 groups = range(meta.num_row_groups) if row_groups is None else range(*row_groups)
                 first_row = sum(meta.row_group(i).num_rows for i in range(groups.start))
                 columns = self._columns(f, table.schema_arrow.names)
-                batches = table.iter_batches(batch_size=_TABLE_BATCH_ROWS, columns=columns,
-                                             row_groups=list(groups)) if len(groups) else ()
+                batches = (
+                    table.iter_batches(batch_size=_TABLE_BATCH_ROWS, columns=columns, row_groups=list(groups))
+                    if len(groups)
+                    else ()
+                )
                 yield from self._read_batches(f, batches, first_row)
         except _arrow_errors() as e:
             raise DataError(f"{f.location}: not a readable Parquet file ({e})") from None
@@ -281,8 +302,10 @@ class PartReader:
     def _columns(self, f: SourceFile, names: list[str]) -> list[str]:
         text_field = self.options.text_field
         if text_field not in names:
-            raise DataError(f"{f.location}: no {text_field!r} column (columns: {', '.join(names)}); "
-                            "name the text column with text_field / --text-field")
+            raise DataError(
+                f"{f.location}: no {text_field!r} column (columns: {', '.join(names)}); "
+                "name the text column with text_field / --text-field"
+            )
         wanted = [c for c in (self.options.domain_field, "id") if c]
         return [text_field] + [c for c in dict.fromkeys(wanted) if c in names and c != text_field]
 
@@ -301,8 +324,11 @@ class PartReader:
         text_field = self.options.text_field
         text = record.get(text_field)
         if not isinstance(text, str):
-            problem = (f"no {text_field!r} field (fields: {', '.join(map(str, record)) or 'none'})"
-                       if text is None else f"field {text_field!r} must be a string, got {type(text).__name__}")
+            problem = (
+                f"no {text_field!r} field (fields: {', '.join(map(str, record)) or 'none'})"
+                if text is None
+                else f"field {text_field!r} must be a string, got {type(text).__name__}"
+            )
             self._skip("bad_record", where, problem)
             return None
         domain = self._domain(record, where, f)
@@ -315,8 +341,9 @@ class PartReader:
             try:  # JSON may escape a lone surrogate ("\ud800"), which no text file can hold
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                self._skip("invalid_utf8", where, f"field {name!r}: invalid Unicode (a lone surrogate at "
-                                                  f"character {e.start})")
+                self._skip(
+                    "invalid_utf8", where, f"field {name!r}: invalid Unicode (a lone surrogate at character {e.start})"
+                )
                 return None
         doc_id = record.get("id")
         return Document(text, domain, default_id if doc_id is None else str(doc_id), f.name)
@@ -329,8 +356,11 @@ class PartReader:
         if domain is None:
             if self.options.domain_from == "auto":
                 return f.domain
-            self._skip("bad_record", where, f"no {name!r} field to take the domain from (domain_from="
-                                            f"{self.options.domain_from})")
+            self._skip(
+                "bad_record",
+                where,
+                f"no {name!r} field to take the domain from (domain_from={self.options.domain_from})",
+            )
             return None
         if not isinstance(domain, str) or not domain.strip():
             self._skip("bad_record", where, f"field {name!r} must be a non-empty string, got {domain!r}")

@@ -34,14 +34,51 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import DataError
-from .readers import (SINGLE_DOMAIN, ReadOptions, SourceFile, _arrow_errors, _import_pyarrow, compression_of,
-                      load_streaming_dataset, open_binary)
+from .readers import (
+    SINGLE_DOMAIN,
+    ReadOptions,
+    SourceFile,
+    _arrow_errors,
+    _import_pyarrow,
+    compression_of,
+    load_streaming_dataset,
+    open_binary,
+)
 
-TEXT_EXTENSIONS = frozenset({
-    ".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".html", ".htm", ".xml",
-    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs", ".rb",
-    ".sh", ".css", ".yaml", ".yml", ".toml", ".ini", ".cfg",
-})
+TEXT_EXTENSIONS = frozenset(
+    {
+        ".txt",
+        ".text",
+        ".md",
+        ".markdown",
+        ".rst",
+        ".tex",
+        ".org",
+        ".html",
+        ".htm",
+        ".xml",
+        ".py",
+        ".pyi",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".java",
+        ".js",
+        ".ts",
+        ".go",
+        ".rs",
+        ".rb",
+        ".sh",
+        ".css",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+    }
+)
 JSON_LINES_SUFFIXES = tuple(ext + comp for ext in (".jsonl", ".json") for comp in ("", ".gz", ".zst"))
 TABLE_SUFFIXES = (".parquet",)
 NOT_JSON_LINES = ".json (a JSON document, not JSON lines)"
@@ -108,10 +145,10 @@ def discover(specs: list[str], options: ReadOptions) -> Found:
 
 def _discover_spec(spec: str, label: str | None, options: ReadOptions) -> Found:
     if spec.startswith("hf:") and not spec.startswith("hf://"):
-        name, _, config = spec[len("hf:"):].partition(":")
+        name, _, config = spec[len("hf:") :].partition(":")
         return _hf_stream(spec, name, config or None, options.hf_data_files, label, options)
     if spec.startswith("hf://"):
-        parts = spec[len("hf://"):].split("/")
+        parts = spec[len("hf://") :].split("/")
         if len(parts) < 3 or parts[0] != "datasets":
             raise DataError(f"unsupported corpus {spec!r}: expected hf://datasets/OWNER/NAME[/PATTERN]")
         pattern = "/".join(parts[3:]) or options.hf_data_files
@@ -124,8 +161,11 @@ def _labels(specs: list[str]) -> list[str]:
     labels, seen = [], Counter()
     for spec in specs:
         if spec.startswith("hf:"):
-            base = spec.rstrip("/").split("/")[-1].split(":")[-1] if spec.startswith("hf://") else \
-                spec[len("hf:"):].split(":")[0].split("/")[-1]
+            base = (
+                spec.rstrip("/").split("/")[-1].split(":")[-1]
+                if spec.startswith("hf://")
+                else spec[len("hf:") :].split(":")[0].split("/")[-1]
+            )
         else:
             root = _static_prefix(spec.rstrip("/")) if _GLOB_CHARS.search(spec) else spec.rstrip("/")
             base = stem(root.split("://")[-1].rstrip("/").split("/")[-1] or "corpus")
@@ -143,14 +183,23 @@ def _static_prefix(pattern: str) -> str:
     return "/".join(parts[:-1]) or "."
 
 
-def _hf_stream(spec: str, name: str, config: str | None, data_files: str | None, label: str | None,
-               options: ReadOptions) -> Found:
+def _hf_stream(
+    spec: str, name: str, config: str | None, data_files: str | None, label: str | None, options: ReadOptions
+) -> Found:
     stream = {"name": name, "config": config, "split": options.hf_split, "data_files": data_files}
     shards = load_streaming_dataset(stream).num_shards
     base = f"hf:{name}" + (f":{config}" if config else "")
     domain = name.split("/")[-1]
-    files = [SourceFile(location=spec, name=f"{label + '/' if label else ''}{base}/{i:05d}", kind="hf", domain=domain,
-                        hf={**stream, "shard": i, "shards": shards}) for i in range(shards)]
+    files = [
+        SourceFile(
+            location=spec,
+            name=f"{label + '/' if label else ''}{base}/{i:05d}",
+            kind="hf",
+            domain=domain,
+            hf={**stream, "shard": i, "shards": shards},
+        )
+        for i in range(shards)
+    ]
     return Found(files, Counter())
 
 
@@ -185,8 +234,9 @@ class _Walker:
         if self.url:
             info = self.fs.info(path)
             version = next((info[k] for k in ("mtime", "LastModified", "updated", "ETag", "etag") if info.get(k)), None)
-            return int(info.get("size") or 0), (version if isinstance(version, (int, float)) else
-                                                 None if version is None else str(version))
+            return int(info.get("size") or 0), (
+                version if isinstance(version, (int, float)) else None if version is None else str(version)
+            )
         st = os.stat(path)
         return st.st_size, st.st_mtime
 
@@ -194,7 +244,7 @@ class _Walker:
         """Every file under ``root``, sorted, hidden and ``__pycache__`` folders skipped."""
         if self.url:
             out = self.fs.find(root, withdirs=False)
-            return sorted(p for p in out if not _hidden(p[len(root):].lstrip("/")))
+            return sorted(p for p in out if not _hidden(p[len(root) :].lstrip("/")))
         out = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
@@ -218,13 +268,17 @@ class _Walker:
             raise DataError(f"corpus not found: {self.spec}")
         if not self._isdir(path):
             if kind_of(path) is None:
-                raise DataError(f"unsupported corpus file {self.spec}: expected a directory, a glob, a JSON lines "
-                                f"file ({', '.join(JSON_LINES_SUFFIXES)}), a .parquet file, or a text file "
-                                f"({', '.join(sorted(TEXT_EXTENSIONS))})")
+                raise DataError(
+                    f"unsupported corpus file {self.spec}: expected a directory, a glob, a JSON lines "
+                    f"file ({', '.join(JSON_LINES_SUFFIXES)}), a .parquet file, or a text file "
+                    f"({', '.join(sorted(TEXT_EXTENSIONS))})"
+                )
             name = PurePosixPath(path).name
             size, mtime = self._stat(path)
-            return Found([SourceFile(self._location(path), self._name(name), kind_of(name), stem(name), size, mtime)],
-                         self.ignored)
+            return Found(
+                [SourceFile(self._location(path), self._name(name), kind_of(name), stem(name), size, mtime)],
+                self.ignored,
+            )
         root = path.rstrip("/") or "/"
         if not self.url and (Path(root) / "dataset_dict.json").is_file():
             return Found(self._hf_dataset_dict(Path(root)), self.ignored)
@@ -234,8 +288,10 @@ class _Walker:
 
     def _files(self, root: str, paths: list[str]) -> list[SourceFile]:
         root_name = PurePosixPath(os.path.abspath(root) if not self.url else root).name or "corpus"
-        rels = [os.path.relpath(p, root).replace(os.sep, "/") if not self.url else p[len(root.rstrip("/")):].lstrip("/")
-                for p in paths]
+        rels = [
+            os.path.relpath(p, root).replace(os.sep, "/") if not self.url else p[len(root.rstrip("/")) :].lstrip("/")
+            for p in paths
+        ]
         # folders written by datasets' save_to_disk (a state.json) are read as datasets, not as files
         datasets_dirs = {os.path.dirname(rel) for rel in rels if rel.endswith("/state.json") and not self.url}
         files, done_dirs = [], set()
@@ -286,9 +342,11 @@ class _Walker:
             return True
         # one JSON document (an object spread over lines, or an array) is not JSON lines; anything else is
         # read as JSON lines, so that its malformed lines are reported
-        return not (lines[0].strip() in (b"{", b"[") or lines[0].lstrip().startswith(b"[")
-                    or (len(head) < _PEEK_BYTES and _parses(head)))
-
+        return not (
+            lines[0].strip() in (b"{", b"[")
+            or lines[0].lstrip().startswith(b"[")
+            or (len(head) < _PEEK_BYTES and _parses(head))
+        )
 
     def _hf_dataset_dict(self, path: Path) -> list[SourceFile]:
         try:
@@ -297,8 +355,10 @@ class _Walker:
             raise DataError(f"{path / 'dataset_dict.json'}: not a readable datasets DatasetDict ({e})") from None
         split = self.options.hf_split
         if split not in splits:
-            raise DataError(f"{path}: no split {split!r} in this DatasetDict (splits: {', '.join(splits)}); "
-                            "choose one with hf_split / --hf-split")
+            raise DataError(
+                f"{path}: no split {split!r} in this DatasetDict (splits: {', '.join(splits)}); "
+                "choose one with hf_split / --hf-split"
+            )
         return self._hf_dataset_files(path / split, path, path.resolve().name)
 
     def _hf_dataset_files(self, path: Path, root: Path, domain: str) -> list[SourceFile]:
@@ -314,8 +374,9 @@ class _Walker:
             if not full.is_file():
                 raise DataError(f"{state_file} lists {name}, which does not exist")
             size, mtime = self._stat(str(full))
-            files.append(SourceFile(str(full), self._name(full.relative_to(root).as_posix()), "arrow", domain,
-                                    size, mtime))
+            files.append(
+                SourceFile(str(full), self._name(full.relative_to(root).as_posix()), "arrow", domain, size, mtime)
+            )
         return files
 
 
@@ -328,8 +389,9 @@ def _parses(data: bytes) -> bool:
 
 
 def _hidden(rel: str) -> bool:
-    return any(p.startswith(".") or p == "__pycache__" for p in rel.split("/")[:-1]) or \
-        rel.split("/")[-1].startswith(".")
+    return any(p.startswith(".") or p == "__pycache__" for p in rel.split("/")[:-1]) or rel.split("/")[-1].startswith(
+        "."
+    )
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -363,8 +425,10 @@ def _row_group_ranges(f: SourceFile, target: float) -> list[tuple[int, int]]:
     try:
         with open_binary(f.location) as fh:
             meta = pq.ParquetFile(fh).metadata
-            sizes = [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
-                     for g in range(meta.num_row_groups)]
+            sizes = [
+                sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+                for g in range(meta.num_row_groups)
+            ]
     except _arrow_errors() as e:
         raise DataError(f"{f.location}: not a readable Parquet file ({e})") from None
     ranges, start, size = [], 0, 0

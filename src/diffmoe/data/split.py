@@ -31,8 +31,9 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x & _MASK64
 
 
-def heldout_mask(domain_ids: np.ndarray, keys: np.ndarray, eligible: np.ndarray, fraction: float,
-                 seed: int) -> np.ndarray:
+def heldout_mask(
+    domain_ids: np.ndarray, keys: np.ndarray, eligible: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
     """bool [n]: documents held out.
 
     Among the ``eligible`` documents of each domain, the ``round(fraction * count)`` with the smallest

@@ -128,8 +128,10 @@ class TokenizeStage(_ReadStage):
                     lengths.append(len(ids))
                     keys.append(content_key(doc.text))
                     domain_of.append(names.setdefault(doc.domain, len(names)))
-                    meta.write(json.dumps({"id": doc.id, "domain": doc.domain, "source": doc.source},
-                                          ensure_ascii=False) + "\n")
+                    meta.write(
+                        json.dumps({"id": doc.id, "domain": doc.domain, "source": doc.source}, ensure_ascii=False)
+                        + "\n"
+                    )
         np.save(tmp / "lengths.npy", np.asarray(lengths, dtype=np.int64))
         np.save(tmp / "keys.npy", np.asarray(keys, dtype=np.uint64))
         np.save(tmp / "domains.npy", np.asarray(domain_of, dtype=np.int32))
@@ -138,9 +140,14 @@ class TokenizeStage(_ReadStage):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         st.fsync_dir(final.parent)
-        return {"stats": stats.to_dict(), "documents": len(lengths), "tokens": int(sum(lengths)),
-                "sources": [self._source_entry(p) for p in self.tasks[index]
-                            if p.row_groups is None or p.row_groups[0] == 0]}
+        return {
+            "stats": stats.to_dict(),
+            "documents": len(lengths),
+            "tokens": int(sum(lengths)),
+            "sources": [
+                self._source_entry(p) for p in self.tasks[index] if p.row_groups is None or p.row_groups[0] == 0
+            ],
+        }
 
     def _source_entry(self, part: Part) -> dict:
         f = self.files[part.file]
@@ -202,13 +209,13 @@ class EmbedStage(_DocStage):
         if self.config.ordering.embedding == "tfidf":
             model = TfidfModel.load(work / "global")
             for start in range(0, len(docs), _BLOCK_DOCS):
-                blocks.append(model.vectors(table.docs(docs[start:start + _BLOCK_DOCS])))
+                blocks.append(model.vectors(table.docs(docs[start : start + _BLOCK_DOCS])))
                 progress.advance(len(blocks[-1]))
             vectors = np.concatenate(blocks) if blocks else np.zeros((0, _tfidf_dims(model)), np.float32)
         else:
             vocab = Vocab.load(work)
             skip = len(vocab.bos_ids)
-            texts = vocab.tokenizer.decode_batch([table.doc(i)[skip:skip + MINILM_MAX_TOKENS].tolist() for i in docs])
+            texts = vocab.tokenizer.decode_batch([table.doc(i)[skip : skip + MINILM_MAX_TOKENS].tolist() for i in docs])
             vectors = minilm_vectors(texts)
         _atomic_npy(work / "emb" / f"{index:05d}.npy", vectors.astype(np.float32))
         table.close()
@@ -237,7 +244,7 @@ class ScoreStage(_DocStage):
         model = TfidfModel.load(work / "global") if tfidf else None
         vectors = None if tfidf else self._global("vectors.npy")
         for start in range(0, len(rows), _SCORE_BLOCK):
-            block = rows[start:start + _SCORE_BLOCK]
+            block = rows[start : start + _SCORE_BLOCK]
             nbr = np.asarray(neighbours[block])
             valid = nbr >= 0
             q = np.repeat(np.arange(len(block)), nbr.shape[1]).reshape(nbr.shape)[valid]
@@ -250,7 +257,7 @@ class ScoreStage(_DocStage):
                 sims = sparse_pair_cosine(xq[q], xn[np.searchsorted(others, n)])
             else:
                 sims = np.einsum("pd,pd->p", np.asarray(vectors[block])[q], np.asarray(vectors[n]))
-            part = out[start:start + len(block)]
+            part = out[start : start + len(block)]
             part[valid] = sims
             progress.advance(len(block))
         _atomic_npy(work / "sim" / f"{index:05d}.npy", out)
@@ -303,15 +310,22 @@ class WriteStage(ShardStage):
         g = work / "global"
         order = np.load(g / f"{split}.order.npy", mmap_mode="r")
         table = DocumentTable(work)
-        plan = PackPlan(np.asarray(order), np.load(g / f"{split}.starts.npy"),
-                        np.asarray(table.lengths[np.asarray(order)], dtype=np.int64) + 1, 0, self.row_len)
+        plan = PackPlan(
+            np.asarray(order),
+            np.load(g / f"{split}.starts.npy"),
+            np.asarray(table.lengths[np.asarray(order)], dtype=np.int64) + 1,
+            0,
+            self.row_len,
+        )
         row_order = np.load(g / f"{split}.row_order.npy", mmap_mode="r")
         path = Path(self.out) / shard["file"]
         tmp = st.tmp_path(path)
-        rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(self.dtype), shape=(shard["rows"], self.row_len))
+        rows = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.dtype(self.dtype), shape=(shard["rows"], self.row_len)
+        )
         for start in range(0, shard["rows"], _BLOCK_DOCS):
             stop = min(start + _BLOCK_DOCS, shard["rows"])
-            wanted = np.asarray(row_order[shard["first"] + start:shard["first"] + stop], dtype=np.int64)
+            wanted = np.asarray(row_order[shard["first"] + start : shard["first"] + stop], dtype=np.int64)
             rows[start:stop] = assemble_rows(table, plan, wanted, self.eod_id, np.dtype(self.dtype))
             progress.advance(stop - start)
         rows.flush()

@@ -69,14 +69,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
     directory = Path(path)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        why = "does not exist" if not directory.exists() else (
-            f"has no {MANIFEST}: not a prepared dataset, or `diffmoe prepare` was interrupted")
+        why = (
+            "does not exist"
+            if not directory.exists()
+            else (f"has no {MANIFEST}: not a prepared dataset, or `diffmoe prepare` was interrupted")
+        )
         raise DataError(f"no dataset at {directory}: the directory {why}")
     try:
         manifest = json.loads(manifest_path.read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{manifest_path}: unreadable manifest ({e})") from None
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{manifest_path}: not a {FORMAT} v{FORMAT_VERSION} manifest "
-                        f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})")
+        raise DataError(
+            f"{manifest_path}: not a {FORMAT} v{FORMAT_VERSION} manifest "
+            f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+        )
     return manifest

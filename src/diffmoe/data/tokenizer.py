@@ -67,8 +67,10 @@ class TokenizerConfig:
     def validate(self) -> None:
         if self.source == "train":
             if not isinstance(self.vocab_size, int) or self.vocab_size < MIN_VOCAB_SIZE:
-                raise DataError(f"invalid vocab_size={self.vocab_size!r}: must be an integer >= "
-                                f"{MIN_VOCAB_SIZE} (256 byte symbols plus the end-of-document token)")
+                raise DataError(
+                    f"invalid vocab_size={self.vocab_size!r}: must be an integer >= "
+                    f"{MIN_VOCAB_SIZE} (256 byte symbols plus the end-of-document token)"
+                )
             if not self.train_mb > 0:
                 raise DataError(f"invalid tokenizer train_mb={self.train_mb!r}: must be positive")
         if self.eod_token is not None and not self.eod_token:
@@ -106,20 +108,35 @@ class Vocab:
     def info(self) -> dict:
         """The manifest's ``tokenizer`` block (without the file name and training options)."""
         bos_tokens = [self.tokenizer.id_to_token(i) for i in self.bos_ids]
-        return {"source": self.source, "pretrained": self.pretrained, "vocab_size": self.vocab_size,
-                "eod_token": self.eod_token, "eod_id": self.eod_id, "bos": self.bos_mode,
-                "bos_token": bos_tokens[0] if len(bos_tokens) == 1 else (bos_tokens or None),
-                "bos_id": self.bos_ids[0] if len(self.bos_ids) == 1 else (self.bos_ids or None),
-                "added_tokens": self.added_tokens}
+        return {
+            "source": self.source,
+            "pretrained": self.pretrained,
+            "vocab_size": self.vocab_size,
+            "eod_token": self.eod_token,
+            "eod_id": self.eod_id,
+            "bos": self.bos_mode,
+            "bos_token": bos_tokens[0] if len(bos_tokens) == 1 else (bos_tokens or None),
+            "bos_id": self.bos_ids[0] if len(self.bos_ids) == 1 else (self.bos_ids or None),
+            "added_tokens": self.added_tokens,
+        }
 
     def save(self, directory: Path) -> None:
         """Write the tokenizer and these ids to ``directory`` (``prepare``'s work directory), for :meth:`load`."""
         from .store import write_bytes_atomic, write_json_atomic
 
         write_bytes_atomic(directory / "vocab.tokenizer.json", self.tokenizer.to_str().encode("utf-8"))
-        write_json_atomic(directory / "vocab.json", {
-            "eod_id": self.eod_id, "eod_token": self.eod_token, "bos_ids": self.bos_ids, "bos_mode": self.bos_mode,
-            "pretrained": self.pretrained, "added_tokens": self.added_tokens, "source": self.source})
+        write_json_atomic(
+            directory / "vocab.json",
+            {
+                "eod_id": self.eod_id,
+                "eod_token": self.eod_token,
+                "bos_ids": self.bos_ids,
+                "bos_mode": self.bos_mode,
+                "pretrained": self.pretrained,
+                "added_tokens": self.added_tokens,
+                "source": self.source,
+            },
+        )
 
     @classmethod
     def load(cls, directory: Path) -> "Vocab":
@@ -136,8 +153,10 @@ class Vocab:
                 tokens = [saved.id_to_token(i) for i in self.bos_ids]
                 prefix = " ".join(tokens)
                 saved.post_processor = processors.TemplateProcessing(
-                    single=f"{prefix} $A", pair=f"{prefix} $A {prefix} $B",
-                    special_tokens=sorted(set(zip(tokens, self.bos_ids)), key=lambda t: t[1]))
+                    single=f"{prefix} $A",
+                    pair=f"{prefix} $A {prefix} $B",
+                    special_tokens=sorted(set(zip(tokens, self.bos_ids)), key=lambda t: t[1]),
+                )
             else:
                 saved.post_processor = None
         return saved.to_str()
@@ -168,8 +187,10 @@ def load_pretrained(source: str | os.PathLike) -> tuple[Path, Tokenizer, dict]:
     directory = path if path.is_dir() else path.parent
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        raise DataError(f"tokenizer not found: {file} (expected 'train', 'gpt2', a tokenizer.json, a directory "
-                        "holding one, or a prepared dataset)")
+        raise DataError(
+            f"tokenizer not found: {file} (expected 'train', 'gpt2', a tokenizer.json, a directory "
+            "holding one, or a prepared dataset)"
+        )
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises plain Exception for a malformed file
@@ -195,8 +216,14 @@ def load_pretrained(source: str | os.PathLike) -> tuple[Path, Tokenizer, dict]:
     return file, tokenizer, special
 
 
-def _vocab(tokenizer: Tokenizer, eod: str, config: TokenizerConfig, pretrained: bool, added: list[str] = (),
-           bos_token: str | None = None) -> Vocab:
+def _vocab(
+    tokenizer: Tokenizer,
+    eod: str,
+    config: TokenizerConfig,
+    pretrained: bool,
+    added: list[str] = (),
+    bos_token: str | None = None,
+) -> Vocab:
     tokenizer.encode_special_tokens = True
     prefix, _ = _post_processor_layout(tokenizer)
     if config.bos == "never":
@@ -209,16 +236,21 @@ def _vocab(tokenizer: Tokenizer, eod: str, config: TokenizerConfig, pretrained: 
         elif bos_token is not None and tokenizer.token_to_id(bos_token) is not None:
             bos_ids = [tokenizer.token_to_id(bos_token)]
         else:
-            raise DataError(f"bos=always: the tokenizer {config.source} has no BOS token (its post-processor adds "
-                            "none and no tokenizer_config.json names a bos_token); use --bos auto or never")
-    return Vocab(tokenizer, tokenizer.token_to_id(eod), eod, bos_ids, config.bos, pretrained, list(added),
-                 config.source)
+            raise DataError(
+                f"bos=always: the tokenizer {config.source} has no BOS token (its post-processor adds "
+                "none and no tokenizer_config.json names a bos_token); use --bos auto or never"
+            )
+    return Vocab(
+        tokenizer, tokenizer.token_to_id(eod), eod, bos_ids, config.bos, pretrained, list(added), config.source
+    )
 
 
 def _eod_of(tokenizer: Tokenizer, token: str, where) -> str:
     if tokenizer.token_to_id(token) is None:
-        raise DataError(f"the end-of-document token {token!r} is not in the vocabulary of {where}; a pretrained "
-                        "vocabulary is never extended: name one of its own tokens with --eod-token")
+        raise DataError(
+            f"the end-of-document token {token!r} is not in the vocabulary of {where}; a pretrained "
+            "vocabulary is never extended: name one of its own tokens with --eod-token"
+        )
     return token
 
 
@@ -227,8 +259,8 @@ def _post_processor_layout(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     plain = tokenizer.encode(_PROBE, add_special_tokens=False).ids
     full = tokenizer.encode(_PROBE, add_special_tokens=True).ids
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start], full[start + len(plain):]
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
     return [], []
 
 
@@ -242,22 +274,27 @@ def _standard_eos(tokenizer: Tokenizer, where) -> str:
     found = [t for t in STANDARD_EOS if t in specials]
     if len(found) == 1:
         return found[0]
-    raise DataError(f"cannot tell the end-of-document token of {where}: no tokenizer_config.json or "
-                    "special_tokens_map.json names an eos_token, and its special tokens hold "
-                    f"{'none' if not found else ' and '.join(found)} of {', '.join(STANDARD_EOS)}; "
-                    "name it with --eod-token")
+    raise DataError(
+        f"cannot tell the end-of-document token of {where}: no tokenizer_config.json or "
+        "special_tokens_map.json names an eos_token, and its special tokens hold "
+        f"{'none' if not found else ' and '.join(found)} of {', '.join(STANDARD_EOS)}; "
+        "name it with --eod-token"
+    )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, eod_token: str = EOD_TOKEN,
-              min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, eod_token: str = EOD_TOKEN, min_frequency: int = 2) -> Tokenizer:
     """A byte-level BPE (GPT-2 pre-tokenisation, no normaliser: ``decode(encode(s)) == s``) with the
     end-of-document token at id 0."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[eod_token], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[eod_token],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(eod_token, special=True, normalized=False)])
     tokenizer.encode_special_tokens = True

@@ -110,8 +110,10 @@ class DocumentTable:
         task = self.task_of(index)
         data = os.pread(self._fd(task), (stop - start) * 4, (int(self.local_start[index]) + start) * 4)
         if len(data) != (stop - start) * 4:
-            raise DataError(f"{task_dir(self.work, task) / 'tokens.bin'}: shorter than its lengths.npy says "
-                            "(the work directory was damaged; rerun with --overwrite)")
+            raise DataError(
+                f"{task_dir(self.work, task) / 'tokens.bin'}: shorter than its lengths.npy says "
+                "(the work directory was damaged; rerun with --overwrite)"
+            )
         return np.frombuffer(data, dtype=TOKEN_DTYPE)
 
     def docs(self, indices) -> list[np.ndarray]:

@@ -65,8 +65,10 @@ def build_plan(specs: list[str], config, files, ignored, tasks) -> dict:
         "inputs": [f.to_dict() for f in files],
         "ignored": dict(sorted(ignored.items())),
         "tasks": [[p.to_list() for p in task] for task in tasks],
-        "stamps": {"tokenizer": None if tokenizer in ("train", "gpt2") else file_stamp(tokenizer),
-                   "neighbours": file_stamp(config.ordering.neighbours)},
+        "stamps": {
+            "tokenizer": None if tokenizer in ("train", "gpt2") else file_stamp(tokenizer),
+            "neighbours": file_stamp(config.ordering.neighbours),
+        },
     }
 
 
@@ -88,7 +90,9 @@ def plan_differences(old: dict, new: dict) -> list[str]:
     changed = [n for n in after if n in before and before[n] != after[n]]
     for what, names in (("added", added), ("removed", removed), ("changed (size or time)", changed)):
         if names:
-            out.append(f"{len(names)} input file(s) {what}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else ""))
+            out.append(
+                f"{len(names)} input file(s) {what}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else "")
+            )
     if not (added or removed or changed) and old["tasks"] != new["tasks"]:
         out.append("the input files are cut into other tasks")
     for name in ("tokenizer", "neighbours"):
@@ -100,7 +104,8 @@ def plan_differences(old: dict, new: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ the directory
 _OUR_FILES = re.compile(
     r"(manifest\.json|tokenizer\.json|documents\.jsonl|sources\.jsonl"
-    r"|(train|heldout)(-\d{5}\.npy|\.(domain_tokens|row_order|docs)\.npy))")
+    r"|(train|heldout)(-\d{5}\.npy|\.(domain_tokens|row_order|docs)\.npy))"
+)
 
 
 def is_ours(name: str) -> bool:
@@ -133,13 +138,14 @@ def claim(out: Path, overwrite: bool, plan: dict) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     foreign = sorted(p.name for p in out.iterdir() if not is_ours(p.name))
     if foreign:
-        raise DataError(f"output directory {out} is not empty and holds files prepare did not write "
-                        f"({', '.join(foreign[:3])}); choose a new or empty directory")
+        raise DataError(
+            f"output directory {out} is not empty and holds files prepare did not write "
+            f"({', '.join(foreign[:3])}); choose a new or empty directory"
+        )
     work = out / WORKDIR
     if (out / st.MANIFEST).exists():
         if not overwrite:
-            raise DataError(f"{out} already holds a prepared dataset; pass overwrite=True / --overwrite to "
-                            "replace it")
+            raise DataError(f"{out} already holds a prepared dataset; pass overwrite=True / --overwrite to replace it")
         (out / st.MANIFEST).unlink()
         fsync_dir(out)
     elif (work / "plan.json").is_file():
@@ -152,9 +158,12 @@ def claim(out: Path, overwrite: bool, plan: dict) -> bool:
             _remove_temporaries(out)
             return True
         if not overwrite:
-            raise DataError(f"{out} holds an interrupted prepare of another command: "
-                            + "; ".join(differences[:6]) + ". Run that command again to resume it, or pass "
-                            "overwrite=True / --overwrite to start afresh")
+            raise DataError(
+                f"{out} holds an interrupted prepare of another command: "
+                + "; ".join(differences[:6])
+                + ". Run that command again to resume it, or pass "
+                "overwrite=True / --overwrite to start afresh"
+            )
     remove_ours(out)
     work.mkdir()
     st.write_json_atomic(work / "plan.json", plan)

@@ -46,7 +46,7 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
             acc = {i: [] for i, _ in layers}
             use = {i: [] for i, _ in layers}
             for start in range(0, len(rows), batch_size):
-                ids = torch.stack([dataset[int(r)]["input_ids"] for r in rows[start:start + batch_size]])
+                ids = torch.stack([dataset[int(r)]["input_ids"] for r in rows[start : start + batch_size]])
                 model(ids.to(device))
                 for i, layer in layers:
                     if "routed_segment_weights" in layer.stats:
@@ -63,8 +63,12 @@ def routing_by_domain(model: Decoder, dataset, max_rows: int = 64, batch_size: i
     out = {}
     for i, layer in layers:
         merged = "routed_segment_weights" in layer.stats
-        entry = {"kind": type(layer).__name__, "measure": "weight" if merged else "load", "domains": domains,
-                 "weights": torch.stack(sums[i]).tolist() if sums[i] else []}
+        entry = {
+            "kind": type(layer).__name__,
+            "measure": "weight" if merged else "load",
+            "domains": domains,
+            "weights": torch.stack(sums[i]).tolist() if sums[i] else [],
+        }
         if usage[i]:
             entry["usage"] = torch.stack(usage[i]).tolist()
         out[f"layer{i}"] = entry
@@ -81,9 +85,10 @@ def plot_routing(result: dict, path: Path, title: str, dpi: int = 110) -> Path:
     names = list(result)
     cols = min(4, len(names))
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 0.5 * len(result[names[0]]["domains"]) * rows + 1.8),
-                             squeeze=False)
-    for ax in axes.flat[len(names):]:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 0.5 * len(result[names[0]]["domains"]) * rows + 1.8), squeeze=False
+    )
+    for ax in axes.flat[len(names) :]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         entry = result[name]
@@ -118,8 +123,9 @@ def plot_utilisation(records: list[dict], path: Path, title: str) -> Path | None
         pts = [r for r in rows if f"{layer}.load" in r]
         steps = [r["step"] for r in pts]
         ax_use.plot(steps, [r[f"{layer}.experts_in_use"] for r in pts], marker="o", ms=3, label=layer)
-        ax_imb.plot(steps, [max(r[f"{layer}.load"]) * len(r[f"{layer}.load"]) for r in pts], marker="o", ms=3,
-                    label=layer)
+        ax_imb.plot(
+            steps, [max(r[f"{layer}.load"]) * len(r[f"{layer}.load"]) for r in pts], marker="o", ms=3, label=layer
+        )
     ax_use.set(xlabel="step", ylabel="experts in use")
     ax_imb.set(xlabel="step", ylabel="E x max load share")
     ax_use.legend(fontsize=7)

@@ -13,8 +13,13 @@ import torch
 from ..model import Decoder
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Pick the next token from logits [B, V]: greedy when temperature == 0, else sampling from the
     temperature-scaled distribution restricted to the top_k tokens and the top_p nucleus. -> [B]."""
     if temperature <= 0:
@@ -39,15 +44,21 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), P, dtype=torch.bool)
     for row, p in enumerate(prompts):
-        ids[row, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[row, P - len(p):] = True
+        ids[row, P - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[row, P - len(p) :] = True
     return ids, mask
 
 
 @torch.no_grad()
-def generate_stream(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
-                    routing: str = "prompt", attention_mask: torch.Tensor | None = None,
-                    prefill_chunk: int | None = None, **sampling) -> Iterator[torch.Tensor]:
+def generate_stream(
+    model: Decoder,
+    prompt: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int,
+    routing: str = "prompt",
+    attention_mask: torch.Tensor | None = None,
+    prefill_chunk: int | None = None,
+    **sampling,
+) -> Iterator[torch.Tensor]:
     """Yield generated tokens [B] one step at a time (on the model's device). prompt: [B, P] int64 on any
     device, with an optional ``attention_mask`` [B, P] (False at padding, which must be on the left), or
     a list of B token-id lists (padded here). A sampling ``generator`` must be on the model's device.
@@ -59,13 +70,18 @@ def generate_stream(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int
     each row's first real token. A model with a layer that cannot decode token by token as it was
     trained (``capabilities.incremental_decoding``) is refused with a ValueError.
     """
-    unable = [f"layer {i} ({type(ffn).__name__})" for i, ffn in enumerate(model.ffns())
-              if not ffn.capabilities.incremental_decoding]
+    unable = [
+        f"layer {i} ({type(ffn).__name__})"
+        for i, ffn in enumerate(model.ffns())
+        if not ffn.capabilities.incremental_decoding
+    ]
     if unable:
         from ..schema import ConfigError  # a ValueError: the model's config cannot decode
 
-        raise ConfigError(f"cannot generate token by token: {', '.join(unable)} routes a token on tokens after "
-                         "it or on the rest of the batch, so cached decoding would not compute what was trained")
+        raise ConfigError(
+            f"cannot generate token by token: {', '.join(unable)} routes a token on tokens after "
+            "it or on the rest of the batch, so cached decoding would not compute what was trained"
+        )
     if not isinstance(prompt, torch.Tensor):
         if attention_mask is not None:
             raise ValueError("attention_mask goes with a prompt tensor; a list of prompts is padded here")
@@ -75,8 +91,9 @@ def generate_stream(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int
     if attention_mask is not None:
         attention_mask = attention_mask.to(device, torch.bool)
         if attention_mask.shape == prompt.shape and not bool(attention_mask[:, -1].all()):
-            raise ValueError("attention_mask must pad on the left: the last prompt position of every row must "
-                             "be a real token")
+            raise ValueError(
+                "attention_mask must pad on the left: the last prompt position of every row must be a real token"
+            )
     with model.inference(routing):
         cache = model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         logits = model(prompt, cache=cache, attention_mask=attention_mask, chunk_size=prefill_chunk)[:, -1]
@@ -87,8 +104,9 @@ def generate_stream(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int
                 logits = model(token.unsqueeze(1), cache=cache)[:, -1]
 
 
-def generate(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
-             **kwargs) -> torch.Tensor | list[list[int]]:
+def generate(
+    model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int, **kwargs
+) -> torch.Tensor | list[list[int]]:
     """prompt [B, P] -> the prompt (padding included) followed by the generated tokens [B, P + max_new_tokens];
     a list of token-id lists -> a list of lists, each prompt followed by its generated tokens.
     kwargs: those of :func:`generate_stream`."""
@@ -99,9 +117,18 @@ def generate(model: Decoder, prompt: torch.Tensor | Sequence[Sequence[int]], max
     return torch.cat([prompt.to(new[0].device) if new else prompt] + [t.unsqueeze(1) for t in new], 1)
 
 
-def print_generation(model, tokenizer, prompt: str, max_new_tokens: int, routing: str = "prompt",
-                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                     seed: int = 0, out=None) -> list[int]:
+def print_generation(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    routing: str = "prompt",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    out=None,
+) -> list[int]:
     """Print ``prompt`` and its continuation to ``out`` (default stdout) as the tokens arrive (a character
     split over several tokens is printed once complete). Returns the new token ids."""
     import sys
@@ -114,20 +141,29 @@ def print_generation(model, tokenizer, prompt: str, max_new_tokens: int, routing
         raise ConfigError("--prompt encodes to no tokens")
     limit = model.cfg.max_seq_len - len(ids)
     if max_new_tokens > limit:
-        raise ConfigError(f"--max-new-tokens={max_new_tokens}: the prompt leaves room for {limit} "
-                          f"(max_seq_len={model.cfg.max_seq_len})")
+        raise ConfigError(
+            f"--max-new-tokens={max_new_tokens}: the prompt leaves room for {limit} "
+            f"(max_seq_len={model.cfg.max_seq_len})"
+        )
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
     out.write(prompt)
     new: list[int] = []
     shown = ""
-    for token in generate_stream(model, torch.tensor([ids]), max_new_tokens, routing=routing,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=generator):
+    for token in generate_stream(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens,
+        routing=routing,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+    ):
         new.append(int(token[0]))
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for multi-byte characters to complete
-            out.write(text[len(shown):])
+            out.write(text[len(shown) :])
             out.flush()
             shown = text
-    out.write(tokenizer.decode(new)[len(shown):] + "\n")
+    out.write(tokenizer.decode(new)[len(shown) :] + "\n")
     return new
-

@@ -19,9 +19,18 @@ def prompt_segment_len(model: Decoder) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | None = None,
-             routing: str | None = None, prompt_len: int | None = None, rank: int = 0, world: int = 1,
-             score_from: int = 0, score_to: int | None = None) -> dict[str, dict]:
+def evaluate(
+    model: Decoder,
+    dataset,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    routing: str | None = None,
+    prompt_len: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    score_from: int = 0,
+    score_to: int | None = None,
+) -> dict[str, dict]:
     """Mean next-token loss (nats) and perplexity per domain and over all rows.
 
     dataset: a :class:`diffmoe.data.PackedDataset` split; each row is attributed to its majority
@@ -50,8 +59,10 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
             raise ConfigError(f"prompt_len={prompt} must be between 1 and the context length {dataset.context_len} - 1")
         skip = max(skip, prompt)
     if not 0 <= skip < end <= dataset.context_len:
-        raise ConfigError(f"scoring positions {skip} to {end}: need 0 <= score_from < score_to <= the context length "
-                          f"{dataset.context_len} (prompt routing scores from prompt_len on)")
+        raise ConfigError(
+            f"scoring positions {skip} to {end}: need 0 <= score_from < score_to <= the context length "
+            f"{dataset.context_len} (prompt routing scores from prompt_len on)"
+        )
     rows = np.arange(len(dataset))
     if max_batches is not None and max_batches * batch_size < len(rows):
         # held-out rows are grouped by domain: evenly spaced rows cover every domain proportionally
@@ -67,7 +78,7 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
             index = k * world + rank
             mine = index < len(starts)  # the last round: ranks without a batch repeat the first one
             start = starts[index] if mine else 0
-            items = [dataset[int(i)] for i in rows[start:start + batch_size]]
+            items = [dataset[int(i)] for i in rows[start : start + batch_size]]
             n = len(items)
             if world > 1:  # same shapes on every rank
                 items += items[:1] * (batch_size - n)
@@ -77,8 +88,8 @@ def evaluate(model: Decoder, dataset, batch_size: int = 8, max_batches: int | No
             if not mine:
                 continue
             per_row = loss[:, skip:end].double().sum(1).cpu().numpy()
-            np.add.at(sums, majority[start:start + n], per_row)
-            np.add.at(counts, majority[start:start + n], max(0, end - skip))
+            np.add.at(sums, majority[start : start + n], per_row)
+            np.add.at(counts, majority[start : start + n], max(0, end - skip))
     if world > 1:
         env = DistEnv(rank, world, device)
         sums = all_reduce_sum(torch.from_numpy(sums), env).numpy()
@@ -102,4 +113,3 @@ def format_eval(result: dict) -> str:
     for name, r in result.items():
         lines.append(f"{name:<16}{r['tokens']:>10}{r['loss']:>9.4f}{r['ppl']:>10.2f}")
     return "\n".join(lines)
-

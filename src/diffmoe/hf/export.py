@@ -37,8 +37,12 @@ from ..moe import FAMILIES
 from . import mapping, phimoe
 
 FORMATS = ("auto", "native", "custom")
-_CLASSES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-            "phimoe": "PhimoeForCausalLM"}
+_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "phimoe": "PhimoeForCausalLM",
+}
 
 
 ARCHS = ("llama", "mixtral", "qwen2_moe", "phimoe")
@@ -52,8 +56,11 @@ def native_plan(cfg: ModelConfig) -> tuple[str | None, dict, str]:
     offers: dict[str, dict[str, dict]] = {}
     for kind in dict.fromkeys(cfg.kinds):
         native = FAMILIES[kind].native
-        archs = native.archs(cfg.moe.family(kind)) if native is not None else \
-            f"FFN kind {kind} has no native transformers class"
+        archs = (
+            native.archs(cfg.moe.family(kind))
+            if native is not None
+            else f"FFN kind {kind} has no native transformers class"
+        )
         if isinstance(archs, str):
             return None, {}, f"{archs} (needs the custom-code export)"
         offers[kind] = archs
@@ -61,9 +68,15 @@ def native_plan(cfg: ModelConfig) -> tuple[str | None, dict, str]:
     if not common:
         narrow = min(offers, key=lambda kind: len(offers[kind]))
         others = ", ".join(kind for kind in offers if kind != narrow)
-        return None, {}, (f"FFN kind {narrow} mixed with other kinds ({others}) has no native transformers class: "
-                          f"layers of kind {narrow} fit only {', '.join(offers[narrow])}, which cannot hold the "
-                          "others (needs the custom-code export)")
+        return (
+            None,
+            {},
+            (
+                f"FFN kind {narrow} mixed with other kinds ({others}) has no native transformers class: "
+                f"layers of kind {narrow} fit only {', '.join(offers[narrow])}, which cannot hold the "
+                "others (needs the custom-code export)"
+            ),
+        )
     fields: dict = {}
     for archs in offers.values():
         fields.update(archs[common[0]])
@@ -120,15 +133,22 @@ def hf_config(cfg: ModelConfig, arch: str, eod_id: int) -> dict:
         out.pop("mlp_bias")
         out.update(phimoe.config_fields(cfg))
     expert_ff = moe.d_ff or cfg.d_ff
-    out.update(router_aux_loss_coef=moe.balance_coef / fields["num_experts_per_tok"], output_router_logits=False,
-               **fields)
+    out.update(
+        router_aux_loss_coef=moe.balance_coef / fields["num_experts_per_tok"], output_router_logits=False, **fields
+    )
     if arch == "mixtral":
         out.update(num_local_experts=moe.num_experts, intermediate_size=expert_ff, router_jitter_noise=0.0)
     elif arch == "qwen2_moe":
-        out.update(num_experts=moe.num_experts,
-                   mlp_only_layers=[i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
-                   decoder_sparse_step=1, moe_intermediate_size=expert_ff, shared_expert_intermediate_size=0,
-                   use_sliding_window=False, max_window_layers=cfg.n_layers, qkv_bias=False)
+        out.update(
+            num_experts=moe.num_experts,
+            mlp_only_layers=[i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)],
+            decoder_sparse_step=1,
+            moe_intermediate_size=expert_ff,
+            shared_expert_intermediate_size=0,
+            use_sliding_window=False,
+            max_window_layers=cfg.n_layers,
+            qkv_bias=False,
+        )
     return out
 
 
@@ -152,9 +172,17 @@ def _tokenizer_files(tokenizer_dir: Path, eod_id: int) -> tuple[Path, dict, int]
     if manifest.is_file():
         bos = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer", {}).get("bos_id")
         bos_id = bos if isinstance(bos, int) else eod_id
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.id_to_token(bos_id),
-              "eos_token": eod, "pad_token": eod, "unk_token": eod, "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.id_to_token(bos_id),
+        "eos_token": eod,
+        "pad_token": eod,
+        "unk_token": eod,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
     return path, config, bos_id
 
 
@@ -171,8 +199,10 @@ def _write_generation_and_tokenizer(directory: Path, eod_id: int, tok: tuple[Pat
     """generation_config.json (greedy, eos = pad = eod, bos = the dataset's BOS or the eod) and, given one,
     the tokenizer files."""
     bos_id = tok[2] if tok is not None else eod_id
-    _write_json(directory / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eod_id,
-                                                       "pad_token_id": eod_id, "do_sample": False})
+    _write_json(
+        directory / "generation_config.json",
+        {"bos_token_id": bos_id, "eos_token_id": eod_id, "pad_token_id": eod_id, "do_sample": False},
+    )
     if tok is not None:
         shutil.copyfile(tok[0], directory / "tokenizer.json")
         _write_json(directory / "tokenizer_config.json", tok[1])
@@ -239,8 +269,9 @@ def remote_classes(cfg: ModelConfig) -> dict[str, type]:
     whose family declares none."""
     missing = [kind for kind in dict.fromkeys(cfg.kinds) if FAMILIES[kind].remote is None]
     if missing:
-        raise ConfigError(f"cannot export with custom code: FFN kind(s) {', '.join(missing)} declare no export "
-                          "class (Family.remote)")
+        raise ConfigError(
+            f"cannot export with custom code: FFN kind(s) {', '.join(missing)} declare no export class (Family.remote)"
+        )
     return {kind: FAMILIES[kind].remote for kind in dict.fromkeys(cfg.kinds)}
 
 
@@ -251,8 +282,10 @@ def modeling_source(cfg: ModelConfig) -> str:
 
     used = remote_classes(cfg)
     classes = {kind: used[kind] for kind in FAMILIES if kind in used}  # registry order: one text per family set
-    parts = [(REMOTE_DIR / "modeling_diffmoe.py").read_text(encoding="utf-8"),
-             f"# ---- {remote.__name__} ----\n" + inspect.getsource(remote)]
+    parts = [
+        (REMOTE_DIR / "modeling_diffmoe.py").read_text(encoding="utf-8"),
+        f"# ---- {remote.__name__} ----\n" + inspect.getsource(remote),
+    ]
     for cls in dict.fromkeys(classes.values()):
         if cls.__module__ != remote.__name__:
             parts.append(f"# ---- {cls.__module__}.{cls.__qualname__} ----\n" + textwrap.dedent(inspect.getsource(cls)))
@@ -280,8 +313,10 @@ def custom_config(cfg: ModelConfig, eod_id: int, dtype: torch.dtype = torch.floa
     out = {
         "architectures": ["DiffMoEForCausalLM"],
         "model_type": "diffmoe",
-        "auto_map": {"AutoConfig": "configuration_diffmoe.DiffMoEConfig",
-                     "AutoModelForCausalLM": "modeling_diffmoe.DiffMoEForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_diffmoe.DiffMoEConfig",
+            "AutoModelForCausalLM": "modeling_diffmoe.DiffMoEForCausalLM",
+        },
         "diffmoe": cfg.to_dict(),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -331,8 +366,13 @@ def export_custom(model, out: str | os.PathLike, eod_id: int, tokenizer_dir: str
     return _write_dir(Path(out), fill)
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-               eod_id: int | None = None, format: str = "auto") -> Path:
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    eod_id: int | None = None,
+    format: str = "auto",
+) -> Path:
     """Export a training run's checkpoint (the newest unless ``checkpoint``) with its dataset's tokenizer.
     The eod id comes from the dataset manifest (``data.path``); pass ``eod_id`` when the dataset is gone.
     ``format``: ``native`` (:func:`export_native`; raises when no native class fits), ``custom``
@@ -357,8 +397,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: s
         if eod_id is None:
             eod_id = int(manifest["tokenizer"]["eod_id"])
     if eod_id is None:
-        raise DataError(f"the end-of-document id is unknown: no prepared dataset at {data} "
-                        "(data.path of the run); pass eod_id")
+        raise DataError(
+            f"the end-of-document id is unknown: no prepared dataset at {data} (data.path of the run); pass eod_id"
+        )
     if format == "custom" or (format == "auto" and native_arch(model.cfg) is None):
         return export_custom(model, out, eod_id, tokenizer_dir)
     return export_native(model, out, eod_id, tokenizer_dir)

@@ -23,15 +23,22 @@ def _lm_eval():
         import lm_eval
         from lm_eval.api.model import TemplateLM
     except ImportError as e:
-        raise ImportError(f"lm-eval is not installed ({e}): pip install \"diffmoe[eval]\"") from None
+        raise ImportError(f'lm-eval is not installed ({e}): pip install "diffmoe[eval]"') from None
     return lm_eval, TemplateLM
 
 
-def make_lm(run_dir, checkpoint=None, routing: str = "prompt", batch_size: int = 8, device: str = "cpu",
-            data: str | os.PathLike | None = None):
+def make_lm(
+    run_dir,
+    checkpoint=None,
+    routing: str = "prompt",
+    batch_size: int = 8,
+    device: str = "cpu",
+    data: str | os.PathLike | None = None,
+):
     """A :class:`DiffMoELM` (the class is defined on first use, so that lm-eval is imported lazily)."""
-    return _adapter_class()(run_dir, checkpoint=checkpoint, routing=routing, batch_size=batch_size,
-                            device=device, data=data)
+    return _adapter_class()(
+        run_dir, checkpoint=checkpoint, routing=routing, batch_size=batch_size, device=device, data=data
+    )
 
 
 _CLASS = None
@@ -50,14 +57,15 @@ def _define():
 
     from ..data.store import read_manifest
     from ..data.tokenizer import load_tokenizer
-    from ..runs import load_run
     from ..eval.generate import generate_stream
+    from ..runs import load_run
 
     class DiffMoELM(TemplateLM):
         """lm-eval's ``TemplateLM`` over a diffmoe run (its newest checkpoint and its dataset's tokenizer)."""
 
-        def __init__(self, run_dir, checkpoint=None, routing: str = "prompt", batch_size: int = 8,
-                     device: str = "cpu", data=None):
+        def __init__(
+            self, run_dir, checkpoint=None, routing: str = "prompt", batch_size: int = 8, device: str = "cpu", data=None
+        ):
             super().__init__()
             if routing not in ROUTINGS:
                 from ..schema import ConfigError
@@ -91,7 +99,7 @@ def _define():
             routed on its (kept) context, so items are batched only with equal context lengths."""
             prepared = []
             for ctx, cont in items:
-                whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+                whole = (list(ctx) + list(cont))[-(self.max_length + 1) :]
                 inp = whole[:-1]
                 n_cont = min(len(cont), len(inp))
                 n_ctx = max(len(inp) - n_cont + 1, 1)  # positions of the input that are context
@@ -101,23 +109,26 @@ def _define():
                 groups: dict[int, list[int]] = {}
                 for i in order:
                     groups.setdefault(prepared[i][2], []).append(i)
-                batches = [g[k:k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
+                batches = [
+                    g[k : k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)
+                ]
             else:
-                batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+                batches = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
             out: list[tuple[float, bool] | None] = [None] * len(items)
             with self.model.inference(routing if self.has_modes else None):
                 for batch in batches:
                     width = max(len(prepared[i][0]) for i in batch)
                     ids = torch.full((len(batch), width), self._eot, dtype=torch.long)
                     for r, i in enumerate(batch):  # right padding: causal, so the padding is never seen
-                        ids[r, :len(prepared[i][0])] = torch.tensor(prepared[i][0])
+                        ids[r, : len(prepared[i][0])] = torch.tensor(prepared[i][0])
                     prompt_len = prepared[batch[0]][2] if routing == "prompt" and self.has_modes else None
                     logp = F.log_softmax(self.model(ids.to(self._device), prompt_len=prompt_len).float(), -1)
                     for r, i in enumerate(batch):
                         inp, n_cont, _ = prepared[i]
-                        target = torch.tensor(items[i][1][-n_cont:] if n_cont else [], dtype=torch.long,
-                                              device=logp.device)
-                        rows = logp[r, len(inp) - n_cont:len(inp)]
+                        target = torch.tensor(
+                            items[i][1][-n_cont:] if n_cont else [], dtype=torch.long, device=logp.device
+                        )
+                        rows = logp[r, len(inp) - n_cont : len(inp)]
                         greedy = bool((rows.argmax(-1) == target).all())
                         out[i] = (float(rows.gather(-1, target[:, None]).sum()), greedy)
             return out
@@ -129,9 +140,15 @@ def _define():
             windows, owner = [], []
             for k, req in enumerate(requests):
                 (string,) = req.args
-                for ctx, cont in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                        token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                        max_seq_len=self.max_length, context_len=1)):
+                for ctx, cont in map(
+                    utils.make_disjoint_window,
+                    utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string),
+                        prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length,
+                        context_len=1,
+                    ),
+                ):
                     windows.append((ctx, cont))
                     owner.append(k)
             scores = self._score(windows, "segment")
@@ -152,7 +169,7 @@ def _define():
                 max_new = int(kwargs.get("max_gen_toks", 256))
                 ids = self.tok_encode(context) or [self._eot]
                 max_new = max(1, min(max_new, self.max_length - 1))
-                ids = ids[-(self.max_length - max_new):]
+                ids = ids[-(self.max_length - max_new) :]
                 new: list[int] = []
                 text = ""
                 for token in generate_stream(self.model, torch.tensor([ids]), max_new, routing="prompt"):
@@ -172,8 +189,18 @@ def _define():
     return DiffMoELM
 
 
-def run_tasks(run_dir, tasks, include_path=None, routing: str = "prompt", limit=None, checkpoint=None,
-              batch_size: int = 8, device: str = "cpu", data=None, log_samples: bool = False) -> dict:
+def run_tasks(
+    run_dir,
+    tasks,
+    include_path=None,
+    routing: str = "prompt",
+    limit=None,
+    checkpoint=None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    data=None,
+    log_samples: bool = False,
+) -> dict:
     """``lm_eval.simple_evaluate`` of a diffmoe run on ``tasks`` (names, or a comma-separated string);
     ``include_path``: a folder of task YAMLs (e.g. from ``diffmoe tasks build``). Returns lm-eval's
     results dict (``results[task][metric]``; ``samples[task]`` with ``log_samples``)."""
@@ -183,5 +210,6 @@ def run_tasks(run_dir, tasks, include_path=None, routing: str = "prompt", limit=
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     model = make_lm(run_dir, checkpoint, routing, batch_size, device, data)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    return lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
-                                   log_samples=log_samples, bootstrap_iters=0)
+    return lm_eval.simple_evaluate(
+        model=model, tasks=names, task_manager=manager, limit=limit, log_samples=log_samples, bootstrap_iters=0
+    )

@@ -97,19 +97,32 @@ def read_hf_config(hf_dir) -> tuple[str, ModelConfig]:
         families = {kind: read(c)}
     if arch == "mixtral":
         ffn = kind
-        moe = MoEConfig(num_experts=c["num_local_experts"], d_ff=c["intermediate_size"], balance_coef=balance,
-                        families=families)
+        moe = MoEConfig(
+            num_experts=c["num_local_experts"], d_ff=c["intermediate_size"], balance_coef=balance, families=families
+        )
     elif arch == "qwen2_moe":
         step, dense_only = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or [])
         experts = c.get("num_experts", 0)
-        ffn = [kind if i not in dense_only and experts > 0 and (i + 1) % step == 0 else "dense"
-               for i in range(n_layers)]
-        moe = MoEConfig(num_experts=max(experts, 1), d_ff=c["moe_intermediate_size"], balance_coef=balance,
-                        families=families)
-    cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=d, n_layers=n_layers, n_heads=heads,
-                      n_kv_heads=c.get("num_key_value_heads") or heads, d_ff=c["intermediate_size"],
-                      max_seq_len=max_len, rope_theta=_rope_theta(c), norm_eps=c.get("rms_norm_eps", 1e-6),
-                      tie_embeddings=bool(c.get("tie_word_embeddings", False)), ffn=ffn, moe=moe)
+        ffn = [
+            kind if i not in dense_only and experts > 0 and (i + 1) % step == 0 else "dense" for i in range(n_layers)
+        ]
+        moe = MoEConfig(
+            num_experts=max(experts, 1), d_ff=c["moe_intermediate_size"], balance_coef=balance, families=families
+        )
+    cfg = ModelConfig(
+        vocab_size=c["vocab_size"],
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=heads,
+        n_kv_heads=c.get("num_key_value_heads") or heads,
+        d_ff=c["intermediate_size"],
+        max_seq_len=max_len,
+        rope_theta=_rope_theta(c),
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        ffn=ffn,
+        moe=moe,
+    )
     return arch, cfg
 
 
@@ -133,8 +146,10 @@ def read_hf_weights(hf_dir) -> dict[str, torch.Tensor]:
     elif (hf_dir / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     elif any(hf_dir.glob("pytorch_model*.bin")):
-        raise _bad_weights(f"{hf_dir}: only pickled pytorch_model*.bin weights; diffmoe reads safetensors only "
-                             "(convert them with transformers' save_pretrained, which writes safetensors)")
+        raise _bad_weights(
+            f"{hf_dir}: only pickled pytorch_model*.bin weights; diffmoe reads safetensors only "
+            "(convert them with transformers' save_pretrained, which writes safetensors)"
+        )
     else:
         raise _bad_weights(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     weights: dict[str, torch.Tensor] = {}
@@ -174,8 +189,9 @@ def _map_weights(hf: dict[str, torch.Tensor], arch: str, cfg: ModelConfig) -> di
         raise _bad_weights(f"cannot import: the checkpoint lacks tensor {err.args[0]}") from None
     left = sorted(name for name in set(hf) - tracked.used if not _ignorable(name, hf, cfg.tie_embeddings))
     if left:
-        raise _bad_weights(f"cannot import: {len(left)} checkpoint tensors have no diffmoe counterpart, "
-                             f"e.g. {left[:3]}")
+        raise _bad_weights(
+            f"cannot import: {len(left)} checkpoint tensors have no diffmoe counterpart, e.g. {left[:3]}"
+        )
     return state
 
 
@@ -201,13 +217,20 @@ def import_hf(hf_dir, out_run_dir, data_dir=None) -> Path:
         raise _bad_weights(f"cannot import: diffmoe names missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, value in state.items():
         if tuple(value.shape) != tuple(own[name].shape):
-            raise _bad_weights(f"cannot import: {name} has shape {tuple(value.shape)}, "
-                                 f"the config implies {tuple(own[name].shape)}")
+            raise _bad_weights(
+                f"cannot import: {name} has shape {tuple(value.shape)}, the config implies {tuple(own[name].shape)}"
+            )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(run, str(out / "config.yaml"))
-    trainer_state = {"phase": "moe", "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0, "world": 1,
-                     "layout": "imported"}
+    trainer_state = {
+        "phase": "moe",
+        "skipped_steps": 0,
+        "bad_in_a_row": 0,
+        "tokens": 0,
+        "world": 1,
+        "layout": "imported",
+    }
     save_checkpoint(out, 0, model, build_optimizer(model, run.train), trainer_state, keep=run.train.keep_checkpoints)
     if (hf_dir / "tokenizer.json").is_file():
         shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")

@@ -27,19 +27,28 @@ import torch
 
 ARCHS = ("llama", "mixtral", "qwen2_moe")
 
-_ATTN = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-         "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
-         "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight"}
-_DENSE = {"ffn.w1.weight": "mlp.gate_proj.weight", "ffn.w3.weight": "mlp.up_proj.weight",
-          "ffn.w2.weight": "mlp.down_proj.weight"}
+_ATTN = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+}
+_DENSE = {
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+}
 _MOE = {  # arch -> (router name, expert prefix, names of w1, w3, w2)
     "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", ("w1", "w3", "w2")),
     "qwen2_moe": ("mlp.gate.weight", "mlp.experts", ("gate_proj", "up_proj", "down_proj")),
 }
 
 
-def to_hf(state: dict[str, torch.Tensor], arch: str, n_layers: int, moe_layers: set[int],
-          tied: bool) -> dict[str, torch.Tensor]:
+def to_hf(
+    state: dict[str, torch.Tensor], arch: str, n_layers: int, moe_layers: set[int], tied: bool
+) -> dict[str, torch.Tensor]:
     """diffmoe ``state`` (``Decoder.state_dict()``) -> the tensors of ``arch``'s checkpoint.
 
     moe_layers: indices of layers whose FFN is an MoE layer (router + experts); the others are dense.
@@ -61,15 +70,20 @@ def to_hf(state: dict[str, torch.Tensor], arch: str, n_layers: int, moe_layers: 
         if arch == "qwen2_moe":
             d = state["embed.weight"].shape[1]
             empty = state["embed.weight"].new_zeros
-            out.update({dst + "mlp.shared_expert.gate_proj.weight": empty(0, d),
-                        dst + "mlp.shared_expert.up_proj.weight": empty(0, d),
-                        dst + "mlp.shared_expert.down_proj.weight": empty(d, 0),
-                        dst + "mlp.shared_expert_gate.weight": empty(1, d)})
+            out.update(
+                {
+                    dst + "mlp.shared_expert.gate_proj.weight": empty(0, d),
+                    dst + "mlp.shared_expert.up_proj.weight": empty(0, d),
+                    dst + "mlp.shared_expert.down_proj.weight": empty(d, 0),
+                    dst + "mlp.shared_expert_gate.weight": empty(1, d),
+                }
+            )
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf(hf: dict[str, torch.Tensor], arch: str, n_layers: int, moe_layers: set[int], num_experts: int,
-            tied: bool) -> dict[str, torch.Tensor]:
+def from_hf(
+    hf: dict[str, torch.Tensor], arch: str, n_layers: int, moe_layers: set[int], num_experts: int, tied: bool
+) -> dict[str, torch.Tensor]:
     """The tensors of ``arch``'s checkpoint -> a diffmoe state dict (legacy or fused expert layout).
     Raises KeyError naming a missing tensor."""
     state = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
@@ -90,8 +104,9 @@ def from_hf(hf: dict[str, torch.Tensor], arch: str, n_layers: int, moe_layers: s
             f = w13.shape[1] // 2
             stacks = (w13[:, :f], w13[:, f:], w2)
         else:
-            stacks = tuple(torch.stack([hf[f"{src}{experts}.{j}.{name}.weight"] for j in range(num_experts)])
-                           for name in names)
+            stacks = tuple(
+                torch.stack([hf[f"{src}{experts}.{j}.{name}.weight"] for j in range(num_experts)]) for name in names
+            )
         for d_name, stack in zip(("w1", "w3", "w2"), stacks):
             state[dst + f"ffn.experts.{d_name}"] = stack.contiguous()
     return state

@@ -32,9 +32,11 @@ import torch
 from ..config import ModelConfig
 
 ALIGN = 8
-NOTE = ("diffmoe export in a widened residual stream (hidden_size = d_model + k, LayerNorm "
-        "weight 1 / bias 0 acting as RMSNorm): needs transformers >= 5, because 4.x derives head_dim as "
-        "hidden_size / num_attention_heads instead of reading head_dim")
+NOTE = (
+    "diffmoe export in a widened residual stream (hidden_size = d_model + k, LayerNorm "
+    "weight 1 / bias 0 acting as RMSNorm): needs transformers >= 5, because 4.x derives head_dim as "
+    "hidden_size / num_attention_heads instead of reading head_dim"
+)
 
 
 def widened_width(d: int) -> int:
@@ -77,10 +79,12 @@ def to_phimoe(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     def reader(w, gain):  # [out, d] -> [out, D]
         return s * (w * gain) @ q.T
 
-    out = {"model.embed_tokens.weight": t("embed.weight") @ q.T,
-           "lm_head.weight": reader(t("lm_head.weight"), t("norm.weight")),
-           "model.norm.weight": torch.ones(D, dtype=torch.float64),
-           "model.norm.bias": torch.zeros(D, dtype=torch.float64)}
+    out = {
+        "model.embed_tokens.weight": t("embed.weight") @ q.T,
+        "lm_head.weight": reader(t("lm_head.weight"), t("norm.weight")),
+        "model.norm.weight": torch.ones(D, dtype=torch.float64),
+        "model.norm.bias": torch.zeros(D, dtype=torch.float64),
+    }
     for i in range(n):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         g_attn, g_ffn = t(src + "attn_norm.weight"), t(src + "ffn_norm.weight")

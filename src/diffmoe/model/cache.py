@@ -14,8 +14,16 @@ class KVCache:
     the padding positions of a padded batch, None while there has been none.
     """
 
-    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -31,8 +39,8 @@ class KVCache:
             self.real = torch.ones(mask.shape[0], self.max_len, dtype=torch.bool, device=mask.device)
         if self.real is None:
             return None
-        self.real[:, start:start + length] = True if mask is None else mask
-        return self.real[:, :start + length]
+        self.real[:, start : start + length] = True if mask is None else mask
+        return self.real[:, : start + length]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, h_kv, L, hd] at positions start .. start+L-1; return all keys and values up to them."""

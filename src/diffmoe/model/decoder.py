@@ -44,7 +44,7 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
         """x [B, h, L, hd] at ``positions``: an int p (every row at p .. p+L-1) or [B, L] int64 per row."""
         if isinstance(positions, int):
-            cos, sin = self.cos[positions:positions + x.shape[2]], self.sin[positions:positions + x.shape[2]]
+            cos, sin = self.cos[positions : positions + x.shape[2]], self.sin[positions : positions + x.shape[2]]
         else:  # [B, L, hd/2] -> [B, 1, L, hd/2], broadcast over the heads
             cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         cos, sin = torch.cat((cos, cos), -1).to(x.dtype), torch.cat((sin, sin), -1).to(x.dtype)  # [..., L, hd]
@@ -70,8 +70,9 @@ class Attention(nn.Module):
         q, k = rope(q, span.positions), rope(k, span.positions)
         if cache is not None:
             k, v = cache.update(layer, k, v, span.start)  # [B, h_kv, start+L, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=span.mask is None and L > 1,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=span.mask, is_causal=span.mask is None and L > 1, enable_gqa=self.n_kv != self.n_heads
+        )
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -113,7 +114,9 @@ class Block(nn.Module):
         all L positions at once, so routing on the prompt routes on all of it. mask [B, L] bool or None;
         aux: the forward's :class:`~diffmoe.moe.AuxLosses`, or None."""
         h, first = self.attn_norm(x), spans[0].start
-        attn = [self.attn(h[:, s.start - first:s.start - first + s.length], rope, s, cache, self.layer) for s in spans]
+        attn = [
+            self.attn(h[:, s.start - first : s.start - first + s.length], rope, s, cache, self.layer) for s in spans
+        ]
         x = x + (attn[0] if len(attn) == 1 else torch.cat(attn, 1))
         ctx = RoutingContext(prompt_len, None if cache is None else cache.ffn_state[self.layer], mask, aux)
         return x + self.ffn(self.ffn_norm(x), ctx)
@@ -156,9 +159,16 @@ class Decoder(nn.Module):
             block.ffn.reset_parameters(std, out_std, router_std)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, prompt_len: int | None = None,
-                attention_mask: torch.Tensor | None = None, chunk_size: int | None = None,
-                labels: torch.Tensor | None = None, aux: AuxLosses | None = None):
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        prompt_len: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        labels: torch.Tensor | None = None,
+        aux: AuxLosses | None = None,
+    ):
         """ids [B, L] int64 -> logits [B, L, V] (float32); with labels [B, L] int64, the per-token
         cross-entropy [B, L] (float32, nats) instead, computed in chunks of tokens so that the logits
         never exist whole (:func:`~diffmoe.model.loss.linear_cross_entropy`; what training and
@@ -184,8 +194,10 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {start + L} positions exceeds the KV cache size {cache.max_len}")
         if attention_mask is not None:
             if attention_mask.shape != ids.shape:
-                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} must have the shape of "
-                                 f"ids {tuple(ids.shape)}")
+                raise ValueError(
+                    f"attention_mask of shape {tuple(attention_mask.shape)} must have the shape of "
+                    f"ids {tuple(ids.shape)}"
+                )
             attention_mask = attention_mask.to(ids.device, torch.bool)
         if chunk_size is not None and (cache is None or chunk_size < 1):
             raise ValueError(f"chunk_size={chunk_size} needs a KV cache and must be >= 1")
@@ -194,8 +206,12 @@ class Decoder(nn.Module):
         else:
             real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         step = chunk_size or L
-        spans = [Span.of(s, min(step, start + L - s), None if real is None else real[:, :min(start + L, s + step)],
-                         ids.device) for s in range(start, start + L, step)]
+        spans = [
+            Span.of(
+                s, min(step, start + L - s), None if real is None else real[:, : min(start + L, s + step)], ids.device
+            )
+            for s in range(start, start + L, step)
+        ]
         x = self.embed(ids)
         for block in self.blocks:
             x = block(x, self.rope, spans, cache, prompt_len, None if real is None else real[:, start:], aux)
@@ -207,8 +223,15 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.embed.weight
-        return KVCache(self.cfg.n_layers, batch, max_len or self.cfg.max_seq_len, self.cfg.kv_heads,
-                       self.cfg.head_dim, dtype=p.dtype, device=p.device)
+        return KVCache(
+            self.cfg.n_layers,
+            batch,
+            max_len or self.cfg.max_seq_len,
+            self.cfg.kv_heads,
+            self.cfg.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+        )
 
     def moe_layers(self) -> list[tuple[int, MoELayer]]:
         return [(b.layer, b.ffn) for b in self.blocks if isinstance(b.ffn, MoELayer)]
@@ -272,6 +295,3 @@ class Decoder(nn.Module):
             n = sum(p.numel() for p in layer.experts.parameters())
             inactive += n * (1 - min(layer.experts_per_token, layer.num_experts) / layer.num_experts)
         return {"total": total, "active": int(total - inactive)}
-
-
-

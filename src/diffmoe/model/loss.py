@@ -8,16 +8,17 @@ micro-batch, and their gradient as much again; here a chunk holds at most ``CHUN
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..runtime import compute_dtype
-from torch.autograd.function import once_differentiable
 
 CHUNK_LOGITS = 2**25
 """Logits per chunk (128 MiB in float32): a chunk has max(1, CHUNK_LOGITS // vocab) tokens."""
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """Per-token loss of the head ``weight``: h [..., d], weight [V, d], labels [...] int64 -> [...] float32
     (float64 for float64 inputs), equal to ``F.cross_entropy(F.linear(h, weight).float(), labels, reduction="none")``.
 

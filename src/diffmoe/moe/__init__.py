@@ -19,8 +19,8 @@ from .config import MoEConfig
 from .dense import SwiGLU
 from .expert_choice import ExpertChoiceConfig, ExpertChoiceMoE
 from .experts import Experts
-from .lory import LoryConfig, LoryMoE
 from .family import Family, Native
+from .lory import LoryConfig, LoryMoE
 from .registry import FAMILIES, build_ffn, register
 from .router import Router
 from .routing import AuxLosses, Capabilities, Routing, RoutingContext, balance_and_z, balance_loss, z_loss
@@ -28,8 +28,31 @@ from .sparsemixer import HeunMultiplier, SparseMixerConfig, SparseMixerMoE, spar
 from .topk import TopKConfig, TopKMoE
 
 __all__ = [
-    "AuxLosses", "Capabilities", "Experts", "ExpertChoiceConfig", "ExpertChoiceMoE", "FAMILIES", "Family", "HeunMultiplier",
-    "LoryConfig", "LoryMoE", "MoEConfig", "MoELayer", "Native", "Router", "Routing", "RoutingContext", "SparseMixerConfig",
-    "SparseMixerMoE", "SwiGLU", "TopKConfig", "TopKMoE", "balance_and_z", "balance_loss", "build_ffn", "register",
-    "sparsemixer_route", "z_loss",
+    "AuxLosses",
+    "Capabilities",
+    "Experts",
+    "ExpertChoiceConfig",
+    "ExpertChoiceMoE",
+    "FAMILIES",
+    "Family",
+    "HeunMultiplier",
+    "LoryConfig",
+    "LoryMoE",
+    "MoEConfig",
+    "MoELayer",
+    "Native",
+    "Router",
+    "Routing",
+    "RoutingContext",
+    "SparseMixerConfig",
+    "SparseMixerMoE",
+    "SwiGLU",
+    "TopKConfig",
+    "TopKMoE",
+    "balance_and_z",
+    "balance_loss",
+    "build_ffn",
+    "register",
+    "sparsemixer_route",
+    "z_loss",
 ]

@@ -27,6 +27,7 @@ from .experts import Experts
 from .router import Router
 from .routing import Capabilities, Routing, RoutingContext, routing_stats
 
+
 class MoELayer(nn.Module, abc.ABC):
     """Base class: ``router`` (:class:`Router`, d_model -> E), ``experts`` (:class:`Experts`).
 
@@ -63,8 +64,16 @@ class MoELayer(nn.Module, abc.ABC):
     ``expert_idx``). Read by generic code that models a layer's cost without running it (the planner,
     :mod:`diffmoe.parallel.plan`)."""
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, balance_coef: float = 0.0,
-                 z_loss_coef: float = 0.0, global_balance: bool = False, dispatch_impl: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        global_balance: bool = False,
+        dispatch_impl: str = "auto",
+    ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
             check(positive_int(value), name, value, "must be a positive integer")
@@ -84,16 +93,27 @@ class MoELayer(nn.Module, abc.ABC):
         """The registry's constructor: the family's ``config`` as it is, the shared ``moe`` config's
         ``num_experts`` and ``d_ff`` (default: the model's ``d_ff``) and the options in
         :attr:`shared_options`."""
-        shared = {"balance_coef": moe.balance_coef, "z_loss_coef": moe.z_loss_coef,
-                  "global_balance": moe.global_balance, "dispatch_impl": moe.dispatch}
-        return cls(d_model, moe.d_ff or d_ff, moe.num_experts, config=config,
-                   **{name: shared[name] for name in cls.shared_options})
+        shared = {
+            "balance_coef": moe.balance_coef,
+            "z_loss_coef": moe.z_loss_coef,
+            "global_balance": moe.global_balance,
+            "dispatch_impl": moe.dispatch,
+        }
+        return cls(
+            d_model,
+            moe.d_ff or d_ff,
+            moe.num_experts,
+            config=config,
+            **{name: shared[name] for name in cls.shared_options},
+        )
 
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities()
 
-    def reset_parameters(self, std: float = 0.02, out_std: float | None = None, router_std: float | None = None) -> None:
+    def reset_parameters(
+        self, std: float = 0.02, out_std: float | None = None, router_std: float | None = None
+    ) -> None:
         """Experts ~ N(0, std) (w2: out_std), router ~ N(0, router_std or std)."""
         self.experts.reset_parameters(std, out_std)
         nn.init.normal_(self.router.weight, std=router_std or std)

@@ -64,14 +64,22 @@ class MoEConfig:
             check(positive_int(self.d_ff), f"{prefix}.d_ff", self.d_ff, "must be a positive integer or null")
         check(self.balance_coef >= 0, f"{prefix}.balance_coef", self.balance_coef, "must be >= 0")
         check(self.z_loss_coef >= 0, f"{prefix}.z_loss_coef", self.z_loss_coef, "must be >= 0")
-        check(self.dispatch in DISPATCH_IMPLS, f"{prefix}.dispatch", self.dispatch,
-              f"choose one of {', '.join(DISPATCH_IMPLS)}")
+        check(
+            self.dispatch in DISPATCH_IMPLS,
+            f"{prefix}.dispatch",
+            self.dispatch,
+            f"choose one of {', '.join(DISPATCH_IMPLS)}",
+        )
         shared = {f.name for f in dataclasses.fields(self)}
         used = [kind for kind in kinds if kind in FAMILIES and FAMILIES[kind].config is not None]
         for kind in dict.fromkeys([*self.families, *used]):
             config, family = self.family(kind), FAMILIES.get(kind)
-            check(kind not in shared, "ffn", kind, "this FFN kind is also the name of a moe field; register it under "
-                  "another name")
+            check(
+                kind not in shared,
+                "ffn",
+                kind,
+                "this FFN kind is also the name of a moe field; register it under another name",
+            )
             if family is None or family.config is None:
                 raise ConfigError(f"invalid config: unknown field {prefix}.{kind}; known: {', '.join(self._known())}")
             check(isinstance(config, family.config), f"{prefix}.{kind}", config, f"must be a {family.config.__name__}")

@@ -29,7 +29,9 @@ class SwiGLU(nn.Module):
         """The registry's constructor: the model's d_ff (``moe.d_ff`` sizes experts, not this)."""
         return cls(d_model, d_ff)
 
-    def reset_parameters(self, std: float = 0.02, out_std: float | None = None, router_std: float | None = None) -> None:
+    def reset_parameters(
+        self, std: float = 0.02, out_std: float | None = None, router_std: float | None = None
+    ) -> None:
         nn.init.normal_(self.w1.weight, std=std)
         nn.init.normal_(self.w3.weight, std=std)
         nn.init.normal_(self.w2.weight, std=std if out_std is None else out_std)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..runtime import compute_dtype
-from torch import nn
 
 DISPATCH_IMPLS = ("auto", "grouped_mm", "loop")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -113,8 +113,7 @@ class GatherSwiGLUScatter(torch.autograd.Function):
     def backward(ctx, dy):
         x, tok, gate, w1, w3, w2, h1, h3 = ctx.saved_tensors
         rows = ctx.rows
-        dw1, dw3, dw2 = (torch.zeros_like(w) if len(rows) < w.shape[0] else torch.empty_like(w)
-                         for w in (w1, w3, w2))
+        dw1, dw3, dw2 = (torch.zeros_like(w) if len(rows) < w.shape[0] else torch.empty_like(w) for w in (w1, w3, w2))
         dx = torch.zeros_like(x)
         dgate = torch.zeros_like(gate)
         for i, r in rows:

@@ -27,8 +27,9 @@ class ExpertChoiceConfig:
 
     def validate(self, num_experts: int | None = None) -> None:
         check(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, "must be positive")
-        check(self.granularity in GRANULARITY, "granularity", self.granularity,
-              f"choose one of {', '.join(GRANULARITY)}")
+        check(
+            self.granularity in GRANULARITY, "granularity", self.granularity, f"choose one of {', '.join(GRANULARITY)}"
+        )
         check(positive_int(self.segment_len), "segment_len", self.segment_len, "must be an integer >= 1")
 
 
@@ -60,8 +61,16 @@ class ExpertChoiceMoE(MoELayer):
     shared_options = ("dispatch_impl",)
     logged_stats = {"unrouted": None}
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, config: ExpertChoiceConfig | None = None, *,
-                 dispatch_impl: str = "auto", **options):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 8,
+        config: ExpertChoiceConfig | None = None,
+        *,
+        dispatch_impl: str = "auto",
+        **options,
+    ):
         config = family_config(ExpertChoiceConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, dispatch_impl=dispatch_impl)
         self.capacity_factor, self.granularity = config.capacity_factor, config.granularity
@@ -71,8 +80,9 @@ class ExpertChoiceMoE(MoELayer):
     @property
     def capabilities(self) -> Capabilities:
         segments = self.granularity == "segment"
-        return Capabilities(causal_from=None, segment_len=self.segment_len if segments else None,
-                            incremental_decoding=False)
+        return Capabilities(
+            causal_from=None, segment_len=self.segment_len if segments else None, incremental_decoding=False
+        )
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         B, L, d = x.shape
@@ -87,9 +97,15 @@ class ExpertChoiceMoE(MoELayer):
         token_idx = (item.reshape(-1, 1) * T + torch.arange(T, device=x.device)).reshape(-1)
         selected = torch.zeros(items, dtype=torch.bool, device=x.device)
         selected[item.reshape(-1)] = True
-        return Routing(inputs=xp.reshape(-1, d), probs=scores, token_idx=token_idx,
-                       expert_idx=chosen.repeat_interleave(T), gate=gate.reshape(-1).repeat_interleave(T),
-                       chosen=chosen, extra_stats={"unrouted": 1.0 - selected.float().mean()})
+        return Routing(
+            inputs=xp.reshape(-1, d),
+            probs=scores,
+            token_idx=token_idx,
+            expert_idx=chosen.repeat_interleave(T),
+            gate=gate.reshape(-1).repeat_interleave(T),
+            chosen=chosen,
+            extra_stats={"unrouted": 1.0 - selected.float().mean()},
+        )
 
 
 class RemoteExpertChoice(RemoteMoE):
@@ -97,8 +113,10 @@ class RemoteExpertChoice(RemoteMoE):
     tokens (or segments), padding excluded."""
 
     decodes = False
-    note = ("expert_choice layers select tokens over the whole batch, future tokens included: the scores leak "
-            "future tokens and depend on the batch, and the model cannot generate token by token")
+    note = (
+        "expert_choice layers select tokens over the whole batch, future tokens included: the scores leak "
+        "future tokens and depend on the batch, and the model cannot generate token by token"
+    )
 
     def forward(self, x, ctx):
         if ctx["cache"] is not None:

@@ -42,8 +42,9 @@ class Experts(nn.Module):
         nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=std if out_std is None else out_std)
 
-    def forward(self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor,
-                impl: str = "auto") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor, impl: str = "auto"
+    ) -> torch.Tensor:
         """Dispatched tokens: x [N, d_model] -> y [N, d_model], y[n] = sum over the assignments a of
         token n of gate[a] * expert(expert_idx[a])(x[n]). See :func:`diffmoe.moe.dispatch.dispatch`."""
         return dispatch(x, self, token_idx, expert_idx, gate, impl)

@@ -39,22 +39,35 @@ class LoryConfig:
     prompt and decode as a dense model (generation)."""
 
     def validate(self, num_experts: int | None = None) -> None:
-        check(positive_int(self.segment_len), "segment_len", self.segment_len,
-              "segment length T must be an integer >= 1")
-        check(self.first_segment in FIRST_SEGMENT, "first_segment", self.first_segment,
-              f"choose one of {', '.join(FIRST_SEGMENT)}")
+        check(
+            positive_int(self.segment_len), "segment_len", self.segment_len, "segment length T must be an integer >= 1"
+        )
+        check(
+            self.first_segment in FIRST_SEGMENT,
+            "first_segment",
+            self.first_segment,
+            f"choose one of {', '.join(FIRST_SEGMENT)}",
+        )
         check_routing(self.routing)
 
     def check_training(self, context_len: int) -> list[str]:
         """Refuse what leaks the future or leaves the router without gradient in training on sequences
         of ``context_len`` positions. Returns the warnings (none)."""
-        check(self.routing != "prompt", "routing", self.routing,
-              "routes every position on the mean of the whole sequence, future tokens included; train with "
-              "segment (or prefix): prompt routing is for inference (model.inference, eval --routing, generate)")
-        check(self.segment_len < context_len, "segment_len", self.segment_len,
-              f"must be shorter than the training sequences ({context_len} positions): otherwise every position "
-              "is in segment 1, which has no predecessor to route on (uniform: the average expert, and the "
-              "router gets no gradient; own_mean: every position routed on the whole sequence)")
+        check(
+            self.routing != "prompt",
+            "routing",
+            self.routing,
+            "routes every position on the mean of the whole sequence, future tokens included; train with "
+            "segment (or prefix): prompt routing is for inference (model.inference, eval --routing, generate)",
+        )
+        check(
+            self.segment_len < context_len,
+            "segment_len",
+            self.segment_len,
+            f"must be shorter than the training sequences ({context_len} positions): otherwise every position "
+            "is in segment 1, which has no predecessor to route on (uniform: the average expert, and the "
+            "router gets no gradient; own_mean: every position routed on the whole sequence)",
+        )
         return []
 
 
@@ -123,14 +136,18 @@ class LoryMoE(MoELayer):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(causal_from=self.segment_len if self.first_segment == "own_mean" else 0,
-                            routing_modes=ROUTING, segment_len=self.segment_len)
+        return Capabilities(
+            causal_from=self.segment_len if self.first_segment == "own_mean" else 0,
+            routing_modes=ROUTING,
+            segment_len=self.segment_len,
+        )
 
     # ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         ctx = ctx or RoutingContext()
-        if self.routing != "prompt" and ((ctx.mask is not None and not bool(ctx.mask.all()))
-                                         or (ctx.state is not None and "rows" in ctx.state)):
+        if self.routing != "prompt" and (
+            (ctx.mask is not None and not bool(ctx.mask.all())) or (ctx.state is not None and "rows" in ctx.state)
+        ):
             return self._forward_rows(x, ctx)
         if ctx.state is not None:
             return self._forward_cached(x, ctx)
@@ -153,15 +170,20 @@ class LoryMoE(MoELayer):
                 if not bool(real.any()):
                     continue
                 row = RoutingContext(state=None if states is None else states[r])
-                xr = x[r:r + 1, real]
+                xr = x[r : r + 1, real]
                 out[r, real] = (super().forward(xr, row) if states is None else self._forward_cached(xr, row))[0]
         finally:
             del self.record
         per_row = [rt.extra_stats["routing_weights"][0] for rt in routings]  # [N_r, E] each
         width = max(w.shape[0] for w in per_row)
         weights = torch.stack([F.pad(w, (0, 0, width - w.shape[0], 0), value=float("nan")) for w in per_row])
-        self.record(Routing(inputs=x, probs=torch.cat([rt.probs.reshape(-1, self.num_experts) for rt in routings]),
-                            extra_stats={"routing_weights": weights}))  # weights [rows, N, E], aligned at the end
+        self.record(
+            Routing(
+                inputs=x,
+                probs=torch.cat([rt.probs.reshape(-1, self.num_experts) for rt in routings]),
+                extra_stats={"routing_weights": weights},
+            )
+        )  # weights [rows, N, E], aligned at the end
         return out
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
@@ -174,8 +196,12 @@ class LoryMoE(MoELayer):
         source = probs[:, :-1] if self.routing == "segment" else probs[:, :1].expand(B, N - 1, E)
         weights = torch.cat([self._first_weights(probs[:, 0]).unsqueeze(1), source], 1)  # [B, N, E]
         routed_from = 0 if self.first_segment == "own_mean" else 1
-        return Routing(inputs=xp.reshape(B * N, -1, d), probs=weights[:, routed_from:],
-                       segment_weights=weights.reshape(B * N, E), extra_stats={"routing_weights": weights})
+        return Routing(
+            inputs=xp.reshape(B * N, -1, d),
+            probs=weights[:, routed_from:],
+            segment_weights=weights.reshape(B * N, E),
+            extra_stats={"routing_weights": weights},
+        )
 
     def _probs(self, means: torch.Tensor) -> torch.Tensor:
         """Routing weights softmax(router(means)) in at least float32. means [..., d] -> [..., E]."""
@@ -200,8 +226,9 @@ class LoryMoE(MoELayer):
             real = mask[:, :P, None].to(prompt.dtype)  # [B, P, 1]
             mean = (prompt * real).sum(1) / real.sum(1).clamp(min=1)
         weights = self._probs(mean)  # [B, E]
-        self.record(Routing(inputs=x, probs=weights, segment_weights=weights,
-                            extra_stats={"routing_weights": weights[:, None]}))
+        self.record(
+            Routing(inputs=x, probs=weights, segment_weights=weights, extra_stats={"routing_weights": weights[:, None]})
+        )
         return self.experts.merge(weights)
 
     # ------------------------------------------------------------------------------------------
@@ -240,8 +267,13 @@ class LoryMoE(MoELayer):
                 del st["merged"]
             start = end
         weights = torch.stack(used, 1)  # [B, pieces, E]
-        self.record(Routing(inputs=x, probs=weights[:, torch.tensor(routed, device=x.device)],
-                            extra_stats={"routing_weights": weights}))
+        self.record(
+            Routing(
+                inputs=x,
+                probs=weights[:, torch.tensor(routed, device=x.device)],
+                extra_stats={"routing_weights": weights},
+            )
+        )
         return torch.cat(outs, 1)
 
 
@@ -283,7 +315,7 @@ class RemoteLory(RemoteMoE):
         weights = torch.cat([first.unsqueeze(1), source], 1).reshape(B * N, E)
         xs, out = xp.reshape(B * N, T, d), []
         for s in range(0, B * N, E):  # at most E merged experts at a time
-            out.append(remote_merged_swiglu(xs[s:s + E], self.experts.merge(weights[s:s + E])))
+            out.append(remote_merged_swiglu(xs[s : s + E], self.experts.merge(weights[s : s + E])))
         return torch.cat(out).view(B, N * T, d)[:, :L]
 
 

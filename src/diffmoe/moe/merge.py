@@ -144,12 +144,15 @@ def _merge_into(weights: torch.Tensor, experts, m13: torch.Tensor, m2: torch.Ten
 def merge_stacks(weights: torch.Tensor, w1, w3, w2, dtype) -> Merged:
     """Merged (w1, w3, w2) for rows of ``weights`` [c, E], in ``dtype``: one GEMM per stack."""
     c, E = weights.shape
-    return tuple((weights.to(w.dtype) @ w.reshape(E, -1)).view(c, *w.shape[1:]).to(dtype)  # type: ignore
-                 for w in (w1, w3, w2))
+    return tuple(
+        (weights.to(w.dtype) @ w.reshape(E, -1)).view(c, *w.shape[1:]).to(dtype)  # type: ignore
+        for w in (w1, w3, w2)
+    )
 
 
-def segment_merged_swiglu(x: torch.Tensor, weights: torch.Tensor, experts: nn.Module,
-                          chunk: int | None = None) -> torch.Tensor:
+def segment_merged_swiglu(
+    x: torch.Tensor, weights: torch.Tensor, experts: nn.Module, chunk: int | None = None
+) -> torch.Tensor:
     """x [S, T, d], weights [S, E] -> [S, T, d] through :class:`SegmentMergedSwiGLU`.
 
     chunk: segments merged at a time (default: E, so the transient merged weights never exceed the

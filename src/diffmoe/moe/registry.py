@@ -14,7 +14,6 @@ from torch import nn
 from . import dense, expert_choice, lory, remoe, sparsemixer, topk
 from .family import Family
 
-
 FAMILIES: dict[str, Family] = {}
 """kind -> Family, in registration order (the order error messages list them in)."""
 

@@ -48,8 +48,12 @@ class ReMoEConfig:
     def validate(self, num_experts: int | None = None) -> None:
         check(positive_int(self.top_k), "top_k", self.top_k, "must be a positive integer")
         if positive_int(num_experts):
-            check(self.top_k < num_experts, "top_k", self.top_k,
-                  f"must be below num_experts={num_experts} (the target sparsity 1 - k/E must be positive)")
+            check(
+                self.top_k < num_experts,
+                "top_k",
+                self.top_k,
+                f"must be below num_experts={num_experts} (the target sparsity 1 - k/E must be positive)",
+            )
         check(self.l1_coef_init > 0, "l1_coef_init", self.l1_coef_init, "must be positive")
         check(self.l1_multiplier > 1, "l1_multiplier", self.l1_multiplier, "must be above 1")
 
@@ -68,8 +72,16 @@ class ReMoE(MoELayer):
     loss_coefs = {"l1": "l1_coef"}
     logged_stats = {"sparsity": None, "active": None, "l1_coef": None}
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, config: ReMoEConfig | None = None, *,
-                 dispatch_impl: str = "auto", **options):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 8,
+        config: ReMoEConfig | None = None,
+        *,
+        dispatch_impl: str = "auto",
+        **options,
+    ):
         config = family_config(ReMoEConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, dispatch_impl=dispatch_impl)
         self.top_k, self.load_balance, self.l1_multiplier = config.top_k, config.load_balance, config.l1_multiplier
@@ -92,10 +104,20 @@ class ReMoE(MoELayer):
             counted = torch.stack([zero, zero.new_tensor(gates.numel())]).double()
             self._zero_gates = counted if self._zero_gates is None else self._zero_gates + counted
         share = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-        return Routing(inputs=xf, probs=share, token_idx=token_idx, expert_idx=expert_idx,
-                       gate=gates[token_idx, expert_idx], chosen=expert_idx, logits=logits,
-                       extra_stats={"sparsity": zero / gates.numel(), "active": (gates > 0).sum(-1).float().mean(),
-                                    "l1_coef": self.l1_coef.clone()})  # the value this forward used
+        return Routing(
+            inputs=xf,
+            probs=share,
+            token_idx=token_idx,
+            expert_idx=expert_idx,
+            gate=gates[token_idx, expert_idx],
+            chosen=expert_idx,
+            logits=logits,
+            extra_stats={
+                "sparsity": zero / gates.numel(),
+                "active": (gates > 0).sum(-1).float().mean(),
+                "l1_coef": self.l1_coef.clone(),
+            },
+        )  # the value this forward used
 
     def losses(self, routing: Routing) -> dict[str, torch.Tensor]:
         gates = routing.logits.relu()  # [T, E]

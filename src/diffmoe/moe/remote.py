@@ -34,7 +34,11 @@ class RemoteSwiGLU(RemoteFFN):
 
     def __init__(self, d, f, moe, opt):
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
+        self.w1, self.w3, self.w2 = (
+            nn.Linear(d, f, bias=False),
+            nn.Linear(d, f, bias=False),
+            nn.Linear(f, d, bias=False),
+        )
 
     def forward(self, x, ctx):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -185,8 +185,12 @@ def routing_stats(routing: Routing, num_experts: int) -> dict[str, torch.Tensor]
     if routing.chosen is not None:
         counts = torch.bincount(routing.chosen.detach(), minlength=E).float()
         load = counts / counts.sum().clamp(min=1)
-        stats = {"load": load, "mean_weight": probs.mean(0), "entropy": entropy,
-                 "experts_in_use": (load > 1 / (2 * E)).sum()}
+        stats = {
+            "load": load,
+            "mean_weight": probs.mean(0),
+            "entropy": entropy,
+            "experts_in_use": (load > 1 / (2 * E)).sum(),
+        }
     else:
         stats = {"routed_segment_weights": probs}
         if probs.numel():

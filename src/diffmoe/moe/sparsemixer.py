@@ -46,7 +46,9 @@ class SparseMixerConfig:
     def validate(self, num_experts: int | None = None) -> None:
         """Check the fields; given ``num_experts`` (the family is in use), also that there are two."""
         if positive_int(num_experts):
-            check(num_experts >= 2, "num_experts", num_experts, "SparseMixer-v2 routes to 2 experts and needs at least 2")
+            check(
+                num_experts >= 2, "num_experts", num_experts, "SparseMixer-v2 routes to 2 experts and needs at least 2"
+            )
         check(self.jitter_eps >= 0, "jitter_eps", self.jitter_eps, "must be >= 0")
         check(0 <= self.input_jitter_eps < 1, "input_jitter_eps", self.input_jitter_eps, "must be in [0, 1)")
 
@@ -132,9 +134,19 @@ class SparseMixerMoE(MoELayer):
     loss_coefs = {"balance": "balance_coef", "z": "z_loss_coef"}
     logged_stats = {"band_multi": ("slot1", "slot2")}
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 16, config: SparseMixerConfig | None = None, *,
-                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, global_balance: bool = True,
-                 dispatch_impl: str = "auto", **options):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 16,
+        config: SparseMixerConfig | None = None,
+        *,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        global_balance: bool = True,
+        dispatch_impl: str = "auto",
+        **options,
+    ):
         config = family_config(SparseMixerConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
         self.jitter_eps, self.input_jitter_eps = config.jitter_eps, config.input_jitter_eps
@@ -153,9 +165,16 @@ class SparseMixerMoE(MoELayer):
         mult, idx, band_size = sparsemixer_route(logits, self.jitter_eps, self.training)
         token_idx = torch.arange(xf.shape[0], device=x.device).repeat_interleave(2)
         expert_idx = idx.reshape(-1)
-        return Routing(inputs=xf, probs=logits.softmax(-1), token_idx=token_idx, expert_idx=expert_idx,
-                       gate=mult.reshape(-1), chosen=expert_idx, logits=logits,
-                       extra_stats={"band_multi": (band_size > 1).float().mean(0)})
+        return Routing(
+            inputs=xf,
+            probs=logits.softmax(-1),
+            token_idx=token_idx,
+            expert_idx=expert_idx,
+            gate=mult.reshape(-1),
+            chosen=expert_idx,
+            logits=logits,
+            extra_stats={"band_multi": (band_size > 1).float().mean(0)},
+        )
 
     def losses(self, routing: Routing) -> dict[str, torch.Tensor]:
         return balance_and_z(routing, self.global_balance)
@@ -180,6 +199,18 @@ class RemoteSparseMixer(RemoteMoE):
         return dispatch_top(self, x, gate, idx, ctx["valid"].reshape(-1, 1).expand_as(idx))
 
 
-FAMILY = Family("sparsemixer", SparseMixerMoE, SparseMixerConfig, remote=RemoteSparseMixer, native=Native(
-    lambda config: {"phimoe": {"num_experts_per_tok": 2, "router_jitter_noise": float(config.jitter_eps),
-                               "input_jitter_noise": 0.0}}))
+FAMILY = Family(
+    "sparsemixer",
+    SparseMixerMoE,
+    SparseMixerConfig,
+    remote=RemoteSparseMixer,
+    native=Native(
+        lambda config: {
+            "phimoe": {
+                "num_experts_per_tok": 2,
+                "router_jitter_noise": float(config.jitter_eps),
+                "input_jitter_noise": 0.0,
+            }
+        }
+    ),
+)

@@ -42,13 +42,19 @@ class TopKConfig:
     def check_training(self, context_len: int) -> list[str]:
         """Refuse a top-1 router that cannot learn; warn that an evaluation capacity makes held-out
         scores depend on the batch. Returns the warnings."""
-        check(not (self.top_k == 1 and self.renormalize), "renormalize", self.renormalize,
-              "with top_k=1 the renormalised gate is always 1, so the router would learn only from the balance "
-              "loss; set renormalize: false (Switch) or top_k >= 2")
+        check(
+            not (self.top_k == 1 and self.renormalize),
+            "renormalize",
+            self.renormalize,
+            "with top_k=1 the renormalised gate is always 1, so the router would learn only from the balance "
+            "loss; set renormalize: false (Switch) or top_k >= 2",
+        )
         if self.eval_capacity_factor is None:
             return []
-        return [f"eval_capacity_factor={self.eval_capacity_factor}: evaluation drops tokens by the rest of its "
-                "batch, later tokens included, so held-out scores are not a causal likelihood (null: dropless)"]
+        return [
+            f"eval_capacity_factor={self.eval_capacity_factor}: evaluation drops tokens by the rest of its "
+            "batch, later tokens included, so held-out scores are not a causal likelihood (null: dropless)"
+        ]
 
 
 def capacity_keep_mask(expert_idx: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -85,9 +91,19 @@ class TopKMoE(MoELayer):
     loss_coefs = {"balance": "balance_coef", "z": "z_loss_coef"}
     logged_stats = {"dropped": None}
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int = 8, config: TopKConfig | None = None, *,
-                 balance_coef: float = 0.01, z_loss_coef: float = 0.0, global_balance: bool = True,
-                 dispatch_impl: str = "auto", **options):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int = 8,
+        config: TopKConfig | None = None,
+        *,
+        balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        global_balance: bool = True,
+        dispatch_impl: str = "auto",
+        **options,
+    ):
         config = family_config(TopKConfig, config, options, num_experts)
         super().__init__(d_model, d_ff, num_experts, balance_coef, z_loss_coef, global_balance, dispatch_impl)
         self.top_k, self.renormalize = config.top_k, config.renormalize
@@ -102,9 +118,12 @@ class TopKMoE(MoELayer):
     @property
     def capabilities(self) -> Capabilities:
         # a capacity makes a token's slots depend on the batch; decoding runs in eval mode
-        return Capabilities(causal_from=0 if self.capacity_in_force is None else None,
-                            global_counts=self.global_balance,
-                            incremental_decoding=self.eval_capacity_factor is None, dense_gradients=False)
+        return Capabilities(
+            causal_from=0 if self.capacity_in_force is None else None,
+            global_counts=self.global_balance,
+            incremental_decoding=self.eval_capacity_factor is None,
+            dense_gradients=False,
+        )
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         xf = x.reshape(-1, x.shape[-1])  # [N, d]
@@ -123,8 +142,16 @@ class TopKMoE(MoELayer):
             keep = capacity_keep_mask(idx, self.num_experts, capacity).reshape(-1)
             token_idx, expert_idx, flat_gate = token_idx[keep], chosen[keep], flat_gate[keep]
             extra["dropped"] = 1.0 - keep.float().mean()
-        return Routing(inputs=xf, probs=probs, token_idx=token_idx, expert_idx=expert_idx, gate=flat_gate,
-                       chosen=chosen, logits=logits, extra_stats=extra)
+        return Routing(
+            inputs=xf,
+            probs=probs,
+            token_idx=token_idx,
+            expert_idx=expert_idx,
+            gate=flat_gate,
+            chosen=chosen,
+            logits=logits,
+            extra_stats=extra,
+        )
 
     def losses(self, routing: Routing) -> dict[str, torch.Tensor]:
         return balance_and_z(routing, self.global_balance)
@@ -156,14 +183,30 @@ class RemoteTopK(RemoteMoE):
 
 def _native(config: TopKConfig) -> dict[str, dict] | str:
     if config.eval_capacity_factor is not None:
-        return (f"moe.topk.eval_capacity_factor={config.eval_capacity_factor} drops tokens, but the native "
-                "transformers MoE classes are dropless")
+        return (
+            f"moe.topk.eval_capacity_factor={config.eval_capacity_factor} drops tokens, but the native "
+            "transformers MoE classes are dropless"
+        )
     qwen = {"num_experts_per_tok": config.top_k, "norm_topk_prob": bool(config.renormalize)}
-    return {"mixtral": {"num_experts_per_tok": config.top_k}, "qwen2_moe": qwen} if config.renormalize else {"qwen2_moe": qwen}
+    return (
+        {"mixtral": {"num_experts_per_tok": config.top_k}, "qwen2_moe": qwen}
+        if config.renormalize
+        else {"qwen2_moe": qwen}
+    )
 
 
-FAMILY = Family("topk", TopKMoE, TopKConfig, remote=RemoteTopK, native=Native(_native, imports={
-    "mixtral": lambda c: TopKConfig(top_k=c.get("num_experts_per_tok", 2), renormalize=True),
-    "qwen2_moe": lambda c: TopKConfig(top_k=c.get("num_experts_per_tok", 2),
-                                      renormalize=bool(c.get("norm_topk_prob", False))),
-}))
+FAMILY = Family(
+    "topk",
+    TopKMoE,
+    TopKConfig,
+    remote=RemoteTopK,
+    native=Native(
+        _native,
+        imports={
+            "mixtral": lambda c: TopKConfig(top_k=c.get("num_experts_per_tok", 2), renormalize=True),
+            "qwen2_moe": lambda c: TopKConfig(
+                top_k=c.get("num_experts_per_tok", 2), renormalize=bool(c.get("norm_topk_prob", False))
+            ),
+        },
+    ),
+)

@@ -8,19 +8,34 @@ from .plan import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, DEFAULT_RESERVE_GIB
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plan", help="per-GPU memory and communication of each parallel layout for a config, "
-                                    "and the one to use (no GPU needed; docs/scaling.md)")
+    p = subparsers.add_parser(
+        "plan",
+        help="per-GPU memory and communication of each parallel layout for a config, "
+        "and the one to use (no GPU needed; docs/scaling.md)",
+    )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB (e.g. 80)")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--intra-bw", type=float, default=DEFAULT_INTRA_GBPS, help="GB/s per GPU inside a node "
-                   f"(default {DEFAULT_INTRA_GBPS:g})")
-    p.add_argument("--inter-bw", type=float, default=DEFAULT_INTER_GBPS, help="GB/s per GPU across nodes "
-                   f"(default {DEFAULT_INTER_GBPS:g})")
-    p.add_argument("--reserve", type=float, default=DEFAULT_RESERVE_GIB, help="GiB per GPU kept for the CUDA "
-                   f"context, NCCL and fragmentation (default {DEFAULT_RESERVE_GIB:g})")
+    p.add_argument(
+        "--intra-bw",
+        type=float,
+        default=DEFAULT_INTRA_GBPS,
+        help=f"GB/s per GPU inside a node (default {DEFAULT_INTRA_GBPS:g})",
+    )
+    p.add_argument(
+        "--inter-bw",
+        type=float,
+        default=DEFAULT_INTER_GBPS,
+        help=f"GB/s per GPU across nodes (default {DEFAULT_INTER_GBPS:g})",
+    )
+    p.add_argument(
+        "--reserve",
+        type=float,
+        default=DEFAULT_RESERVE_GIB,
+        help=f"GiB per GPU kept for the CUDA context, NCCL and fragmentation (default {DEFAULT_RESERVE_GIB:g})",
+    )
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the dataset's, else model.max_seq_len)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     p.set_defaults(func=_plan)

@@ -56,8 +56,19 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "gather", "scatter",
-         "send", "recv", "barrier")
+KINDS = (
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "barrier",
+)
 
 
 @dataclass
@@ -278,7 +289,12 @@ class CommCounter(TorchDispatchMode):
 
     def as_dict(self) -> dict:
         """Plain dicts for JSON: ``{"counts", "by_group", "total_bytes", "total_calls"}``."""
-        return {"counts": {k: dict(v) for k, v in self.counts.items()},
-                "by_group": {name: {"size": g["size"], "kinds": {k: dict(v) for k, v in g["kinds"].items()}}
-                             for name, g in self.by_group.items()},
-                "total_bytes": self.total_bytes, "total_calls": self.total_calls}
+        return {
+            "counts": {k: dict(v) for k, v in self.counts.items()},
+            "by_group": {
+                name: {"size": g["size"], "kinds": {k: dict(v) for k, v in g["kinds"].items()}}
+                for name, g in self.by_group.items()
+            },
+            "total_bytes": self.total_bytes,
+            "total_calls": self.total_calls,
+        }

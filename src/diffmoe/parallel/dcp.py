@@ -23,8 +23,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -57,8 +62,11 @@ def save(state: dict[str, torch.Tensor], directory: str | Path) -> None:
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
     with warnings.catch_warnings():  # DCP's notice that a single process saves without a group
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
-                 no_dist=not _distributed())
+        dcp.save(
+            tensors,
+            storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+            no_dist=not _distributed(),
+        )
 
 
 def load(state: dict[str, torch.Tensor], directory: str | Path) -> None:

@@ -41,8 +41,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError(f"--device {device}: under torchrun give --device cuda; each rank uses the GPU of its "
-                              "LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES)")
+            raise ConfigError(
+                f"--device {device}: under torchrun give --device cuda; each rank uses the GPU of its "
+                "LOCAL_RANK (choose GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -87,6 +89,6 @@ def teardown(env: DistEnv, ok: bool = True) -> None:
 
 def add_device_arg(parser) -> None:
     """The ``--device`` option of the commands that run a model."""
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun each "
-                                         "rank's LOCAL_RANK)")
-
+    parser.add_argument(
+        "--device", help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun each rank's LOCAL_RANK)"
+    )

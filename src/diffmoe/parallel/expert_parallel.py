@@ -95,8 +95,9 @@ class ExpertParallelExperts(Experts):
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_mesh.size()
 
-    def forward(self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor,
-                impl: str = "auto") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_idx: torch.Tensor, expert_idx: torch.Tensor, gate: torch.Tensor, impl: str = "auto"
+    ) -> torch.Tensor:
         """Dispatched tokens over all E experts, as :meth:`Experts.forward`: x [N, d] -> y [N, d],
         y[n] = sum over the assignments a of token n of gate[a] * expert(expert_idx[a])(x[n])."""
         device, dtype = x.device.type, compute_dtype(x)
@@ -140,8 +141,10 @@ class ExpertParallelExperts(Experts):
         w = getattr(self, name)
         if not (isinstance(w, DTensor) and w.device_mesh == self.ep_mesh and tuple(w.placements) == (Shard(0),)):
             where = (w.device_mesh, w.placements) if isinstance(w, DTensor) else type(w).__name__
-            raise RuntimeError(f"ExpertParallelExperts.{name} must be Shard(0) on the ep mesh in forward, "
-                               f"got {where} (an FSDP-sharded parameter read outside its forward?)")
+            raise RuntimeError(
+                f"ExpertParallelExperts.{name} must be Shard(0) on the ep mesh in forward, "
+                f"got {where} (an FSDP-sharded parameter read outside its forward?)"
+            )
         return w.to_local()
 
     def forward_merged(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,8 @@ def _needs_every_expert(method: str) -> ShardingError:
     return ShardingError(
         f"ExpertParallelExperts.{method}: each rank holds only E/ep experts, and this needs all of them; "
         "expert parallelism serves layers that dispatch tokens only; layers that merge experts shard d_ff "
-        "instead (etp)")
+        "instead (etp)"
+    )
 
 
 def expert_parallel(experts: Experts, ep_mesh: DeviceMesh) -> ExpertParallelExperts:

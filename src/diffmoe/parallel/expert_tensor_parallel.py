@@ -101,8 +101,10 @@ class ShardedFFNExperts(Experts):
             _assign(p, getattr(dense, name).weight.expand(p.shape))
 
     def expert_forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        raise ShardingError("ShardedFFNExperts.expert_forward: each rank holds a d_ff slice of expert "
-                                  f"{i}; run the unsharded Experts as the reference")
+        raise ShardingError(
+            "ShardedFFNExperts.expert_forward: each rank holds a d_ff slice of expert "
+            f"{i}; run the unsharded Experts as the reference"
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, etp={self.etp_mesh.size()}"
@@ -110,7 +112,8 @@ class ShardedFFNExperts(Experts):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         raise ShardingError(
             "ShardedFFNExperts (etp) shards every expert's d_ff and only runs merged experts "
-            "(forward_merged and merge); layers that dispatch tokens use expert parallelism (ep) instead")
+            "(forward_merged and merge); layers that dispatch tokens use expert parallelism (ep) instead"
+        )
 
     def forward_merged(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [S, T, d], weights [S, E] -> [S, T, d]; every rank of the etp group has the same S and T.
@@ -150,16 +153,23 @@ class ShardedFFNExperts(Experts):
         w = getattr(self, name)
         if not (isinstance(w, DTensor) and w.device_mesh == self.etp_mesh and tuple(w.placements) == (Shard(dim),)):
             where = (w.device_mesh, w.placements) if isinstance(w, DTensor) else type(w).__name__
-            raise RuntimeError(f"ShardedFFNExperts.{name} must be Shard({dim}) on the etp mesh in forward, got "
-                               f"{where} (an FSDP-sharded parameter read outside a registered forward method?)")
+            raise RuntimeError(
+                f"ShardedFFNExperts.{name} must be Shard({dim}) on the etp mesh in forward, got "
+                f"{where} (an FSDP-sharded parameter read outside a registered forward method?)"
+            )
         return w.to_local()
 
     def _rows_of_this_rank(self, merged: torch.Tensor, dim: int) -> torch.Tensor:
         """merged [t*S, ...] holding this rank's d_ff slice on ``dim`` -> [S, ...] complete on ``dim``."""
         shape = list(merged.shape)
         shape[dim] = self.d_ff
-        full = DTensor.from_local(merged, self.etp_mesh, [Shard(dim)], shape=torch.Size(shape),
-                                  stride=torch.empty(shape, device="meta").stride())
+        full = DTensor.from_local(
+            merged,
+            self.etp_mesh,
+            [Shard(dim)],
+            shape=torch.Size(shape),
+            stride=torch.empty(shape, device="meta").stride(),
+        )
         return full.redistribute(self.etp_mesh, [Shard(0)]).to_local()
 
 

@@ -40,13 +40,16 @@ class Layout:
         if pc.mode == "ddp":
             return cls(world, "ddp", dp_replicate=world)
         if world % pc.dp_replicate:
-            raise ConfigError.invalid("train.parallel.dp_replicate", pc.dp_replicate,
-                                      f"must divide the world size {world}")
+            raise ConfigError.invalid(
+                "train.parallel.dp_replicate", pc.dp_replicate, f"must divide the world size {world}"
+            )
         shard = world // pc.dp_replicate if pc.dp_shard == -1 else pc.dp_shard
         if pc.dp_replicate * shard != world:
-            raise ConfigError.invalid("train.parallel.dp_shard", pc.dp_shard,
-                                      f"dp_replicate x dp_shard = {pc.dp_replicate * shard} must equal the world "
-                                      f"size {world}")
+            raise ConfigError.invalid(
+                "train.parallel.dp_shard",
+                pc.dp_shard,
+                f"dp_replicate x dp_shard = {pc.dp_replicate * shard} must equal the world size {world}",
+            )
         for name in ("ep", "etp"):
             size = getattr(pc, name)
             if shard % size:
@@ -103,8 +106,11 @@ class Meshes:
 def build_meshes(layout: Layout, device_type: str) -> Meshes:
     """One world mesh (dp_replicate, efsdp, ep|etp) and its dense/expert views."""
     x = layout.expert_dim
-    world = init_device_mesh(device_type, (layout.dp_replicate, layout.efsdp, layout.expert_size),
-                             mesh_dim_names=("dp_replicate", "efsdp", x))
+    world = init_device_mesh(
+        device_type,
+        (layout.dp_replicate, layout.efsdp, layout.expert_size),
+        mesh_dim_names=("dp_replicate", "efsdp", x),
+    )
     shard = world["efsdp", x]._flatten("dp_shard")
     dense = world["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else shard
     return Meshes(world, dense, layout)

@@ -34,8 +34,17 @@ def _seeds(results: Results, arm: str) -> list[dict]:
 
 
 def curves(results: Results, arms: list[str], path: Path, title: str) -> Path | None:
-    return _over_training(results, arms, "curve", lambda p: p["tokens"] / 1e6, lambda p: p["all"], path, title,
-                          "training tokens (M)", "held-out loss, nats")
+    return _over_training(
+        results,
+        arms,
+        "curve",
+        lambda p: p["tokens"] / 1e6,
+        lambda p: p["all"],
+        path,
+        title,
+        "training tokens (M)",
+        "held-out loss, nats",
+    )
 
 
 def domains(results: Results, arms: list[str], path: Path, title: str) -> Path | None:
@@ -43,14 +52,20 @@ def domains(results: Results, arms: list[str], path: Path, title: str) -> Path |
     present = [a for a in arms if results.get(a)]
     if not present:
         return None
-    names = [k[len("loss."):] for k in _seeds(results, present[0])[0]["metrics"] if k.startswith("loss.")]
+    names = [k[len("loss.") :] for k in _seeds(results, present[0])[0]["metrics"] if k.startswith("loss.")]
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     width = 0.8 / len(present)
     for i, arm in enumerate(present):
         ppl = np.array([[math.exp(r["metrics"][f"loss.{d}"]) for d in names] for r in _seeds(results, arm)])
         sd = ppl.std(0, ddof=1) if len(ppl) > 1 else np.zeros(len(names))
-        ax.bar(np.arange(len(names)) + (i - (len(present) - 1) / 2) * width, ppl.mean(0), width, yerr=sd,
-               capsize=2, label=f"{arm} ({len(ppl)})")
+        ax.bar(
+            np.arange(len(names)) + (i - (len(present) - 1) / 2) * width,
+            ppl.mean(0),
+            width,
+            yerr=sd,
+            capsize=2,
+            label=f"{arm} ({len(ppl)})",
+        )
     ax.set_xticks(range(len(names)), names, fontsize=8)
     return _save(fig, ax, path, title, None, "held-out perplexity", True, plt)
 
@@ -65,13 +80,22 @@ def routing(results: Results, arm: str, path: Path, title: str) -> Path | None:
 
 
 def usage(results: Results, arms: list[str], path: Path, title: str) -> Path | None:
-    return _over_training(results, arms, "usage_curve", lambda p: p["step"],
-                          lambda p: np.mean([v for k, v in p.items() if k != "step"]), path, title, "step",
-                          "experts in use (mean over layers)")
+    return _over_training(
+        results,
+        arms,
+        "usage_curve",
+        lambda p: p["step"],
+        lambda p: np.mean([v for k, v in p.items() if k != "step"]),
+        path,
+        title,
+        "step",
+        "experts in use (mean over layers)",
+    )
 
 
-def _over_training(results: Results, arms: list[str], series: str, x, y, path: Path, title: str, xlabel: str,
-                   ylabel: str) -> Path | None:
+def _over_training(
+    results: Results, arms: list[str], series: str, x, y, path: Path, title: str, xlabel: str, ylabel: str
+) -> Path | None:
     """One line per arm: y(point) against x(point) over the points of each run's ``series``, the mean
     over seeds in a band from the lowest to the highest seed."""
     plt = _plt()
@@ -83,11 +107,13 @@ def _over_training(results: Results, arms: list[str], series: str, x, y, path: P
             continue
         n = min(len(c) for c in runs)
         values = np.array([[y(p) for p in c[:n]] for c in runs])
-        line, = ax.plot([x(p) for p in runs[0][:n]], values.mean(0), marker="o", ms=2.5, lw=1.2,
-                        label=f"{arm} ({len(runs)})")
+        (line,) = ax.plot(
+            [x(p) for p in runs[0][:n]], values.mean(0), marker="o", ms=2.5, lw=1.2, label=f"{arm} ({len(runs)})"
+        )
         if len(runs) > 1:
-            ax.fill_between([x(p) for p in runs[0][:n]], values.min(0), values.max(0), color=line.get_color(),
-                            alpha=0.2, lw=0)
+            ax.fill_between(
+                [x(p) for p in runs[0][:n]], values.min(0), values.max(0), color=line.get_color(), alpha=0.2, lw=0
+            )
         drawn = True
     return _save(fig, ax, path, title, xlabel, ylabel, drawn, plt)
 

@@ -60,11 +60,15 @@ def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None
     from ..data.config import OrderingConfig
     from ..data.store import read_manifest
 
-    source = str(Path(corpus).resolve()) if corpus is not None else f"built-in, {suite.corpus_mb or 'all'} MB per domain"
+    source = (
+        str(Path(corpus).resolve()) if corpus is not None else f"built-in, {suite.corpus_mb or 'all'} MB per domain"
+    )
     recorded = work / "corpus.txt"
     if recorded.is_file() and recorded.read_text(encoding="utf-8") != source:
-        raise ConfigError(f"work directory {work} holds data of another corpus ({recorded.read_text(encoding='utf-8')}); "
-                          f"use another --work for {source}")
+        raise ConfigError(
+            f"work directory {work} holds data of another corpus ({recorded.read_text(encoding='utf-8')}); "
+            f"use another --work for {source}"
+        )
     if corpus is None:
         corpus = work / "corpus"
         if not (corpus / "corpus.json").is_file():
@@ -87,10 +91,15 @@ def _ensure_data(work: Path, suite: Suite, names: list[str], corpus: Path | None
         recipe = dict(suite.datasets[name])
         ordering = OrderingConfig(**{k: recipe.pop(k) for k in ("batching", "embedding") if k in recipe})
         vocab = recipe.pop("vocab_size")
-        tokenizer = TokenizerConfig(vocab_size=vocab) if name == order[0] else \
-            TokenizerConfig(source=str(dataset_dir(work, order[0])))
-        say(f"preparing dataset {name}: {ordering.batching} batching"
-            + (f" ({ordering.embedding})" if ordering.batching == "similarity" else ""))
+        tokenizer = (
+            TokenizerConfig(vocab_size=vocab)
+            if name == order[0]
+            else TokenizerConfig(source=str(dataset_dir(work, order[0])))
+        )
+        say(
+            f"preparing dataset {name}: {ordering.batching} batching"
+            + (f" ({ordering.embedding})" if ordering.batching == "similarity" else "")
+        )
         prepare(corpus, out, PrepareConfig(tokenizer=tokenizer, ordering=ordering, **recipe), overwrite=True)
         _check_same_heldout(dataset_dir(work, order[0]), out)
         write_text_atomic(recipe_file, wanted)
@@ -102,8 +111,10 @@ def _check_same_heldout(reference: Path, other: Path) -> None:
     a, b = PackedDataset(reference, "heldout"), PackedDataset(other, "heldout")
     same = len(a) == len(b) and all(np.array_equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(len(a)))
     if not same:
-        raise ConfigError(f"datasets {reference.name} and {other.name} have different held-out rows, so their "
-                          "runs cannot be compared; prepare them from the same corpus with the same seed")
+        raise ConfigError(
+            f"datasets {reference.name} and {other.name} have different held-out rows, so their "
+            "runs cannot be compared; prepare them from the same corpus with the same seed"
+        )
 
 
 MEASURE_VERSION = 3
@@ -140,8 +151,9 @@ def run_arm(work: Path, suite: Suite, arm: Arm, seed: int, verbose: bool = True)
             result = _train_and_measure(work, out, suite, arm, seed, verbose)
         except Exception as err:  # one broken run must not stop the others; the report shows it
             say(f"{arm.name} seed {seed} failed: {type(err).__name__}: {err}")
-            write_text_atomic(failed, json.dumps({"arm": arm.name, "seed": seed,
-                                                  "error": f"{type(err).__name__}: {err}"}))
+            write_text_atomic(
+                failed, json.dumps({"arm": arm.name, "seed": seed, "error": f"{type(err).__name__}: {err}"})
+            )
             return None
         failed.unlink(missing_ok=True)
         return result
@@ -236,13 +248,27 @@ def measure(out: Path, suite: Suite, summary: dict) -> dict:
         metrics["seconds_per_step"] = tokens_per_step / float(np.median(speeds))
     tokens = [0] + [r["tokens"] for r in train]
     metrics["train_minutes"] = sum((b - a) / r["tokens_per_s"] for a, b, r in zip(tokens, tokens[1:], train)) / 60
-    return {"metrics": metrics, "steps": steps, "tokens": steps * tokens_per_step,
-            "parameters": summary["parameters"], "skipped_steps": summary["skipped_steps"],
-            "curve": [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
-                       **{k[:-5]: v for k, v in r.items() if k.endswith(".loss")}} for r in curve],
-            "usage_curve": [{"step": r["step"], **{k: v for k, v in r.items() if k.endswith("experts_in_use")}}
-                            for r in records if r.get("kind") == "routing"],
-            "routing": routing}
+    return {
+        "metrics": metrics,
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "parameters": summary["parameters"],
+        "skipped_steps": summary["skipped_steps"],
+        "curve": [
+            {
+                "step": r["step"],
+                "tokens": r["step"] * tokens_per_step,
+                **{k[:-5]: v for k, v in r.items() if k.endswith(".loss")},
+            }
+            for r in curve
+        ],
+        "usage_curve": [
+            {"step": r["step"], **{k: v for k, v in r.items() if k.endswith("experts_in_use")}}
+            for r in records
+            if r.get("kind") == "routing"
+        ],
+        "routing": routing,
+    }
 
 
 def routing_summary(routing: dict) -> dict[str, float]:
@@ -256,7 +282,7 @@ def routing_summary(routing: dict) -> dict[str, float]:
         out[f"spec.{name}"] = float(0.5 * np.abs(w - w.mean(0)).sum(1).mean())
         if "usage" in entry:
             usage.append(float(np.asarray(entry["usage"]).sum(1).mean()))
-    layers = sorted((int(k[len("spec.layer"):]), v) for k, v in out.items())
+    layers = sorted((int(k[len("spec.layer") :]), v) for k, v in out.items())
     if len(layers) > 1:
         out["spec.upper_minus_first"] = float(np.mean([v for _, v in layers[1:]]) - layers[0][1])
     if usage:

@@ -25,8 +25,10 @@ from ..schema import ConfigError
 
 EXPECT = ("negative", "positive", "comparable", "open")
 PLOTS = ("curves", "domains", "routing", "usage")
-METRIC = re.compile(r"^((loss|after_T|first_T|after_half|prompt|prompt_half|at\d+)\.\w+|spec\.(layer\d+|upper_minus_first)"
-                    r"|experts_per_segment|seconds_per_step|train_minutes)$")
+METRIC = re.compile(
+    r"^((loss|after_T|first_T|after_half|prompt|prompt_half|at\d+)\.\w+|spec\.(layer\d+|upper_minus_first)"
+    r"|experts_per_segment|seconds_per_step|train_minutes)$"
+)
 """The metrics a run records (:func:`diffmoe.repro.runner.measure`)."""
 
 
@@ -124,8 +126,10 @@ class Experiments:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if not (self.root / "groups").is_dir():
-            raise ConfigError(f"{self.root}: not an experiments directory (no groups/ inside); run from the "
-                              "repository root or pass --experiments")
+            raise ConfigError(
+                f"{self.root}: not an experiments directory (no groups/ inside); run from the "
+                "repository root or pass --experiments"
+            )
 
     def suite(self, name: str) -> Suite:
         path = self.root / "suites" / f"{name}.yaml"
@@ -180,23 +184,29 @@ def _comparison(path: Path, index: int, data: Any, arms: list[str]) -> Compariso
         raise ConfigError(f"{where} must be a mapping")
     _fields(Path(where), data, ("name", "terms", "expect"), ("margin", "key"))
     if not isinstance(data["terms"], list) or not data["terms"]:
-        raise ConfigError(f"{where}: terms must be a non-empty list of \"[-]ARM:METRIC\" strings")
+        raise ConfigError(f'{where}: terms must be a non-empty list of "[-]ARM:METRIC" strings')
     terms = []
     for raw in data["terms"]:
         if not isinstance(raw, str):
-            raise ConfigError(f"{where}: term {raw!r} must be a string \"[-]ARM:METRIC\" (quote it in YAML)")
+            raise ConfigError(f'{where}: term {raw!r} must be a string "[-]ARM:METRIC" (quote it in YAML)')
         sign, text = (-1, raw[1:]) if raw.startswith("-") else (1, raw.lstrip("+"))
         arm, sep, metric = text.partition(":")
         if not sep or arm not in arms:
-            raise ConfigError(f"{where}: term {raw!r} must be [-]ARM:METRIC with ARM one of the group's arms "
-                              f"({', '.join(arms)})")
+            raise ConfigError(
+                f"{where}: term {raw!r} must be [-]ARM:METRIC with ARM one of the group's arms ({', '.join(arms)})"
+            )
         if not METRIC.match(metric):
             raise ConfigError(f"{where}: term {raw!r}: unknown metric {metric!r}; see diffmoe.repro.runner.measure")
         terms.append(Term(sign, arm, metric))
     if data["expect"] not in EXPECT:
         raise ConfigError(f"{where}: expect={data['expect']!r}: choose one of {', '.join(EXPECT)}")
-    return Comparison(name=data["name"], terms=terms, expect=data["expect"], margin=float(data.get("margin", 0.0)),
-                      key=bool(data.get("key", True)))
+    return Comparison(
+        name=data["name"],
+        terms=terms,
+        expect=data["expect"],
+        margin=float(data.get("margin", 0.0)),
+        key=bool(data.get("key", True)),
+    )
 
 
 def check_group(suite: Suite, group: Group, arms: dict[str, Arm]) -> None:
@@ -207,8 +217,9 @@ def check_group(suite: Suite, group: Group, arms: dict[str, Arm]) -> None:
     for name in group.arms:
         arm = arms[name]
         if arm.dataset not in suite.datasets:
-            raise ConfigError(f"arm {name}: dataset {arm.dataset!r} is not one of suite {suite.name}'s "
-                              f"({', '.join(suite.datasets)})")
+            raise ConfigError(
+                f"arm {name}: dataset {arm.dataset!r} is not one of suite {suite.name}'s ({', '.join(suite.datasets)})"
+            )
         run_config(suite, arm, 0, "data")
     for c in group.comparisons:
         for t in c.terms:
@@ -218,8 +229,10 @@ def check_group(suite: Suite, group: Group, arms: dict[str, Arm]) -> None:
                 steps, every = cfg.train.steps, cfg.train.eval_every
                 evaluated = {round(100 * k / steps) for k in range(every, steps + 1, every)} | {100}
                 if int(pct[1]) not in evaluated:
-                    raise ConfigError(f"group {group.name}: {t.arm}:{t.metric}: arm {t.arm} in suite {suite.name} "
-                                      f"evaluates at {', '.join(f'{p} %' for p in sorted(evaluated))} of its steps")
+                    raise ConfigError(
+                        f"group {group.name}: {t.arm}:{t.metric}: arm {t.arm} in suite {suite.name} "
+                        f"evaluates at {', '.join(f'{p} %' for p in sorted(evaluated))} of its steps"
+                    )
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -115,9 +115,11 @@ class BadSteps(Callback):
         limit = trainer.cfg.train.max_bad_steps
         if state.bad_in_a_row >= limit:
             trainer.checkpointer.save(step, trainer.model, trainer.optimizer, state.to_dict())
-            raise TrainingError(f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                                f"stopped. The last usable weights are in {trainer.checkpointer.latest()}. Lower "
-                                "train.lr or enable train.grad_clip.")
+            raise TrainingError(
+                f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
+                f"stopped. The last usable weights are in {trainer.checkpointer.latest()}. Lower "
+                "train.lr or enable train.grad_clip."
+            )
 
 
 class TrainLog(Callback):
@@ -138,13 +140,22 @@ class TrainLog(Callback):
         now = time.perf_counter()
         elapsed = now - self._t
         flops = flops_per_token(trainer.model, trainer.train_set.context_len) * self._tokens / elapsed
-        record = {"kind": "train", "step": done, "loss": result.loss, "aux_loss": result.aux_loss,
-                  **{f"aux_{name}_unscaled": float(value) for name, value in result.aux_unscaled.items()},
-                  "lr": trainer.lr, "grad_norm": result.grad_norm, "tokens": trainer.state.tokens,
-                  "tokens_per_s": self._tokens / elapsed, "flops_per_s": flops,
-                  **({"mfu": flops / self._peak} if self._peak else {}),
-                  "data_wait_s": self._wait, "skipped_steps": trainer.state.skipped_steps,
-                  **peak_memory_gb(trainer.env.device)}
+        record = {
+            "kind": "train",
+            "step": done,
+            "loss": result.loss,
+            "aux_loss": result.aux_loss,
+            **{f"aux_{name}_unscaled": float(value) for name, value in result.aux_unscaled.items()},
+            "lr": trainer.lr,
+            "grad_norm": result.grad_norm,
+            "tokens": trainer.state.tokens,
+            "tokens_per_s": self._tokens / elapsed,
+            "flops_per_s": flops,
+            **({"mfu": flops / self._peak} if self._peak else {}),
+            "data_wait_s": self._wait,
+            "skipped_steps": trainer.state.skipped_steps,
+            **peak_memory_gb(trainer.env.device),
+        }
         self._t, self._tokens, self._wait = now, 0, 0.0
         trainer.log(record)
         trainer.last_train_record = record
@@ -174,8 +185,14 @@ class EvalLog(Callback):
     """An ``eval`` record of each evaluation: loss and perplexity per dataset and domain."""
 
     def on_eval(self, trainer: "Trainer", done: int, result: dict) -> None:
-        trainer.log({"kind": "eval", "step": done, **{f"{d}.loss": v["loss"] for d, v in result.items()},
-                     **{f"{d}.ppl": v["ppl"] for d, v in result.items()}})
+        trainer.log(
+            {
+                "kind": "eval",
+                "step": done,
+                **{f"{d}.loss": v["loss"] for d, v in result.items()},
+                **{f"{d}.ppl": v["ppl"] for d, v in result.items()},
+            }
+        )
 
 
 class Checkpoint(Callback):
@@ -206,5 +223,14 @@ class Progress(Callback):
 def default_callbacks() -> list[Callback]:
     """What ``diffmoe train`` runs, in this order: the dense warm-up, the MoE per-step updates, the bad-step
     guard, train and routing records, evaluation and its record, checkpoints, the progress bar."""
-    return [DenseWarmup(), MoEPostStep(), BadSteps(), TrainLog(), RoutingLog(), Evaluate(), EvalLog(),
-            Checkpoint(), Progress()]
+    return [
+        DenseWarmup(),
+        MoEPostStep(),
+        BadSteps(),
+        TrainLog(),
+        RoutingLog(),
+        Evaluate(),
+        EvalLog(),
+        Checkpoint(),
+        Progress(),
+    ]

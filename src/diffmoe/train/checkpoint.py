@@ -50,8 +50,16 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, keep: int, rank: int = 0, world: int = 1) -> Path:
+def save_checkpoint(
+    run_dir,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    keep: int,
+    rank: int = 0,
+    world: int = 1,
+) -> Path:
     """Write the checkpoint of ``step`` durably and prune to the newest ``keep``; every rank of the
     run calls this (rank 0 arranges the directories). Returns its path."""
     final = checkpoint_dir(run_dir, step)
@@ -80,7 +88,7 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch
         fsync_dir(final.parent.parent)  # the run directory, which may have just got checkpoints/
         shutil.rmtree(old, ignore_errors=True)
         others = [p for p in list_checkpoints(run_dir) if p != final]  # never the one just written
-        for stale in others[:max(0, len(others) - (keep - 1))]:
+        for stale in others[: max(0, len(others) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
@@ -89,14 +97,20 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, optimizer: torch
 def _tensor_files(directory: Path) -> list[str]:
     """The tensor files of a checkpoint directory, relative to it, in name order (the ranks flush and
     hash every ``world``-th one, whatever the writer named them)."""
-    return sorted(p.relative_to(directory).as_posix() for sub in ("model", "optimizer") if (directory / sub).is_dir()
-                  for p in (directory / sub).iterdir() if p.is_file())
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for sub in ("model", "optimizer")
+        if (directory / sub).is_dir()
+        for p in (directory / sub).iterdir()
+        if p.is_file()
+    )
 
 
 def _flush_and_describe(names: list[str], root: Path) -> dict[str, dict]:
     """{name: {bytes, sha256}} of the files ``root/name``, each flushed to disk."""
-    return {name: {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name, flush=True)}
-            for name in names}
+    return {
+        name: {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name, flush=True)} for name in names
+    }
 
 
 def _all_gather(obj) -> list:
@@ -170,8 +184,9 @@ def _read_trainer_state(path: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"damaged checkpoint file {where}: {err}") from None
     if meta.get("format_version") not in READS:
-        raise CheckpointError(f"{where}: format_version {meta.get('format_version')!r}, "
-                              f"this diffmoe reads {', '.join(map(str, READS))}")
+        raise CheckpointError(
+            f"{where}: format_version {meta.get('format_version')!r}, this diffmoe reads {', '.join(map(str, READS))}"
+        )
     for key in _COUNTERS:  # step always; the trainer's counters where written (0 otherwise)
         value = meta.get(key, None if key == "step" else 0)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -187,16 +202,18 @@ def _read_trainer_state(path: Path) -> dict:
         if not f.is_file():
             raise CheckpointError(f"incomplete checkpoint {path}: {name} is missing")
         if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"damaged checkpoint file in {path}: {name} has {f.stat().st_size} bytes, "
-                                  f"{info['bytes']} were written")
+            raise CheckpointError(
+                f"damaged checkpoint file in {path}: {name} has {f.stat().st_size} bytes, {info['bytes']} were written"
+            )
     return meta
 
 
 def _recorded_files(path: Path, meta: dict) -> dict[str, dict]:
     files = meta.get("files", {})
     if not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
-            for v in files.values()):
+        isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
         raise CheckpointError(f"damaged checkpoint file {path / 'trainer.json'}: invalid 'files' record")
     return files
 
@@ -214,8 +231,9 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world: int = 1) ->
         except OSError as err:
             raise CheckpointError(f"unreadable checkpoint file in {path}: {name}: {err}") from None
         if not same:
-            raise CheckpointError(f"damaged checkpoint file in {path}: {name} has another SHA-256 than when "
-                                  "it was written")
+            raise CheckpointError(
+                f"damaged checkpoint file in {path}: {name} has another SHA-256 than when it was written"
+            )
     return meta
 
 
@@ -274,8 +292,9 @@ class Checkpointer:
     """The checkpoints of one run: every rank writes its shards, keeping the newest ``keep``; each
     records ``config`` (the run config as a dict)."""
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, rank: int = 0, world: int = 1,
-                 config: dict | None = None):
+    def __init__(
+        self, run_dir: str | os.PathLike, keep: int, rank: int = 0, world: int = 1, config: dict | None = None
+    ):
         self.run_dir, self.keep, self.rank, self.world, self.config = Path(run_dir), keep, rank, world, config
 
     def latest(self) -> Path | None:
@@ -308,7 +327,11 @@ class Checkpointer:
         """The newest checkpoint that verifies on every rank (sizes and SHA-256), and a message per
         newer checkpoint that did not. Those are renamed ``damaged-step-*`` (kept, but never loaded or
         pruned as checkpoints again), so that the resumed run's own checkpoints take their place."""
-        found, damaged, usable = _from_rank0([p.name for p in list_checkpoints(self.run_dir)] if self.rank == 0 else None), [], None
+        found, damaged, usable = (
+            _from_rank0([p.name for p in list_checkpoints(self.run_dir)] if self.rank == 0 else None),
+            [],
+            None,
+        )
         for name in reversed(found):
             path = self.run_dir / "checkpoints" / name
             try:

@@ -18,9 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     p.add_argument("--run-dir", help="where logs and checkpoints go (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint that verifies")
-    p.add_argument("--accept-config-change", action="store_true",
-                   help="--resume: continue although the config changes the training (model, data, schedule, "
-                        "optimizer, seed); the previous config is kept and the change logged")
+    p.add_argument(
+        "--accept-config-change",
+        action="store_true",
+        help="--resume: continue although the config changes the training (model, data, schedule, "
+        "optimizer, seed); the previous config is kept and the change logged",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arg(p)
     p.set_defaults(func=_train)
@@ -38,14 +41,20 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    summary = train(cfg, run_dir, resume=args.resume, show_progress=not args.quiet, device=args.device,
-                    accept_config_change=args.accept_config_change)
+    summary = train(
+        cfg,
+        run_dir,
+        resume=args.resume,
+        show_progress=not args.quiet,
+        device=args.device,
+        accept_config_change=args.accept_config_change,
+    )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
         print(json.dumps({k: summary[k] for k in ("step", "loss", "skipped_steps", "tokens")}))
         print(format_eval(summary["heldout"]))
         print(f"run directory: {run_dir}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # gloo jobs using FSDP2 or functional collectives may abort
-        sys.stdout.flush()                            # at interpreter exit (docs/scaling.md, "Failures and exit")
+        sys.stdout.flush()  # at interpreter exit (docs/scaling.md, "Failures and exit")
         sys.stderr.flush()
         os._exit(0)
     return 0

@@ -52,8 +52,10 @@ def load_initial_weights(model: Decoder, source: str | Path) -> None:
         else:
             model.dense_to_moe(src)
         return
-    raise ConfigError(f"invalid config: train.init_from={str(source)!r}: its FFN kinds {src.cfg.kinds} differ from "
-                      f"the run's {model.cfg.kinds}; only a dense source can start a model with MoE layers")
+    raise ConfigError(
+        f"invalid config: train.init_from={str(source)!r}: its FFN kinds {src.cfg.kinds} differ from "
+        f"the run's {model.cfg.kinds}; only a dense source can start a model with MoE layers"
+    )
 
 
 def _shape_mismatch(src: Decoder, model: Decoder, ffn: bool) -> str | None:
@@ -70,6 +72,8 @@ def _shape_mismatch(src: Decoder, model: Decoder, ffn: bool) -> str | None:
         d_ff = src.cfg.d_ff
         for i, layer in model.moe_layers():
             if layer.experts.d_ff != d_ff:
-                return (f"layer {i}'s experts have d_ff={layer.experts.d_ff}, the source's dense FFN {d_ff}: "
-                        "set model.moe.d_ff to it to copy the FFN into every expert")
+                return (
+                    f"layer {i}'s experts have d_ff={layer.experts.d_ff}, the source's dense FFN {d_ff}: "
+                    "set model.moe.d_ff to it to copy the FFN into every expert"
+                )
     return None

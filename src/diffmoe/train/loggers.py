@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 
 
-
 class Logger:
     """Writes records somewhere; ``close`` at the end of the run."""
 
@@ -67,16 +66,23 @@ class WandbLogger(Logger):
         except ImportError:
             from ..schema import ConfigError
 
-            raise ConfigError("invalid config: train.loggers names wandb, which is not installed: "
-                              "pip install 'diffmoe[wandb]'") from None
+            raise ConfigError(
+                "invalid config: train.loggers names wandb, which is not installed: pip install 'diffmoe[wandb]'"
+            ) from None
         id_file = run_dir / "wandb_id"
         if id_file.is_file():
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:
             run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n", encoding="utf-8")
-        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "diffmoe"), name=run_dir.name, id=run_id,
-                               resume="allow", dir=str(run_dir), config=config)
+        self._run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "diffmoe"),
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
 
     def log(self, record: dict) -> None:
         values = scalars(record)
@@ -90,9 +96,14 @@ class WandbLogger(Logger):
 def scalars(record: dict) -> dict[str, float]:
     """The finite numbers of a record, keyed ``<kind>/<key>``."""
     kind = record.get("kind", "train")
-    return {f"{kind}/{key}": value for key, value in record.items()
-            if key not in ("step", "kind") and isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value)}
+    return {
+        f"{kind}/{key}": value
+        for key, value in record.items()
+        if key not in ("step", "kind")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
 
 
 def build_loggers(names: list[str], run_dir: Path, config: dict, purge_step: int | None) -> list[Logger]:

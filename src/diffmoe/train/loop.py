@@ -25,16 +25,16 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, RunConfig, load_config, save_config
+from ..console import say
 from ..data.dataset import PackedDataset
 from ..data.loader import BatchStream
 from ..data.mixture import MixtureStream, open_datasets, sources_of
 from ..model import Decoder
-from ..console import say
 from ..parallel import distributed
 from ..parallel.dcp import model_state
 from ..parallel.parallelize import ParallelPlan, parallelize
-from .callbacks import Callback, TrainingError, default_callbacks
-from .checkpoint import CheckpointError, Checkpointer, list_checkpoints, load_checkpoint, read_trainer_state
+from .callbacks import Callback, default_callbacks
+from .checkpoint import Checkpointer, CheckpointError, list_checkpoints, load_checkpoint, read_trainer_state
 from .evaluator import Evaluator
 from .init import build_model, initial_model
 from .loggers import Logger, build_loggers
@@ -44,9 +44,15 @@ from .resume import config_changes, describe
 from .step import StepHooks, Stepper
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
-          device: str | None = None, accept_config_change: bool = False,
-          callbacks: list[Callback] = ()) -> dict:
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    device: str | None = None,
+    accept_config_change: bool = False,
+    callbacks: list[Callback] = (),
+) -> dict:
     """Train ``cfg`` into ``run_dir`` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/) on
     ``device`` (default: CUDA when available), as one process or one rank of a torchrun job.
 
@@ -62,8 +68,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, show_progre
     env = distributed.setup(device, pc.timeout_s, need_group=pc.mode == "fsdp")
     ok = False
     try:
-        summary = Trainer(cfg, Path(run_dir), env, show_progress, accept_config_change,
-                          default_callbacks() + list(callbacks)).run(resume)
+        summary = Trainer(
+            cfg, Path(run_dir), env, show_progress, accept_config_change, default_callbacks() + list(callbacks)
+        ).run(resume)
         ok = True
         return summary
     finally:
@@ -75,10 +82,15 @@ def batch_split(cfg: RunConfig, ranks: int) -> tuple[int, int]:
     d = cfg.data
     micro = d.micro_batch_size or d.batch_size // ranks
     if micro < 1 or d.batch_size % (micro * ranks):
-        field, value = ("data.micro_batch_size", d.micro_batch_size) if d.micro_batch_size else \
-            ("data.batch_size", d.batch_size)
-        raise ConfigError.invalid(field, value, f"the global batch data.batch_size={d.batch_size} must be a "
-                                  f"multiple of micro_batch_size={max(micro, 1)} x {ranks} ranks")
+        field, value = (
+            ("data.micro_batch_size", d.micro_batch_size) if d.micro_batch_size else ("data.batch_size", d.batch_size)
+        )
+        raise ConfigError.invalid(
+            field,
+            value,
+            f"the global batch data.batch_size={d.batch_size} must be a "
+            f"multiple of micro_batch_size={max(micro, 1)} x {ranks} ranks",
+        )
     return micro, d.batch_size // (micro * ranks)
 
 
@@ -103,8 +115,15 @@ class Trainer(StepHooks):
     (:mod:`diffmoe.train.callbacks`: logging, evaluation, checkpoints, the warm-up's switch, MoE per-step
     updates). ``callbacks``: default :func:`~diffmoe.train.callbacks.default_callbacks`."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, env: distributed.DistEnv, show_progress: bool = True,
-                 accept_config_change: bool = False, callbacks: list[Callback] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        env: distributed.DistEnv,
+        show_progress: bool = True,
+        accept_config_change: bool = False,
+        callbacks: list[Callback] | None = None,
+    ):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.accept_config_change = accept_config_change
         self.config_change: dict | None = None
@@ -117,8 +136,9 @@ class Trainer(StepHooks):
         tc = cfg.train
         self.micro, self.accum = batch_split(cfg, env.world)
         if cfg.data.mixture:
-            self.stream = MixtureStream(train_sets, [s.weight for s in sources], self.micro, tc.seed,
-                                        cfg.data.batch_size, env.rank, env.world)
+            self.stream = MixtureStream(
+                train_sets, [s.weight for s in sources], self.micro, tc.seed, cfg.data.batch_size, env.rank, env.world
+            )
             heldout = dict(zip((s.name for s in sources), open_datasets(sources, "heldout")))
         else:
             self.stream = BatchStream(self.train_set, self.micro, tc.seed, env.rank, env.world)
@@ -137,10 +157,12 @@ class Trainer(StepHooks):
         tc, env = self.cfg.train, self.env
         start_step = self._restore(resume)
         counts = self.model.parameter_counts()
-        say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
+        say(
+            f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active; "
             f"{_describe_data(self.cfg, self.train_set)}; "
             f"{self.plan.layout.describe()}, {self.accum} micro-batch(es) of {self.micro} per rank and step",
-            self.verbose and start_step == 0)
+            self.verbose and start_step == 0,
+        )
         # a resume rewrites the records after start_step: metrics.jsonl was truncated, TensorBoard purges them
         if env.is_main:
             self.loggers = build_loggers(tc.logger_names(), self.run_dir, self.cfg.to_dict(), start_step + 1)
@@ -170,9 +192,15 @@ class Trainer(StepHooks):
                 logger.close()
         if self.last_eval is None:  # resumed a finished run: nothing was evaluated above
             self.last_eval = self.evaluator(self.model)
-        return {"step": tc.steps, "loss": last_loss, "heldout": self.last_eval,
-                "skipped_steps": self.state.skipped_steps, "tokens": self.state.tokens,
-                "seconds": time.perf_counter() - t_start, "parameters": self.model.parameter_counts()}
+        return {
+            "step": tc.steps,
+            "loss": last_loss,
+            "heldout": self.last_eval,
+            "skipped_steps": self.state.skipped_steps,
+            "tokens": self.state.tokens,
+            "seconds": time.perf_counter() - t_start,
+            "parameters": self.model.parameter_counts(),
+        }
 
     # ---- what callbacks use --------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -227,10 +255,12 @@ class Trainer(StepHooks):
             say(f"checkpoints: {line}", self.verbose)
         ckpt = self._resumable() if resume else None
         if not resume and list_checkpoints(self.run_dir):
-            raise ConfigError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or choose "
-                              "a new run directory")
-        self.state = TrainerState(phase="dense" if self.switch_step > 0 else "moe", world=self.env.world,
-                                  layout=self.plan.layout.describe())
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints: pass --resume to continue it, or choose a new run directory"
+            )
+        self.state = TrainerState(
+            phase="dense" if self.switch_step > 0 else "moe", world=self.env.world, layout=self.plan.layout.describe()
+        )
         if ckpt is not None:
             meta = read_trainer_state(ckpt)
             self.state.phase = meta.get("phase", "moe")
@@ -260,7 +290,9 @@ class Trainer(StepHooks):
             warnings.warn(f"not resuming from a damaged checkpoint: {message}", stacklevel=3)
         if ckpt is None:
             where = self.run_dir / "checkpoints"
-            raise ConfigError(f"--resume: no checkpoint in {where}" + (f" verifies ({'; '.join(damaged)})" if damaged else ""))
+            raise ConfigError(
+                f"--resume: no checkpoint in {where}" + (f" verifies ({'; '.join(damaged)})" if damaged else "")
+            )
         return ckpt
 
     def _check_config(self, meta: dict, ckpt: Path) -> None:
@@ -276,12 +308,16 @@ class Trainer(StepHooks):
         if not changes:
             return
         if not self.accept_config_change:
-            raise ConfigError(f"--resume from {ckpt} with a config that changes the training: {describe(changes)}. "
-                              "Resume with the run's config.yaml, or pass --accept-config-change to continue "
-                              "with the new values (both configs are kept)")
+            raise ConfigError(
+                f"--resume from {ckpt} with a config that changes the training: {describe(changes)}. "
+                "Resume with the run's config.yaml, or pass --accept-config-change to continue "
+                "with the new values (both configs are kept)"
+            )
         step = meta["step"]
-        self.config_change = {"changes": {k: list(v) for k, v in changes.items()},
-                              "previous_config": f"config.before-step-{step:08d}.yaml"}
+        self.config_change = {
+            "changes": {k: list(v) for k, v in changes.items()},
+            "previous_config": f"config.before-step-{step:08d}.yaml",
+        }
         if self.env.is_main:
             save_config(RunConfig.from_dict(stored), str(self.run_dir / self.config_change["previous_config"]))
         say(f"warning: resuming at step {step} with a changed config: {describe(changes)}", self.env.is_main)
@@ -292,8 +328,9 @@ class Trainer(StepHooks):
         self.model = model
         self.wrapped = parallelize(model, self.plan, self.env.device)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
-        self.stepper = Stepper(self.wrapped, self.optimizer, self.plan, self.env, self.cfg.train.grad_clip,
-                               self.cfg.train.bf16)
+        self.stepper = Stepper(
+            self.wrapped, self.optimizer, self.plan, self.env, self.cfg.train.grad_clip, self.cfg.train.bf16
+        )
 
 
 def eval_batches(cfg: RunConfig, micro: int) -> int | None:
@@ -316,11 +353,15 @@ def _check_data(cfg: RunConfig, dataset) -> list[str]:
     """Refuse a config that does not fit the data or cannot train on its sequences; return the config's
     warnings (:meth:`RunConfig.check_training`)."""
     if dataset.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"invalid config: model.vocab_size={cfg.model.vocab_size}: the dataset's tokenizer "
-                          f"has {dataset.vocab_size} tokens")
+        raise ConfigError(
+            f"invalid config: model.vocab_size={cfg.model.vocab_size}: the dataset's tokenizer "
+            f"has {dataset.vocab_size} tokens"
+        )
     if dataset.context_len > cfg.model.max_seq_len:
-        raise ConfigError(f"invalid config: model.max_seq_len={cfg.model.max_seq_len}: the dataset's "
-                          f"sequences have {dataset.context_len} positions")
+        raise ConfigError(
+            f"invalid config: model.max_seq_len={cfg.model.max_seq_len}: the dataset's "
+            f"sequences have {dataset.context_len} positions"
+        )
     return cfg.check_training(dataset.context_len)
 
 

@@ -38,8 +38,16 @@ def routing_metrics(model) -> dict[str, float | list[float]]:
     return out
 
 
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-                 "A10G": 70e12, "L4": 121e12, "B200": 2250e12}
+GPU_PEAK_BF16 = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
 """Dense bf16 tensor-core peak FLOP/s (no sparsity) of the GPUs model FLOPs utilisation is reported for."""
 
 

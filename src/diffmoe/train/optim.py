@@ -29,8 +29,9 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return floor + (tc.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def transfer_state(old: torch.optim.Optimizer, old_model: nn.Module, new: torch.optim.Optimizer,
-                   new_model: nn.Module) -> None:
+def transfer_state(
+    old: torch.optim.Optimizer, old_model: nn.Module, new: torch.optim.Optimizer, new_model: nn.Module
+) -> None:
     """Carry optimizer state over to a new model for parameters with the same name and shape
     (the dense warm-up's switch to MoE keeps attention and embedding moments; experts and routers start fresh)."""
     old_params = dict(old_model.named_parameters())

@@ -13,14 +13,14 @@ from __future__ import annotations
 from ..moe.registry import FAMILIES
 
 FREE = (
-    "train.parallel.mode",     # the layout and world size (param_dtype / reduce_dtype are not free)
+    "train.parallel.mode",  # the layout and world size (param_dtype / reduce_dtype are not free)
     "train.parallel.dp_replicate",
     "train.parallel.dp_shard",
     "train.parallel.ep",
     "train.parallel.etp",
     "train.parallel.activation_checkpointing",
     "train.parallel.timeout_s",
-    "data.micro_batch_size",   # how the global batch is split, like the world size (see below)
+    "data.micro_batch_size",  # how the global batch is split, like the world size (see below)
     "data.eval_batches",
     "train.log_every",
     "train.routing_log_every",
@@ -31,8 +31,8 @@ FREE = (
     "train.tensorboard",
     "train.loggers",
     "train.compile",
-    "train.init_from",         # read at step 0 only
-    "model.moe.dispatch",      # grouped_mm or loop: the same arithmetic
+    "train.init_from",  # read at step 0 only
+    "model.moe.dispatch",  # grouped_mm or loop: the same arithmetic
 )
 """Dotted config fields (or sections) a resume may change. Like the world size, ``micro_batch_size``
 decides which sequences share a micro-batch, and so the numbers of layers that select within one
@@ -70,8 +70,11 @@ def config_changes(old: dict, new: dict, kinds=()) -> dict[str, tuple[object, ob
     two ``RunConfig.to_dict()`` trees (a field missing on one side counts as None); fields of FFN
     families outside ``kinds`` (the model's layer kinds) are ignored."""
     a, b = _flatten(old), _flatten(new)
-    return {name: (a.get(name), b.get(name)) for name in sorted(set(a) | set(b))
-            if not _free(name) and not _unused(name, set(kinds)) and a.get(name) != b.get(name)}
+    return {
+        name: (a.get(name), b.get(name))
+        for name in sorted(set(a) | set(b))
+        if not _free(name) and not _unused(name, set(kinds)) and a.get(name) != b.get(name)
+    }
 
 
 def describe(changes: dict[str, tuple[object, object]]) -> str:

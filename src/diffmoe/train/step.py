@@ -62,8 +62,9 @@ class Stepper:
     grad_clip: float = 0.0
     bf16: bool = False
 
-    def step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], accum: int,
-             hooks: StepHooks = StepHooks()) -> StepResult:
+    def step(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], accum: int, hooks: StepHooks = StepHooks()
+    ) -> StepResult:
         """Run ``accum`` micro-batches from ``batches``, clip and update; gradients are zeroed afterwards
         either way."""
         env, wrapped = self.env, self.wrapped

@@ -14,7 +14,6 @@ that cannot decode token by token (``decodes`` False: it selects over the whole 
 generation refused (``generate(use_cache=False)`` recomputes everything).
 """
 
-
 import torch
 import torch.nn.functional as F
 import transformers
@@ -74,7 +73,7 @@ class Block(nn.Module):
         d, f = c["d_model"], c["d_ff"]
         self.attn_norm, self.ffn_norm = RMSNorm(d, c["norm_eps"]), RMSNorm(d, c["norm_eps"])
         self.attn = Attention(c)
-        self.ffn = FFN_CLASSES[kind](d, f, c["moe"], c["moe"].get(kind, {}))
+        self.ffn = FFN_CLASSES[kind](d, f, c["moe"], c["moe"].get(kind, {}))  # noqa: F821 (appended by the export)
 
     def forward(self, x, cos, sin, mask, ctx):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, ctx["cache"], ctx["layer"])
@@ -117,19 +116,35 @@ class DiffMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
-        on_prompt = [f"layer {i} ({k})" for i, (k, b) in enumerate(zip(self.kinds, self.blocks)) if b.ffn.routes_on_prompt]
+        on_prompt = [
+            f"layer {i} ({k})" for i, (k, b) in enumerate(zip(self.kinds, self.blocks)) if b.ffn.routes_on_prompt
+        ]
         if use_cache is False and on_prompt:
-            raise ValueError(f"generate(use_cache=False) is refused: {', '.join(on_prompt)} routes once on the prompt "
-                             "and keeps that routing in the cache; without a cache the forward routes otherwise")
+            raise ValueError(
+                f"generate(use_cache=False) is refused: {', '.join(on_prompt)} routes once on the prompt "
+                "and keeps that routing in the cache; without a cache the forward routes otherwise"
+            )
         unable = [f"layer {i} ({k})" for i, (k, b) in enumerate(zip(self.kinds, self.blocks)) if not b.ffn.decodes]
         if use_cache is not False and unable:
-            raise ValueError(f"cannot generate token by token: {', '.join(unable)} does not decode as its full forward "
-                             "computes (it selects over the whole batch, future tokens included); "
-                             "generate(use_cache=False) recomputes every step")
+            raise ValueError(
+                f"cannot generate token by token: {', '.join(unable)} does not decode as its full forward "
+                "computes (it selects over the whole batch, future tokens included); "
+                "generate(use_cache=False) recomputes every step"
+            )
         return super().generate(*args, **kwargs)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                use_cache=None, labels=None, inputs_embeds=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        use_cache=None,
+        labels=None,
+        inputs_embeds=None,
+        **kwargs,
+    ):
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:  # explicit only: never derived from config.use_cache
             cache = DynamicCache(config=self.config) if _V5 else DynamicCache()
@@ -138,22 +153,24 @@ class DiffMoEForCausalLM(PreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + L, dtype=torch.bool, device=x.device)
-        keys = attention_mask[:, :past + L].bool()  # [B, past + L]
+        keys = attention_mask[:, : past + L].bool()  # [B, past + L]
         if position_ids is None:
-            position_ids = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + L]
-        inv_freq = 1.0 / self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64,
-                                                          device=x.device) / self.head_dim)
+            position_ids = (keys.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + L]
+        inv_freq = 1.0 / self.rope_theta ** (
+            torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=x.device) / self.head_dim
+        )
         angles = (position_ids.double().unsqueeze(-1) * inv_freq).repeat(1, 1, 2).unsqueeze(1)  # [B, 1, L, hd]
         cos, sin = angles.cos().float(), angles.sin().float()
         q = torch.arange(L, device=x.device).view(L, 1) + past
         j = torch.arange(past + L, device=x.device).view(1, -1)
         mask = ((j <= q) & keys[:, None, None, :]) | (j == q)  # causal, padding excluded, never empty
-        ctx = {"cache": cache, "past": past, "valid": keys[:, past:past + L]}
+        ctx = {"cache": cache, "past": past, "valid": keys[:, past : past + L]}
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, dict(ctx, layer=i))
         logits = self.lm_head(self.norm(x)).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})

@@ -117,23 +117,80 @@ each FFN kind declares), :mod:`.units` (process groups, FSDP2 units), :mod:`.mem
 """
 
 from .comm import DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES, Collective, communication, ring_bytes
-from .inputs import (DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, DEFAULT_RESERVE_GIB, DTYPE_BYTES, GB, MODES, Cluster,
-                     GiB, Precision, Workload, workload)
-from .memory import (Memory, activation_bytes, ddp_cast_numel, layer_activation_bytes, memory,
-                     moe_workspace_bytes)
-from .model import (FFNFacts, ParamSpec, expert_d_ff, expert_sharding, ffn_class, ffn_facts,
-                    model_params)
-from .planner import (NEAR_TIE, LayoutPlan, Plan, candidate_layouts, layout_name, make_plan, max_micro_batch,
-                      plan_layout, recommend)
+from .inputs import (
+    DEFAULT_INTER_GBPS,
+    DEFAULT_INTRA_GBPS,
+    DEFAULT_RESERVE_GIB,
+    DTYPE_BYTES,
+    GB,
+    MODES,
+    Cluster,
+    GiB,
+    Precision,
+    Workload,
+    workload,
+)
+from .memory import Memory, activation_bytes, ddp_cast_numel, layer_activation_bytes, memory, moe_workspace_bytes
+from .model import FFNFacts, ParamSpec, expert_d_ff, expert_sharding, ffn_class, ffn_facts, model_params
+from .planner import (
+    NEAR_TIE,
+    LayoutPlan,
+    Plan,
+    candidate_layouts,
+    layout_name,
+    make_plan,
+    max_micro_batch,
+    plan_layout,
+    recommend,
+)
 from .report import format_plan, plan_json
 from .units import Group, Unit, fsdp_units, groups, local_shape, shard_numel
 
 __all__ = [
-    "DDP_BUCKET_BYTES", "DDP_FIRST_BUCKET_BYTES", "DEFAULT_INTER_GBPS", "DEFAULT_INTRA_GBPS", "DEFAULT_RESERVE_GIB",
-    "DTYPE_BYTES", "GB", "MODES", "NEAR_TIE", "Cluster", "Collective", "FFNFacts", "GiB", "Group", "LayoutPlan",
-    "Memory", "ParamSpec", "Plan", "Precision", "Unit", "Workload", "activation_bytes",
-    "candidate_layouts", "communication", "ddp_cast_numel", "expert_d_ff", "expert_sharding", "ffn_class",
-    "ffn_facts", "format_plan", "fsdp_units", "groups", "layer_activation_bytes", "layout_name", "local_shape",
-    "make_plan", "max_micro_batch", "memory", "model_params", "moe_workspace_bytes", "plan_json", "plan_layout",
-    "recommend", "ring_bytes", "shard_numel", "workload",
+    "DDP_BUCKET_BYTES",
+    "DDP_FIRST_BUCKET_BYTES",
+    "DEFAULT_INTER_GBPS",
+    "DEFAULT_INTRA_GBPS",
+    "DEFAULT_RESERVE_GIB",
+    "DTYPE_BYTES",
+    "GB",
+    "MODES",
+    "NEAR_TIE",
+    "Cluster",
+    "Collective",
+    "FFNFacts",
+    "GiB",
+    "Group",
+    "LayoutPlan",
+    "Memory",
+    "ParamSpec",
+    "Plan",
+    "Precision",
+    "Unit",
+    "Workload",
+    "activation_bytes",
+    "candidate_layouts",
+    "communication",
+    "ddp_cast_numel",
+    "expert_d_ff",
+    "expert_sharding",
+    "ffn_class",
+    "ffn_facts",
+    "format_plan",
+    "fsdp_units",
+    "groups",
+    "layer_activation_bytes",
+    "layout_name",
+    "local_shape",
+    "make_plan",
+    "max_micro_batch",
+    "memory",
+    "model_params",
+    "moe_workspace_bytes",
+    "plan_json",
+    "plan_layout",
+    "recommend",
+    "ring_bytes",
+    "shard_numel",
+    "workload",
 ]

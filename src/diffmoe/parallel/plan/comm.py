@@ -12,8 +12,8 @@ from .inputs import GB, Cluster, Precision, Workload
 from .model import ffn_facts, model_params
 from .units import Group, fsdp_units, groups
 
-DDP_BUCKET_BYTES = 25 * 2 ** 20
-DDP_FIRST_BUCKET_BYTES = 2 ** 20
+DDP_BUCKET_BYTES = 25 * 2**20
+DDP_FIRST_BUCKET_BYTES = 2**20
 
 
 @dataclass
@@ -35,12 +35,19 @@ class Collective:
     overlaps: bool = False
 
     def seconds(self, cluster: Cluster) -> float:
-        return (self.intra / (cluster.intra_gbps * GB)
-                + (self.bytes - self.intra) / (cluster.inter_gbps * GB))
+        return self.intra / (cluster.intra_gbps * GB) + (self.bytes - self.intra) / (cluster.inter_gbps * GB)
 
 
-def _collective(what: str, kind: str, group: Group, calls: float, per_call: float, gpn: int,
-                small: bool = False, overlaps: bool = False) -> Collective | None:
+def _collective(
+    what: str,
+    kind: str,
+    group: Group,
+    calls: float,
+    per_call: float,
+    gpn: int,
+    small: bool = False,
+    overlaps: bool = False,
+) -> Collective | None:
     """A line for ``calls`` identical collectives of ``per_call`` bytes; None on a group of one rank."""
     if group.size <= 1 or calls <= 0:
         return None
@@ -69,13 +76,38 @@ def _ddp_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Cluster) ->
     grad_bytes = 4 * sum(s.numel for s in model_params(mc))
     buckets = 1 + math.ceil(max(0, grad_bytes - DDP_FIRST_BUCKET_BYTES) / DDP_BUCKET_BYTES)
     rope = 2 * mc.max_seq_len * (mc.head_dim // 2) * 4  # cos and sin, float32
-    items = [_collective("gradient all-reduce, fp32, once per step (~25 MiB buckets)", "all_reduce", world, buckets,
-                         ring_bytes("all_reduce", grad_bytes, world.size) / buckets, gpn, overlaps=True),
-             _collective("DDP buffer broadcast (rotary cos/sin), syncing micro-batch", "broadcast", world, 1,
-                         ring_bytes("broadcast", rope, world.size), gpn, small=True)]
+    items = [
+        _collective(
+            "gradient all-reduce, fp32, once per step (~25 MiB buckets)",
+            "all_reduce",
+            world,
+            buckets,
+            ring_bytes("all_reduce", grad_bytes, world.size) / buckets,
+            gpn,
+            overlaps=True,
+        ),
+        _collective(
+            "DDP buffer broadcast (rotary cos/sin), syncing micro-batch",
+            "broadcast",
+            world,
+            1,
+            ring_bytes("broadcast", rope, world.size),
+            gpn,
+            small=True,
+        ),
+    ]
     if not all(ffn_facts(mc, kind).dense_gradients for kind in set(mc.kinds)):  # find_unused_parameters=True
-        items.append(_collective("DDP used-parameter map all-reduce", "all_reduce", world, 1,
-                                 ring_bytes("all_reduce", 4 * len(model_params(mc)), world.size), gpn, small=True))
+        items.append(
+            _collective(
+                "DDP used-parameter map all-reduce",
+                "all_reduce",
+                world,
+                1,
+                ring_bytes("all_reduce", 4 * len(model_params(mc)), world.size),
+                gpn,
+                small=True,
+            )
+        )
     return items
 
 
@@ -92,14 +124,39 @@ def _fsdp_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Cluster) -
         gathers = 1 if kind == "root" else 2
         when = "forward" if kind == "root" else "forward + backward"
         n = len(units)
-        items.append(_collective(f"{kind} all-gather ({when}), {w.param_dtype}", "all_gather", group, A * gathers * n,
-                                 (group.size - 1) * shards * pr.compute / n, gpn, overlaps=True))
-        items.append(_collective(f"{kind} gradient reduce-scatter, {w.reduce_dtype}", "reduce_scatter", group, A * n,
-                                 (group.size - 1) * shards * pr.reduce / n, gpn, overlaps=True))
-        items.append(_collective(f"{kind} gradient all-reduce over replicas (HSDP), {w.reduce_dtype}", "all_reduce",
-                                 g["dp_replicate"], A * n,
-                                 ring_bytes("all_reduce", shards * pr.reduce / n, layout.dp_replicate), gpn,
-                                 overlaps=True))
+        items.append(
+            _collective(
+                f"{kind} all-gather ({when}), {w.param_dtype}",
+                "all_gather",
+                group,
+                A * gathers * n,
+                (group.size - 1) * shards * pr.compute / n,
+                gpn,
+                overlaps=True,
+            )
+        )
+        items.append(
+            _collective(
+                f"{kind} gradient reduce-scatter, {w.reduce_dtype}",
+                "reduce_scatter",
+                group,
+                A * n,
+                (group.size - 1) * shards * pr.reduce / n,
+                gpn,
+                overlaps=True,
+            )
+        )
+        items.append(
+            _collective(
+                f"{kind} gradient all-reduce over replicas (HSDP), {w.reduce_dtype}",
+                "all_reduce",
+                g["dp_replicate"],
+                A * n,
+                ring_bytes("all_reduce", shards * pr.reduce / n, layout.dp_replicate),
+                gpn,
+                overlaps=True,
+            )
+        )
     return items
 
 
@@ -118,10 +175,27 @@ def _activation_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Clus
             if facts.ffn != "dispatched":
                 continue
             rows = facts.rows_per_token * b
-            items.append(_collective(f"ep count exchange ({kind})", "all_to_all", group, A * layers * fwd,
-                                     (X - 1) / X * E * 8, gpn, small=True))
-            items.append(_collective(f"ep token all-to-all, dispatch + combine ({kind})", "all_to_all", group,
-                                     A * layers * (2 * fwd + 2), (X - 1) / X * rows * d * a, gpn))
+            items.append(
+                _collective(
+                    f"ep count exchange ({kind})",
+                    "all_to_all",
+                    group,
+                    A * layers * fwd,
+                    (X - 1) / X * E * 8,
+                    gpn,
+                    small=True,
+                )
+            )
+            items.append(
+                _collective(
+                    f"ep token all-to-all, dispatch + combine ({kind})",
+                    "all_to_all",
+                    group,
+                    A * layers * (2 * fwd + 2),
+                    (X - 1) / X * rows * d * a,
+                    gpn,
+                )
+            )
     if layout.etp > 1:
         for kind in sorted({k for k in mc.kinds if ffn_facts(mc, k).ffn == "merged"}):
             layers = sum(1 for i in range(mc.n_layers) if mc.layer_ffn(i) == kind)
@@ -130,14 +204,41 @@ def _activation_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Clus
             padded = segments * T  # the last segment of a sequence is padded to T tokens
             x_bytes, wt_bytes = (X - 1) * padded * d * a, (X - 1) * segments * E * 4
             items += [
-                _collective("etp all-gather of segments (fwd) and dy (bwd)", "all_gather", group,
-                            A * layers * (fwd + 1), x_bytes, gpn),
-                _collective("etp reduce-scatter of the output (fwd) and dx (bwd)", "reduce_scatter", group,
-                            A * layers * (fwd + 1), x_bytes, gpn),
-                _collective("etp all-gather of routing weights (fwd)", "all_gather", group, A * layers * fwd, wt_bytes,
-                            gpn, small=True),
-                _collective("etp reduce-scatter of d(routing weights) (bwd)", "reduce_scatter", group, A * layers,
-                            wt_bytes, gpn, small=True)]
+                _collective(
+                    "etp all-gather of segments (fwd) and dy (bwd)",
+                    "all_gather",
+                    group,
+                    A * layers * (fwd + 1),
+                    x_bytes,
+                    gpn,
+                ),
+                _collective(
+                    "etp reduce-scatter of the output (fwd) and dx (bwd)",
+                    "reduce_scatter",
+                    group,
+                    A * layers * (fwd + 1),
+                    x_bytes,
+                    gpn,
+                ),
+                _collective(
+                    "etp all-gather of routing weights (fwd)",
+                    "all_gather",
+                    group,
+                    A * layers * fwd,
+                    wt_bytes,
+                    gpn,
+                    small=True,
+                ),
+                _collective(
+                    "etp reduce-scatter of d(routing weights) (bwd)",
+                    "reduce_scatter",
+                    group,
+                    A * layers,
+                    wt_bytes,
+                    gpn,
+                    small=True,
+                ),
+            ]
     return items
 
 
@@ -147,17 +248,37 @@ def _small_comm(mc: ModelConfig, layout: Layout, w: Workload, cluster: Cluster, 
     world = g["world"]
     fwd = 2 if mode == "block" else 1
     balance = sum(1 for i in range(mc.n_layers) if ffn_facts(mc, mc.layer_ffn(i)).global_counts)
-    items = [_collective("global token count", "all_reduce", world, 1, ring_bytes("all_reduce", 8, world.size), gpn,
-                         small=True),
-             _collective("loss sums (logging)", "all_reduce", world, 1, ring_bytes("all_reduce", 16, world.size), gpn,
-                         small=True),
-             _collective("balance-loss expert counts", "all_reduce", world, w.accum * balance * fwd,
-                         ring_bytes("all_reduce", 4 * mc.moe.num_experts, world.size), gpn, small=True)]
+    items = [
+        _collective(
+            "global token count", "all_reduce", world, 1, ring_bytes("all_reduce", 8, world.size), gpn, small=True
+        ),
+        _collective(
+            "loss sums (logging)", "all_reduce", world, 1, ring_bytes("all_reduce", 16, world.size), gpn, small=True
+        ),
+        _collective(
+            "balance-loss expert counts",
+            "all_reduce",
+            world,
+            w.accum * balance * fwd,
+            ring_bytes("all_reduce", 4 * mc.moe.num_experts, world.size),
+            gpn,
+            small=True,
+        ),
+    ]
     if layout.mode == "fsdp":
         norm_groups = [g["dp_shard"]]
         if layout.expert_size > 1:
             norm_groups += [g["efsdp"], g[layout.expert_dim]]
         for group in norm_groups:
-            items.append(_collective(f"gradient norm ({group.name})", "all_reduce", group, 1,
-                                     ring_bytes("all_reduce", 4, group.size), gpn, small=True))
+            items.append(
+                _collective(
+                    f"gradient norm ({group.name})",
+                    "all_reduce",
+                    group,
+                    1,
+                    ring_bytes("all_reduce", 4, group.size),
+                    gpn,
+                    small=True,
+                )
+            )
     return items

@@ -10,7 +10,7 @@ from pathlib import Path
 from ...config import ConfigError, RunConfig
 from ..layout import Layout
 
-GiB = 2 ** 30
+GiB = 2**30
 GB = 1e9
 MODES = ("none", "block")
 """Activation checkpointing modes: none, or per transformer block."""
@@ -39,15 +39,19 @@ class Cluster:
     def __post_init__(self) -> None:
         _positive_int("--gpus", self.gpus)
         _positive_int("--gpus-per-node", self.gpus_per_node)
-        for flag, value in (("--gpu-mem", self.gpu_mem_gib), ("--intra-bw", self.intra_gbps),
-                            ("--inter-bw", self.inter_gbps)):
+        for flag, value in (
+            ("--gpu-mem", self.gpu_mem_gib),
+            ("--intra-bw", self.intra_gbps),
+            ("--inter-bw", self.inter_gbps),
+        ):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"invalid {flag}={value!r}: must be a positive number")
         if not (isinstance(self.reserve_gib, (int, float)) and self.reserve_gib >= 0):
             raise ConfigError(f"invalid --reserve={self.reserve_gib!r}: must be a number >= 0")
         if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
-            raise ConfigError(f"invalid --gpus={self.gpus}: a multi-node job needs a multiple of "
-                              f"--gpus-per-node={self.gpus_per_node}")
+            raise ConfigError(
+                f"invalid --gpus={self.gpus}: a multi-node job needs a multiple of --gpus-per-node={self.gpus_per_node}"
+            )
 
 
 def _positive_int(flag: str, value) -> None:
@@ -91,15 +95,20 @@ def workload(cfg: RunConfig, gpus: int, seq_len: int | None = None, micro_batch:
     micro = micro_batch or getattr(d, "micro_batch_size", None)
     if micro is None:
         if batch % gpus:
-            raise ConfigError(f"invalid config: data.batch_size={batch}: must be divisible by the {gpus} GPUs "
-                              "(or set data.micro_batch_size)")
+            raise ConfigError(
+                f"invalid config: data.batch_size={batch}: must be divisible by the {gpus} GPUs "
+                "(or set data.micro_batch_size)"
+            )
         micro = batch // gpus
     if batch % (micro * gpus):
-        raise ConfigError(f"invalid config: data.batch_size={batch}: must be a multiple of data.micro_batch_size "
-                          f"x GPUs = {micro} x {gpus}")
+        raise ConfigError(
+            f"invalid config: data.batch_size={batch}: must be a multiple of data.micro_batch_size "
+            f"x GPUs = {micro} x {gpus}"
+        )
     parallel = getattr(t, "parallel", None)
-    param, reduce = parallel.dtypes(t.bf16) if parallel is not None else (
-        "bfloat16" if t.bf16 else "float32", "float32")
+    param, reduce = (
+        parallel.dtypes(t.bf16) if parallel is not None else ("bfloat16" if t.bf16 else "float32", "float32")
+    )
     return Workload(L, batch, micro, batch // (micro * gpus), t.bf16, param, reduce)
 
 

@@ -121,9 +121,16 @@ def memory(mc: ModelConfig, layout: Layout, w: Workload, cluster: Cluster) -> Me
         staging = (pr.compute + pr.reduce) * max((u.numel for u in units), default=0)
     logits_grad = 4 * mc.vocab_size * w.tokens
     transient = max(logits_grad, moe_workspace_bytes(mc, layout, w, pr), staging)
-    return Memory(params=4 * shard, grads=4 * shard, optimizer=8 * shard, copies=copies, buffers=buckets,
-                  reserve=int(cluster.reserve_gib * GiB), transient={m: transient for m in MODES},
-                  activations={m: activation_bytes(mc, layout, w, pr, m) for m in MODES})
+    return Memory(
+        params=4 * shard,
+        grads=4 * shard,
+        optimizer=8 * shard,
+        copies=copies,
+        buffers=buckets,
+        reserve=int(cluster.reserve_gib * GiB),
+        transient={m: transient for m in MODES},
+        activations={m: activation_bytes(mc, layout, w, pr, m) for m in MODES},
+    )
 
 
 def _block_numels(units: list[Unit]) -> dict[int, int]:

@@ -50,17 +50,27 @@ def model_params(mc: ModelConfig) -> list[ParamSpec]:
     specs = [ParamSpec("embed.weight", (V, d))]
     for i in range(mc.n_layers):
         p = f"blocks.{i}."
-        specs += [ParamSpec(p + "attn_norm.weight", (d,), i), ParamSpec(p + "attn.wq.weight", (q, d), i),
-                  ParamSpec(p + "attn.wk.weight", (kv, d), i), ParamSpec(p + "attn.wv.weight", (kv, d), i),
-                  ParamSpec(p + "attn.wo.weight", (d, q), i), ParamSpec(p + "ffn_norm.weight", (d,), i)]
+        specs += [
+            ParamSpec(p + "attn_norm.weight", (d,), i),
+            ParamSpec(p + "attn.wq.weight", (q, d), i),
+            ParamSpec(p + "attn.wk.weight", (kv, d), i),
+            ParamSpec(p + "attn.wv.weight", (kv, d), i),
+            ParamSpec(p + "attn.wo.weight", (d, q), i),
+            ParamSpec(p + "ffn_norm.weight", (d,), i),
+        ]
         if ffn_class(mc.layer_ffn(i)) == "dense":
-            specs += [ParamSpec(p + "ffn.w1.weight", (mc.d_ff, d), i), ParamSpec(p + "ffn.w3.weight", (mc.d_ff, d), i),
-                      ParamSpec(p + "ffn.w2.weight", (d, mc.d_ff), i)]
+            specs += [
+                ParamSpec(p + "ffn.w1.weight", (mc.d_ff, d), i),
+                ParamSpec(p + "ffn.w3.weight", (mc.d_ff, d), i),
+                ParamSpec(p + "ffn.w2.weight", (d, mc.d_ff), i),
+            ]
         else:
-            specs += [ParamSpec(p + "ffn.router.weight", (E, d), i),
-                      ParamSpec(p + "ffn.experts.w1", (E, f, d), i, True),
-                      ParamSpec(p + "ffn.experts.w3", (E, f, d), i, True),
-                      ParamSpec(p + "ffn.experts.w2", (E, d, f), i, True)]
+            specs += [
+                ParamSpec(p + "ffn.router.weight", (E, d), i),
+                ParamSpec(p + "ffn.experts.w1", (E, f, d), i, True),
+                ParamSpec(p + "ffn.experts.w3", (E, f, d), i, True),
+                ParamSpec(p + "ffn.experts.w2", (E, d, f), i, True),
+            ]
     specs.append(ParamSpec("norm.weight", (d,)))
     if not mc.tie_embeddings:
         specs.append(ParamSpec("lm_head.weight", (V, d)))
@@ -113,10 +123,14 @@ def ffn_facts(mc: ModelConfig, kind: str) -> FFNFacts:
         with torch.random.fork_rng(devices=[]):
             layer = build_ffn(kind, 8, 8, dataclasses.replace(mc.moe, d_ff=None))
         caps = layer.capabilities
-        facts = FFNFacts(ffn_class(kind), getattr(layer, "experts_per_token", 1), caps.segment_len,
-                         caps.global_counts, caps.dense_gradients)
+        facts = FFNFacts(
+            ffn_class(kind),
+            getattr(layer, "experts_per_token", 1),
+            caps.segment_len,
+            caps.global_counts,
+            caps.dense_gradients,
+        )
         if len(_FACTS) >= 1024:
             _FACTS.clear()
         _FACTS[key] = facts
     return facts
-

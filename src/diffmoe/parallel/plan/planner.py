@@ -68,27 +68,49 @@ class Plan:
 
     def to_dict(self) -> dict:
         """Plain values for JSON (bytes as numbers; seconds per step)."""
-        return {"config": self.config, "cluster": asdict(self.cluster), "workload": asdict(self.workload),
-                "params": self.params, "expert_params": self.expert_params,
-                "recommended": self.recommended, "recommended_mode": self.recommended_mode, "reason": self.reason,
-                "notes": self.notes, "layouts": [self._layout_dict(lp) for lp in self.layouts]}
+        return {
+            "config": self.config,
+            "cluster": asdict(self.cluster),
+            "workload": asdict(self.workload),
+            "params": self.params,
+            "expert_params": self.expert_params,
+            "recommended": self.recommended,
+            "recommended_mode": self.recommended_mode,
+            "reason": self.reason,
+            "notes": self.notes,
+            "layouts": [self._layout_dict(lp) for lp in self.layouts],
+        }
 
     def _layout_dict(self, lp: LayoutPlan) -> dict:
         m = lp.memory
-        out = {"name": lp.name, "configured": lp.configured,
-               "layout": {k: getattr(lp.layout, k) for k in ("world", "mode", "dp_replicate", "dp_shard", "ep", "etp")},
-               "memory_bytes": {"params": m.params, "grads": m.grads, "optimizer": m.optimizer, "copies": m.copies,
-                                "ddp_buckets": m.buffers, "reserve": m.reserve},
-               "modes": {}}
+        out = {
+            "name": lp.name,
+            "configured": lp.configured,
+            "layout": {k: getattr(lp.layout, k) for k in ("world", "mode", "dp_replicate", "dp_shard", "ep", "etp")},
+            "memory_bytes": {
+                "params": m.params,
+                "grads": m.grads,
+                "optimizer": m.optimizer,
+                "copies": m.copies,
+                "ddp_buckets": m.buffers,
+                "reserve": m.reserve,
+            },
+            "modes": {},
+        }
         for mode in MODES:
             intra, inter = lp.comm_bytes(mode)
             out["modes"][mode] = {
-                "activations_bytes": m.activations[mode], "transient_bytes": m.transient[mode],
-                "total_bytes": m.total(mode), "fits": lp.fits[mode], "max_micro_batch": lp.max_micro_batch[mode],
-                "comm_intra_bytes": intra, "comm_inter_bytes": inter,
+                "activations_bytes": m.activations[mode],
+                "transient_bytes": m.transient[mode],
+                "total_bytes": m.total(mode),
+                "fits": lp.fits[mode],
+                "max_micro_batch": lp.max_micro_batch[mode],
+                "comm_intra_bytes": intra,
+                "comm_inter_bytes": inter,
                 "comm_seconds": lp.comm_seconds(mode, self.cluster),
                 "blocking_seconds": lp.blocking_seconds(mode, self.cluster),
-                "collectives": [asdict(c) for c in lp.comm[mode]]}
+                "collectives": [asdict(c) for c in lp.comm[mode]],
+            }
         return out
 
 
@@ -159,8 +181,18 @@ def make_plan(cfg: RunConfig, cluster: Cluster, seq_len: int | None = None, conf
     plans = [plan_layout(mc, lay, w, cluster, configured=lay == configured) for lay in layouts]
     specs = model_params(mc)
     name, mode, reason = recommend(plans, cluster)
-    return Plan(config_name, cluster, w, sum(s.numel for s in specs), sum(s.numel for s in specs if s.expert),
-                plans, name, mode, reason, notes)
+    return Plan(
+        config_name,
+        cluster,
+        w,
+        sum(s.numel for s in specs),
+        sum(s.numel for s in specs if s.expert),
+        plans,
+        name,
+        mode,
+        reason,
+        notes,
+    )
 
 
 def _configured_layout(cfg: RunConfig, cluster: Cluster, notes: list[str]) -> Layout | None:
@@ -195,21 +227,31 @@ def recommend(plans: list[LayoutPlan], cluster: Cluster) -> tuple[str | None, st
         return best.name, mode, _reason(best, mode, fitting, tied, cluster)
     smallest = min(plans, key=lambda lp: lp.memory.total("block"))
     hint = smallest.max_micro_batch["block"]
-    advice = (f"set data.micro_batch_size={hint} (with activation checkpointing)" if hint else
-              "use more or larger GPUs")
-    return None, None, (f"no layout fits in {limit:g} GiB; the smallest is {smallest.name} with checkpointing at "
-                        f"{smallest.memory.total('block') / GiB:.1f} GiB: {advice}")
+    advice = f"set data.micro_batch_size={hint} (with activation checkpointing)" if hint else "use more or larger GPUs"
+    return (
+        None,
+        None,
+        (
+            f"no layout fits in {limit:g} GiB; the smallest is {smallest.name} with checkpointing at "
+            f"{smallest.memory.total('block') / GiB:.1f} GiB: {advice}"
+        ),
+    )
 
 
 def _reason(best: LayoutPlan, mode: str, fitting: list[LayoutPlan], tied: list[LayoutPlan], cluster: Cluster) -> str:
-    how = "without activation checkpointing" if mode == "none" else \
-        "only with per-block activation checkpointing (no layout fits without it)"
+    how = (
+        "without activation checkpointing"
+        if mode == "none"
+        else "only with per-block activation checkpointing (no layout fits without it)"
+    )
     t, blocking = best.comm_seconds(mode, cluster), best.blocking_seconds(mode, cluster)
     why = f"{best.name} fits {how} ({best.memory.total(mode) / GiB:.1f} of {cluster.gpu_mem_gib:g} GiB)"
     if len(fitting) == 1:
         return why + f"; it is the only layout that does ({t:.2f} s of communication per step)"
     others = ", ".join(f"{lp.name} {lp.comm_seconds(mode, cluster):.2f} s" for lp in fitting if lp is not best)
     if len(tied) > 1:
-        return why + (f"; its estimated communication, {t:.2f} s per step, is within {NEAR_TIE:.0%} of the least "
-                      f"and it has the least that cannot overlap computation ({blocking:.2f} s); others: {others}")
+        return why + (
+            f"; its estimated communication, {t:.2f} s per step, is within {NEAR_TIE:.0%} of the least "
+            f"and it has the least that cannot overlap computation ({blocking:.2f} s); others: {others}"
+        )
     return why + f" and has the least estimated communication: {t:.2f} s per step ({others})"

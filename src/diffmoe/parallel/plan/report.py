@@ -32,14 +32,19 @@ def format_plan(plan: Plan) -> str:
         lines.append(_row(lp, c))
     lines.append("")
     if plan.recommended:
-        lines.append(f"recommended: {plan.recommended}"
-                     f"{', activation_checkpointing=block' if plan.recommended_mode == 'block' else ''}")
+        lines.append(
+            f"recommended: {plan.recommended}"
+            f"{', activation_checkpointing=block' if plan.recommended_mode == 'block' else ''}"
+        )
     else:
         lines.append("recommended: none")
     lines.append(f"why: {plan.reason}")
-    lines += ["", "fits: yes (without checkpointing), ckpt (only with it), no; max_mb: largest micro-batch per GPU "
-              "that fits in that mode; intra/inter: GB sent inside / across nodes, time_s: their estimated time, "
-              "block_s: the part that cannot overlap compute, all in that mode; * = the config's train.parallel"]
+    lines += [
+        "",
+        "fits: yes (without checkpointing), ckpt (only with it), no; max_mb: largest micro-batch per GPU "
+        "that fits in that mode; intra/inter: GB sent inside / across nodes, time_s: their estimated time, "
+        "block_s: the part that cannot overlap compute, all in that mode; * = the config's train.parallel",
+    ]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -50,11 +55,24 @@ def _row(lp: LayoutPlan, c: Cluster) -> str:
     intra, inter = lp.comm_bytes(mode)
     mb = lp.max_micro_batch[mode]
     name = lp.name + ("*" if lp.configured else "")
-    gib = [x / GiB for x in (m.params, m.grads, m.optimizer, m.other(mode), m.activations["none"],
-                             m.activations["block"], m.total("none"), m.total("block"))]
-    return (f"{name:<14}" + "".join(f"{x:>7.1f}" for x in gib) + f"  {fit:<5}{mb if mb else '-':>7}"
-            f"{intra / GB:>9.1f}{inter / GB:>8.1f}{lp.comm_seconds(mode, c):>8.2f}"
-            f"{lp.blocking_seconds(mode, c):>8.2f}")
+    gib = [
+        x / GiB
+        for x in (
+            m.params,
+            m.grads,
+            m.optimizer,
+            m.other(mode),
+            m.activations["none"],
+            m.activations["block"],
+            m.total("none"),
+            m.total("block"),
+        )
+    ]
+    return (
+        f"{name:<14}" + "".join(f"{x:>7.1f}" for x in gib) + f"  {fit:<5}{mb if mb else '-':>7}"
+        f"{intra / GB:>9.1f}{inter / GB:>8.1f}{lp.comm_seconds(mode, c):>8.2f}"
+        f"{lp.blocking_seconds(mode, c):>8.2f}"
+    )
 
 
 def plan_json(plan: Plan) -> str:

@@ -36,8 +36,13 @@ def groups(layout: Layout) -> dict[str, Group]:
     if layout.mode == "ddp":
         return {"world": Group("world", N)}
     S, R = layout.dp_shard, layout.dp_replicate
-    return {"world": Group("world", N), "dp_shard": Group("dp_shard", S), "dp_replicate": Group("dp_replicate", R, S),
-            "efsdp": Group("efsdp", S // X, X), layout.expert_dim: Group(layout.expert_dim, X)}
+    return {
+        "world": Group("world", N),
+        "dp_shard": Group("dp_shard", S),
+        "dp_replicate": Group("dp_replicate", R, S),
+        "efsdp": Group("efsdp", S // X, X),
+        layout.expert_dim: Group(layout.expert_dim, X),
+    }
 
 
 def local_shape(spec: ParamSpec, layout: Layout) -> tuple[int, ...]:

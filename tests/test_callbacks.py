@@ -174,3 +174,28 @@ def test_wandb_logger_offline_gets_the_records_and_resumes_the_same_run(tiny_dat
     assert (run / "wandb_id").read_text().strip() == run_id  # the same W&B run continues
     files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"), key=lambda p: p.stat().st_mtime)
     assert [row["_step"] for row in wandb_history(files[-1])] == [5, 6]
+
+
+def test_the_bad_step_checkpoint_holds_the_state_before_the_bad_step(tiny_dataset, tmp_path, monkeypatch):
+    import diffmoe.model.decoder as decoder
+    from diffmoe.train import TrainingError
+    from diffmoe.train.checkpoint import latest_checkpoint, read_trainer_state
+
+    real = decoder.linear_cross_entropy
+    monkeypatch.setattr(decoder, "linear_cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(TrainingError):
+        train(run_config(tiny_dataset, steps=8, max_bad_steps=2), tmp_path / "run", show_progress=False)
+    meta = read_trainer_state(latest_checkpoint(tmp_path / "run"))
+    assert meta["step"] == 1 and meta["tokens"] == 4 * 32  # the tokens of the step before, not the bad step's
+    assert meta["skipped_steps"] == 2 and meta["phase"] == "moe"
+
+
+def test_wandb_must_be_installed_on_every_rank(tiny_dataset, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = run_config(tiny_dataset, steps=2)
+    cfg.train.loggers = ["jsonl", "wandb"]
+    with pytest.raises(ConfigError, match="train.loggers.*wandb, which is not installed"):
+        cfg.validate()

@@ -378,6 +378,15 @@ class RunConfig:
             t.loggers,
             "must include jsonl (metrics.jsonl: resume, evaluation tools and the reproduction suite read it)",
         )
+        if "wandb" in t.loggers:  # checked on every rank: a missing package must not stop rank 0 alone
+            import importlib.util
+
+            check(
+                importlib.util.find_spec("wandb") is not None,
+                "train.loggers",
+                t.loggers,
+                "names wandb, which is not installed: pip install 'diffmoe[wandb]'",
+            )
         m = self.model
         try:
             t.parallel.validate(m)

@@ -130,7 +130,8 @@ class MoELayer(nn.Module, abc.ABC):
 
     @classmethod
     def post_step(cls, layers: list["MoELayer"], reduce) -> None:
-        """Called by the trainer after every optimizer step, on every rank, once per layer class with all of
+        """Called by the trainer after every optimizer step (applied or skipped for a non-finite loss or
+        gradient), on every rank, once per layer class with all of
         the model's layers of the class: the place for state that changes once per step (a loss coefficient
         steered by the step's statistics, shared by the layers). ``reduce(tensor) -> tensor`` sums a tensor
         over the ranks, so that every rank updates alike; every rank must call it the same number of times.

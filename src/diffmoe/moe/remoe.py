@@ -16,7 +16,7 @@ gates whose coefficient adapts once per optimizer step:
   layers activate k of E experts per token on average. lambda_0 = 1e-8, alpha = 1.2 (the paper's values).
   One coefficient for all layers, held by each layer as the buffer ``l1_coef`` (in checkpoints: a resumed
   run continues it exactly) and updated by :meth:`ReMoE.post_step`, which the trainer calls after every
-  optimizer step.
+  optimizer step (a step skipped for a non-finite loss updates it too, from that step's gates).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class ReMoE(MoELayer):
         token_idx, expert_idx = (gates > 0).nonzero(as_tuple=True)
         zero = (gates.detach() == 0).sum()
         if self.training and torch.is_grad_enabled():
-            counted = torch.stack([zero, zero.new_tensor(gates.numel())]).double()
+            counted = torch.stack([zero, zero.new_full((), gates.numel())]).double()  # no copy from the host
             self._zero_gates = counted if self._zero_gates is None else self._zero_gates + counted
         share = gates / gates.sum(-1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
         return Routing(

@@ -19,6 +19,7 @@ train`` uses; ``Trainer(callbacks=...)`` adds others.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -113,8 +114,8 @@ class BadSteps(Callback):
         state.skipped_steps += 1
         state.bad_in_a_row += 1
         limit = trainer.cfg.train.max_bad_steps
-        if state.bad_in_a_row >= limit:
-            trainer.checkpointer.save(step, trainer.model, trainer.optimizer, state.to_dict())
+        if state.bad_in_a_row >= limit:  # the state before this step (its tokens not trained on)
+            trainer.save_checkpoint(step, dataclasses.replace(state, tokens=state.tokens - trainer.tokens_per_step))
             raise TrainingError(
                 f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
                 f"stopped. The last usable weights are in {trainer.checkpointer.latest()}. Lower "
@@ -124,8 +125,9 @@ class BadSteps(Callback):
 
 class TrainLog(Callback):
     """Every ``train.log_every`` steps a ``train`` record: loss, auxiliary losses (scaled, and each unscaled),
-    lr, gradient norm, tokens, skipped steps, and since the last record tokens/s, FLOP/s (and on a known
-    GPU the model FLOPs utilisation ``mfu``), the seconds the step waited for data and the peak memory."""
+    lr, gradient norm, tokens, skipped steps, and since the last record tokens/s and FLOP/s of the whole job
+    (and on a known GPU the model FLOPs utilisation ``mfu``: over the peak of all its GPUs), the seconds rank
+    0's steps waited for data and rank 0's peak memory."""
 
     def on_start(self, trainer: "Trainer", step: int) -> None:
         self._t, self._tokens, self._wait = time.perf_counter(), 0, 0.0
@@ -135,11 +137,11 @@ class TrainLog(Callback):
         self._tokens += trainer.tokens_per_step
         self._wait += result.data_wait_s
         done, tc = step + 1, trainer.cfg.train
-        if not due(done, tc.log_every, tc.steps):
+        if not due(done, tc.log_every, tc.steps) or not trainer.env.is_main:  # rank 0 logs; no syncs elsewhere
             return
         now = time.perf_counter()
         elapsed = now - self._t
-        flops = flops_per_token(trainer.model, trainer.train_set.context_len) * self._tokens / elapsed
+        flops = flops_per_token(trainer.model, trainer.train_set.context_len) * self._tokens / elapsed  # all ranks
         record = {
             "kind": "train",
             "step": done,
@@ -151,7 +153,7 @@ class TrainLog(Callback):
             "tokens": trainer.state.tokens,
             "tokens_per_s": self._tokens / elapsed,
             "flops_per_s": flops,
-            **({"mfu": flops / self._peak} if self._peak else {}),
+            **({"mfu": flops / (self._peak * trainer.env.world)} if self._peak else {}),
             "data_wait_s": self._wait,
             "skipped_steps": trainer.state.skipped_steps,
             **peak_memory_gb(trainer.env.device),
@@ -166,7 +168,7 @@ class RoutingLog(Callback):
 
     def post_step(self, trainer: "Trainer", step: int, result: "StepResult") -> None:
         tc = trainer.cfg.train
-        if due(step + 1, tc.routing_log_every, tc.steps):
+        if due(step + 1, tc.routing_log_every, tc.steps) and trainer.env.is_main:
             metrics = routing_metrics(trainer.model)
             if metrics:
                 trainer.log({"kind": "routing", "step": step + 1, **metrics})
@@ -212,7 +214,7 @@ class Progress(Callback):
 
     def post_step(self, trainer: "Trainer", step: int, result: "StepResult") -> None:
         self._bar.update(1)
-        record = getattr(trainer, "last_train_record", None)
+        record = trainer.last_train_record
         if record is not None and record["step"] == step + 1:
             self._bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
 
@@ -221,12 +223,13 @@ class Progress(Callback):
 
 
 def default_callbacks() -> list[Callback]:
-    """What ``diffmoe train`` runs, in this order: the dense warm-up, the MoE per-step updates, the bad-step
-    guard, train and routing records, evaluation and its record, checkpoints, the progress bar."""
+    """What ``diffmoe train`` runs, in this order: the dense warm-up, the bad-step guard (its checkpoint holds
+    the state before the bad step), the MoE per-step updates, train and routing records, evaluation and its
+    record, checkpoints, the progress bar."""
     return [
         DenseWarmup(),
-        MoEPostStep(),
         BadSteps(),
+        MoEPostStep(),
         TrainLog(),
         RoutingLog(),
         Evaluate(),

@@ -21,8 +21,8 @@ class Logger:
     def log(self, record: dict) -> None:
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Nothing to close by default."""
+    def close(self, ok: bool = True) -> None:
+        """At the end of the run (``ok`` False: it failed); nothing to do by default."""
 
 
 class JsonlLogger(Logger):
@@ -51,14 +51,16 @@ class TensorBoardLogger(Logger):
         for key, value in scalars(record).items():
             self._tb.add_scalar(key, value, record.get("step", 0))
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
         self._tb.close()
 
 
 class WandbLogger(Logger):
     """A Weights & Biases run in ``run_dir/wandb``, one per run directory: its id is kept in
     ``run_dir/wandb_id`` so that a resumed run continues the same W&B run. Project: ``$WANDB_PROJECT``,
-    else ``diffmoe``; name: the run directory's name; config: the run config."""
+    else ``diffmoe``; name: the run directory's name; config: the run config. W&B keeps the first value of
+    a step: after a resume from an earlier checkpoint, the steps logged again (up to where the run had got)
+    keep the first attempt's values there, while ``metrics.jsonl`` and TensorBoard hold the new ones."""
 
     def __init__(self, run_dir: Path, config: dict):
         try:
@@ -89,8 +91,8 @@ class WandbLogger(Logger):
         if values:  # an event without numbers (a config change) would still make a history row
             self._run.log(values, step=record.get("step", 0))
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, ok: bool = True) -> None:
+        self._run.finish(exit_code=0 if ok else 1)
 
 
 def scalars(record: dict) -> dict[str, float]:

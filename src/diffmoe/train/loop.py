@@ -151,6 +151,7 @@ class Trainer(StepHooks):
         self.loggers: list[Logger] = []
         self.step, self.lr = 0, 0.0
         self.last_eval: dict | None = None
+        self.last_train_record: dict | None = None
 
     # ------------------------------------------------------------------------------------------
     def run(self, resume: bool) -> dict:
@@ -173,6 +174,7 @@ class Trainer(StepHooks):
             self.log({"kind": "warning", "step": start_step, "message": message})
         t_start, last_loss = time.perf_counter(), float("nan")
         self._call("on_start", start_step)
+        ok = False
         try:
             with self.stream.prefetch(start_step * self.accum) as batches:
                 for step in range(start_step, tc.steps):
@@ -187,9 +189,10 @@ class Trainer(StepHooks):
                     last_loss = result.loss
                     self._call("post_step", step, result)
             self._call("on_end")
+            ok = True
         finally:
             for logger in self.loggers:
-                logger.close()
+                logger.close(ok)
         if self.last_eval is None:  # resumed a finished run: nothing was evaluated above
             self.last_eval = self.evaluator(self.model)
         return {
@@ -214,22 +217,30 @@ class Trainer(StepHooks):
         self._call("on_eval", done, self.last_eval)
         return self.last_eval
 
-    def save_checkpoint(self, done: int) -> None:
-        self.checkpointer.save(done, self.model, self.optimizer, self.state.to_dict())
+    def save_checkpoint(self, done: int, state: TrainerState | None = None) -> None:
+        """A checkpoint after ``done`` steps, with the trainer's state (or ``state``); then every callback's
+        ``on_checkpoint``."""
+        self.checkpointer.save(done, self.model, self.optimizer, (state or self.state).to_dict())
         self._call("on_checkpoint", done, self.checkpointer.latest())
 
     def switch_to_moe(self, step: int) -> None:
         """The dense warm-up ends: copy the dense FFN into every expert; shared weights keep their
-        optimizer state. Unsharded layouts copy on the device; FSDP gathers the dense model first."""
-        if self.plan.layout.mode == "fsdp":
-            dense = build_model(self.cfg, dense=True)
-            dense.load_state_dict(full_state(self.model), strict=False)  # tied names are absent
-        else:
-            dense = self.model
-        with torch.random.fork_rng(devices=[]):  # the routers' new weights: the same on every rank
-            torch.manual_seed(_step_seed(self.cfg.train.seed, -1, step))
+        optimizer state. Unsharded layouts copy on the device. Under FSDP the dense model is gathered to the
+        CPU, the MoE model filled there and sharded by ``parallelize`` (no device holds it whole). The new
+        models are built from a forked CPU generator, so the step's random draws do not depend on the layout."""
+        sharded = self.plan.layout.mode == "fsdp"
+        with torch.random.fork_rng(devices=[]):
+            if sharded:
+                dense = build_model(self.cfg, dense=True)  # its initial values are overwritten below
+                dense.load_state_dict(full_state(self.model), strict=False)  # tied names are absent
+            torch.default_generator.manual_seed(
+                _step_seed(self.cfg.train.seed, -1, step)
+            )  # routers: same on every rank
             moe = build_model(self.cfg, dense=False)
-        moe.to(self.env.device).dense_to_moe(dense)
+        if not sharded:
+            dense = self.model
+            moe.to(self.env.device)
+        moe.dense_to_moe(dense)
         old_model, old_optimizer = self.model, self.optimizer
         self._set_model(moe)
         transfer_state(old_optimizer, old_model, self.optimizer, self.model)

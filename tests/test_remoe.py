@@ -185,3 +185,19 @@ def test_two_ranks_with_expert_parallelism_equal_one_process(tiny_dataset, tmp_p
     assert_same_run(tmp_path / "two", tmp_path / "one")
     coefs = {name: [m.l1_coef.item() for _, m in load_run(tmp_path / name)[1].moe_layers()] for name in ("one", "two")}
     assert coefs["one"] == coefs["two"] and coefs["one"][0] != 1e-3
+
+
+def test_the_coefficient_recovers_after_a_long_decay():
+    """Many steps above the target sparsity take lambda far below float32's range; it must still rise again
+    (float64 state) and the loss must stay finite (the float32 weight may round to 0)."""
+    m = layer(l1_coef_init=1e-8)
+    for _ in range(600):  # S = 1 > 0.5 (k = 2 of E = 4): too sparse, lambda / 1.2 each step
+        m._zero_gates = torch.tensor([4.0, 4.0], dtype=torch.float64)
+        ReMoE.post_step([m], lambda t: t)
+    low = m.l1_coef.item()
+    assert 0 < low == pytest.approx(1e-8 / 1.2**600, rel=1e-9) and m.l1_weight.item() == 0.0
+    m._zero_gates = torch.tensor([0.0, 4.0], dtype=torch.float64)  # S = 0: too dense
+    ReMoE.post_step([m], lambda t: t)
+    assert m.l1_coef.item() == pytest.approx(low * 1.2, rel=1e-9)
+    m(torch.randn(2, 3, D))
+    assert torch.isfinite(m.aux_loss) and m.aux_loss.dtype == torch.float32

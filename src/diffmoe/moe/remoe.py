@@ -14,7 +14,9 @@ gates whose coefficient adapts once per optimizer step:
 - coefficient (Eq. 7): lambda_{i+1} = lambda_i * alpha ** sign(S_target - S_i), S_i the share of zero
   gates over all ReMoE layers, micro-batches and data-parallel ranks of step i, S_target = 1 - k/E, so the
   layers activate k of E experts per token on average. lambda_0 = 1e-8, alpha = 1.2 (the paper's values).
-  One coefficient for all layers, held by each layer as the buffer ``l1_coef`` (in checkpoints: a resumed
+  One coefficient for all layers, held by each layer as the float64 buffer ``l1_coef`` (float32 would
+  underflow within a few hundred steps of a sparsity above target and then never recover; the loss uses
+  it in float32, where it may round to 0), in checkpoints: a resumed
   run continues it exactly) and updated by :meth:`ReMoE.post_step`, which the trainer calls after every
   optimizer step (a step skipped for a non-finite loss updates it too, from that step's gates).
 """
@@ -69,7 +71,7 @@ class ReMoE(MoELayer):
 
     expert_sharding = "ep"
     shared_options = ("dispatch_impl",)
-    loss_coefs = {"l1": "l1_coef"}
+    loss_coefs = {"l1": "l1_weight"}
     logged_stats = {"sparsity": None, "active": None, "l1_coef": None}
 
     def __init__(
@@ -87,12 +89,17 @@ class ReMoE(MoELayer):
         self.top_k, self.load_balance, self.l1_multiplier = config.top_k, config.load_balance, config.l1_multiplier
         self.target_sparsity = 1.0 - config.top_k / num_experts
         self.experts_per_token = float(config.top_k)
-        self.register_buffer("l1_coef", torch.tensor(config.l1_coef_init, dtype=torch.float32))
+        self.register_buffer("l1_coef", torch.tensor(config.l1_coef_init, dtype=torch.float64))
         self._zero_gates: torch.Tensor | None = None  # zero and all gates of the training forwards of this step
 
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(dense_gradients=False)
+
+    @property
+    def l1_weight(self) -> torch.Tensor:
+        """The coefficient as the loss uses it (float32)."""
+        return self.l1_coef.float()
 
     def route(self, x: torch.Tensor, ctx: RoutingContext) -> Routing:
         xf = x.reshape(-1, x.shape[-1])  # [N, d]
@@ -147,7 +154,7 @@ class RemoteReMoE(RemoteMoE):
 
     def __init__(self, d, f, moe, opt):
         super().__init__(d, f, moe, opt)
-        self.register_buffer("l1_coef", torch.zeros(()))  # training state, unused here
+        self.register_buffer("l1_coef", torch.zeros((), dtype=torch.float64))  # training state, unused here
 
     def forward(self, x, ctx):
         gates = self.logits(x.reshape(-1, x.shape[-1])).relu()  # [N, E]

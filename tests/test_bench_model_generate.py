@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from diffmoe.bench import generate as bench_generate
-from diffmoe.bench import model as bench_model
 from diffmoe.cli import main
 from diffmoe.config import ModelConfig, MoEConfig
 from diffmoe.model import Decoder
+from diffmoe.train.metrics import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [str(ROOT / "configs" / f"{n}.yaml") for n in ("00-tiny-dense", "01-tiny-lory-8e", "03-tiny-topk-8e")]
@@ -107,7 +107,7 @@ def test_bench_model_under_fsdp_with_and_without_activation_checkpointing(tmp_pa
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_model_flops_per_token_counts_active_parameters(tied):
-    """6 N + 12 L d T, N = active matmul parameters: the embedding lookup is excluded, the LM head is not
+    """The FLOPs the trainer's records and ``bench model`` count: 6 N + 12 L d T, N = active matmul parameters: the embedding lookup is excluded, the LM head is not
     (also when it is tied to the embedding), and a top-2 layer of 4 experts counts 2 of them."""
     cfg = ModelConfig(
         vocab_size=100,
@@ -124,7 +124,7 @@ def test_model_flops_per_token_counts_active_parameters(tied):
     all_but_embedding = sum(p.numel() for name, p in model.named_parameters() if name != "embed.weight")
     inactive = cfg.n_layers * (4 - 2) * 3 * 16 * 32
     n = all_but_embedding - inactive + (100 * 16 if tied else 0)
-    assert bench_model.model_flops_per_token(model, 64) == 6 * n + 12 * 2 * 16 * 64
+    assert flops_per_token(model, 64) == 6 * n + 12 * 2 * 16 * 64
 
 
 def test_bench_generate_compares_lory_prompt_routing_with_dense(tmp_path):

@@ -48,6 +48,7 @@ from ..config import ConfigError, RunConfig, load_config
 from ..model import Decoder
 from ..parallel import distributed
 from ..parallel.parallelize import ParallelPlan, parallelize
+from ..train.metrics import flops_per_token
 from ..train.optim import build_optimizer
 from ..train.step import Stepper
 from .common import (
@@ -83,15 +84,6 @@ class Entry:
     times_s: list[float] = field(default_factory=list)
     first_step_s: float = 0.0
     peak_bytes: int = 0
-
-
-def model_flops_per_token(model: Decoder, seq_len: int) -> float:
-    """6 N + 12 n_layers d_model L (see the module docstring)."""
-    cfg = model.cfg
-    n = model.parameter_counts()["active"] - model.embed.weight.numel()
-    if cfg.tie_embeddings:
-        n += model.lm_head.weight.numel()  # the tied matrix also serves as the LM head's matmul
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def make_step(entry: Entry, ids: torch.Tensor, dtype: torch.dtype, layout: str):
@@ -176,7 +168,7 @@ def summarize(entries: list[Entry], args, matmul: float, peak: float | None) -> 
         tokens = e.cfg.data.batch_size * (args.seq_len or e.cfg.model.max_seq_len)
         step = statistics.median(e.times_s)
         tps = tokens / step
-        flops_tok = model_flops_per_token(e.model, args.seq_len or e.cfg.model.max_seq_len)
+        flops_tok = flops_per_token(e.model, args.seq_len or e.cfg.model.max_seq_len)
         achieved = flops_tok * tps
         counts = e.model.parameter_counts()
         ref = dense.get((e.mode, e.ac, e.loss))

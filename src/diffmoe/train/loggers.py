@@ -8,6 +8,7 @@ numeric scalars of a record go to TensorBoard and W&B as ``<kind>/<key>``.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -15,11 +16,12 @@ import uuid
 from pathlib import Path
 
 
-class Logger:
+class Logger(abc.ABC):
     """Writes records somewhere; ``close`` at the end of the run."""
 
+    @abc.abstractmethod
     def log(self, record: dict) -> None:
-        raise NotImplementedError
+        """Write one record."""
 
     def close(self, ok: bool = True) -> None:
         """At the end of the run (``ok`` False: it failed); nothing to do by default."""
